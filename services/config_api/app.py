@@ -1,0 +1,70 @@
+"""The config API application: admins manage their company's mail servers (CONTRACT.md)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import psycopg
+from fastapi import FastAPI
+
+from services.config_api.email_server_service import EmailServerService
+from services.config_api.errors import install_handlers
+from services.config_api.outbox_relay import OutboxRelay
+from services.config_api.routers import email_servers, routing_plans, template_server
+from shared.db.pool import make_pool
+from shared.http_ops import ops_router
+from shared.probe import Probe, probe_server
+from shared.secrets import SecretBox
+from shared.settings import Settings
+
+API_PREFIX = "/api/v1"
+
+
+def create_app(
+    settings: Settings, *, probe: Probe = probe_server, run_relay: bool = True
+) -> FastAPI:
+    """The app; ``probe`` and ``run_relay`` exist so tests can choose what runs in-process."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool = make_pool(settings)
+        app.state.pool = pool
+        app.state.email_servers = EmailServerService(
+            pool=pool,
+            secret_box=SecretBox.from_settings(settings),
+            probe=probe,
+            probe_timeout=settings.probe_timeout_seconds,
+            oauth_provider_names=settings.oauth_provider_names,
+        )
+        relay = OutboxRelay(settings.database_url, settings.amqp_url, settings.outbox_poll_seconds)
+        if run_relay:
+            relay.start()
+        try:
+            yield
+        finally:
+            relay.stop()
+            pool.close()
+
+    app = FastAPI(
+        title="Mailroom config API",
+        version="1",
+        description="Company admins manage the mail servers of the contact center's email "
+        "channel. Every change reaches the workers as an event on `mailroom.config`.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    install_handlers(app)
+    for router in (email_servers.router, template_server.router, routing_plans.router):
+        app.include_router(router, prefix=API_PREFIX)
+
+    def ready() -> str | None:
+        try:
+            with app.state.pool.connection(timeout=2) as conn:
+                conn.execute("SELECT 1")
+        except (psycopg.Error, AttributeError) as exc:
+            return f"database: {exc}"
+        return None
+
+    app.include_router(ops_router(ready))
+    return app

@@ -1,0 +1,14 @@
+"""``mailroom run config-api``."""
+
+import uvicorn
+
+from services.config_api.app import create_app
+from shared.preflight import POSTGRES, RABBITMQ, require
+from shared.settings import Settings
+
+
+def run(settings: Settings) -> None:
+    require(settings, (POSTGRES, RABBITMQ))
+    uvicorn.run(
+        create_app(settings), host=settings.api_host, port=settings.api_port, log_config=None
+    )

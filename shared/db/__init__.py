@@ -1,0 +1,1 @@
+"""PostgreSQL access: connection pool, migrations and the SQL of each table."""

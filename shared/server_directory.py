@@ -1,0 +1,125 @@
+"""A worker's view of the mail servers it serves, kept current by config events.
+
+Config events carry no settings and no secrets: they say "server X changed". The directory
+re-reads that server from the database, so an event delivered twice or late does no harm. A
+full resync at start, after every reconnect and periodically heals any event that was missed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+from kombu import Message
+from psycopg_pool import ConnectionPool
+from pydantic import ValidationError
+
+from shared.contracts import ConfigEvent
+from shared.db import email_servers as repo
+from shared.db.pool import DictConnection
+from shared.email_servers import EmailServer, ServerType
+from shared.worker import PermanentMessageError
+
+log = logging.getLogger(__name__)
+
+# Called with (before, after); None means absent. Fetchers start/stop pollers here.
+ChangeListener = Callable[[EmailServer | None, EmailServer | None], None]
+
+
+class ServerDirectory:
+    def __init__(
+        self,
+        pool: ConnectionPool[DictConnection],
+        types: tuple[ServerType, ...],
+        on_change: ChangeListener | None = None,
+        resync_seconds: float = 300.0,
+    ) -> None:
+        self._pool = pool
+        self._types = types
+        self._on_change = on_change
+        self._resync_seconds = resync_seconds
+        self._servers: dict[str, EmailServer] = {}
+        self._lock = threading.Lock()
+        self._resync_due = True
+        self._last_resync = 0.0
+        self.events_applied = 0
+
+    # --- reads -----------------------------------------------------------------------------
+
+    def get(self, server_id: str) -> EmailServer | None:
+        with self._lock:
+            return self._servers.get(server_id)
+
+    def all(self) -> list[EmailServer]:
+        with self._lock:
+            return list(self._servers.values())
+
+    # --- keeping current -------------------------------------------------------------------
+
+    def handle_event(self, body: Any, message: Message) -> None:
+        """Subscription handler for the service's config-event queue."""
+        try:
+            event = ConfigEvent.model_validate(body)
+        except ValidationError as exc:
+            raise PermanentMessageError(f"not a config event: {exc}") from exc
+        self.apply(event)
+
+    def apply(self, event: ConfigEvent) -> None:
+        log.info(
+            "config event email_server.%s server=%s version=%d",
+            event.change,
+            event.server_id,
+            event.version,
+        )
+        if event.server_type not in self._types:
+            return
+        known = self.get(event.server_id)
+        if known is not None and event.change != "deleted" and known.version >= event.version:
+            return  # already seen this version (or a newer one)
+        try:
+            with self._pool.connection() as conn:
+                current = repo.get(conn, event.server_id)
+        except psycopg.Error as exc:
+            log.warning("database unavailable (%s); a full resync follows", exc)
+            self.resync_soon()
+            return
+        self._replace(event.server_id, current)
+        self.events_applied += 1
+
+    def resync_soon(self) -> None:
+        self._resync_due = True
+
+    def tick(self) -> None:
+        """Resync when asked to, or when the periodic interval has passed."""
+        if self._resync_due or time.monotonic() - self._last_resync >= self._resync_seconds:
+            self.resync()
+
+    def resync(self) -> None:
+        try:
+            with self._pool.connection() as conn:
+                servers = repo.list_all(conn, self._types)
+        except psycopg.Error as exc:
+            log.warning("resync failed, database unavailable (%s); retrying", exc)
+            self._resync_due = True
+            return
+        self._resync_due = False
+        self._last_resync = time.monotonic()
+        fresh = {server.id: server for server in servers}
+        for server_id in set(self._servers) | set(fresh):
+            self._replace(server_id, fresh.get(server_id))
+
+    def _replace(self, server_id: str, current: EmailServer | None) -> None:
+        with self._lock:
+            before = self._servers.get(server_id)
+            if current is None:
+                self._servers.pop(server_id, None)
+            else:
+                self._servers[server_id] = current
+        if before == current:
+            return
+        if self._on_change is not None:
+            self._on_change(before, current)

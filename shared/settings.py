@@ -1,0 +1,128 @@
+"""The one settings object of every Mailroom service.
+
+Every key is read from an environment variable prefixed ``MAILROOM_`` and has a default that
+works on a developer machine with the local RabbitMQ, PostgreSQL and Redis. The README's
+configuration table is the documentation of these fields; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import time
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from cryptography.fernet import Fernet
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+log = logging.getLogger(__name__)
+
+
+class Settings(BaseSettings):
+    """All configuration; construct once per process with :func:`get_settings`."""
+
+    model_config = SettingsConfigDict(env_prefix="MAILROOM_", frozen=True, extra="ignore")
+
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/mailroom"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    ca_bundle: Path | None = Field(
+        default=None, description="PEM file of extra CA certificates trusted for mail servers."
+    )
+
+    secret_keys: str = Field(
+        default="",
+        description="Fernet keys that encrypt stored secrets, comma-separated, newest first. "
+        "The first encrypts; all decrypt (key rotation).",
+    )
+    token_signing_key: str = Field(
+        default="", description="HMAC key that signs and verifies bearer tokens."
+    )
+    state_dir: Path = Field(
+        default=Path("var"),
+        description="Where development keys are generated when the two keys above are unset.",
+    )
+
+    api_host: str = "127.0.0.1"
+    api_port: int = 8000
+    status_host: str = "127.0.0.1"
+    status_port: int = 8001
+
+    probe_timeout_seconds: float = 10.0
+    outbox_poll_seconds: float = 1.0
+    config_resync_seconds: float = 300.0
+    default_token_ttl_seconds: int = 24 * 3600
+
+    oauth_providers: str = Field(
+        default="", description="JSON list of OAuth2 providers, or the path of a JSON file."
+    )
+    log_level: str = "INFO"
+
+    @cached_property
+    def _dev_keys(self) -> dict[str, str]:
+        return _load_or_create_dev_keys(self.state_dir / "dev-keys.json")
+
+    @property
+    def fernet_keys(self) -> list[str]:
+        """Encryption keys, the newest (the one that encrypts) first."""
+        raw = self.secret_keys or self._dev_keys["secret_keys"]
+        return [key.strip() for key in raw.split(",") if key.strip()]
+
+    @property
+    def token_key(self) -> str:
+        return self.token_signing_key or self._dev_keys["token_signing_key"]
+
+    @property
+    def oauth_provider_names(self) -> set[str]:
+        """Names an OAuth2 server may refer to: the built-in presets and the operator's own."""
+        names = {"microsoft365", "google"}
+        raw = self.oauth_providers.strip()
+        if raw:
+            text = raw if raw.startswith("[") else Path(raw).read_text(encoding="utf-8")
+            providers: list[dict[str, Any]] = json.loads(text)
+            names.update(str(p["name"]) for p in providers)
+        return names
+
+
+def _load_or_create_dev_keys(path: Path) -> dict[str, str]:
+    """Keys for a developer machine, so that ``make run`` works with nothing configured.
+
+    Production sets ``MAILROOM_SECRET_KEYS`` and ``MAILROOM_TOKEN_SIGNING_KEY``; then this file is
+    never read. The file is private to its owner and never committed (``var/`` is ignored).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    keys = {
+        "secret_keys": Fernet.generate_key().decode(),
+        "token_signing_key": secrets.token_urlsafe(48),
+    }
+    try:
+        # O_EXCL: when several services start at once, exactly one writes the keys.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        for _ in range(50):  # the writer may not have finished yet
+            text = path.read_text(encoding="utf-8")
+            if text:
+                existing: dict[str, str] = json.loads(text)
+                return existing
+            time.sleep(0.05)
+        raise RuntimeError(f"{path} stays empty; remove it to generate new keys") from None
+    with os.fdopen(fd, "w", encoding="utf-8") as file:
+        json.dump(keys, file)
+    log.warning("generated development keys in %s (set MAILROOM_SECRET_KEYS in production)", path)
+    return keys
+
+
+_settings: Settings | None = None
+
+
+def get_settings() -> Settings:
+    """The process-wide settings, read from the environment on first use."""
+    global _settings  # noqa: PLW0603 - one settings object per process, by design
+    if _settings is None:
+        _settings = Settings()
+    return _settings

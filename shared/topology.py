@@ -1,0 +1,55 @@
+"""Every RabbitMQ exchange and queue Mailroom uses, declared in this one place.
+
+The names of exchanges and the inbound/send queues are part of the external contract
+(CONTRACT.md): add, never rename. Per-instance queues (a worker's own copy of the config
+events) are Mailroom's internal business.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from kombu import Exchange, Queue
+
+CONFIG_EXCHANGE = Exchange("mailroom.config", type="topic", durable=True)
+INBOUND_EXCHANGE = Exchange("mailroom.inbound", type="direct", durable=True)
+STATUS_EXCHANGE = Exchange("mailroom.status", type="topic", durable=True)
+SEND_RESULTS_EXCHANGE = Exchange("mailroom.send.results", type="topic", durable=True)
+
+SEND_QUEUE_NAME = "mailroom.send"
+
+EMAIL_SERVER_EVENTS = "email_server.#"
+ROUTING_PLAN_EVENTS = "routing_plan.#"
+
+
+def inbound_queue(routing_plan_id: str) -> Queue:
+    """The durable queue that receives a routing plan's mail (CONTRACT)."""
+    return Queue(
+        f"mailroom.inbound.{routing_plan_id}",
+        exchange=INBOUND_EXCHANGE,
+        routing_key=routing_plan_id,
+        durable=True,
+    )
+
+
+def instance_id(service: str) -> str:
+    """A name unique to this process, for queues that belong to one running instance."""
+    return f"{service}.{socket.gethostname()}.{os.getpid()}"
+
+
+def config_events_queue(service: str) -> Queue:
+    """This process's own copy of the config events.
+
+    Every instance of a service needs every event (each keeps its own view of the servers), so
+    each gets its own queue. It lives as long as the connection; what is missed while
+    disconnected is healed by the full resync that follows every (re)connect.
+    """
+    return Queue(
+        f"mailroom.config.{instance_id(service)}",
+        exchange=CONFIG_EXCHANGE,
+        routing_key=EMAIL_SERVER_EVENTS,
+        durable=False,
+        auto_delete=True,
+        exclusive=True,
+    )

@@ -1,0 +1,132 @@
+"""The plumbing every consuming service shares, so each worker holds only its own logic.
+
+A :class:`Worker` connects to RabbitMQ, declares its queues (from ``shared.topology``),
+consumes with manual acks, reconnects after a broker restart or a dropped connection without a
+process restart, and stops gracefully on SIGTERM/SIGINT: the message in hand is finished and
+acked before the connection closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any
+
+from kombu import Connection, Message, Queue
+from kombu.mixins import ConsumerMixin
+
+log = logging.getLogger(__name__)
+
+
+class PermanentMessageError(Exception):
+    """The message can never be handled (malformed, invalid): reject it, never retry."""
+
+
+@dataclass(frozen=True)
+class Subscription:
+    queue: Queue
+    handle: Callable[[Any, Message], None]
+    prefetch: int = 50
+
+
+class Worker(ConsumerMixin):  # type: ignore[misc]
+    """Base class: subclasses name their subscriptions and, optionally, periodic work."""
+
+    service_name = "worker"
+
+    def __init__(self, amqp_url: str) -> None:
+        self.connection = Connection(amqp_url, heartbeat=30, connect_timeout=5)
+        self.connected = threading.Event()
+        self.should_stop = False
+
+    # --- what subclasses provide -----------------------------------------------------------
+
+    def subscriptions(self) -> list[Subscription]:
+        raise NotImplementedError
+
+    def on_connected(self) -> None:
+        """Called after every (re)connect: the place to heal what was missed meanwhile."""
+
+    def tick(self) -> None:
+        """Called about once a second from the consuming thread."""
+
+    # --- kombu hooks -----------------------------------------------------------------------
+
+    def get_consumers(self, consumer_cls: Any, channel: Any) -> list[Any]:
+        consumers = []
+        for subscription in self.subscriptions():
+            consumer = consumer_cls(
+                queues=[subscription.queue],
+                callbacks=[self._dispatcher(subscription)],
+                accept=["json"],
+                prefetch_count=subscription.prefetch,
+            )
+            consumers.append(consumer)
+        return consumers
+
+    def on_consume_ready(
+        self, connection: Any, channel: Any, consumers: Any, **kwargs: Any
+    ) -> None:
+        log.info("%s: connected to RabbitMQ, consuming", self.service_name)
+        self.on_connected()
+        self.connected.set()
+
+    def on_connection_error(self, exc: Exception, interval: float) -> None:
+        self.connected.clear()
+        log.warning(
+            "%s: RabbitMQ unavailable (%s); retrying in %.0f s", self.service_name, exc, interval
+        )
+
+    def on_iteration(self) -> None:
+        self.tick()
+
+    def _dispatcher(self, subscription: Subscription) -> Callable[[Any, Message], None]:
+        def dispatch(body: Any, message: Message) -> None:
+            try:
+                subscription.handle(body, message)
+            except PermanentMessageError as exc:
+                log.error(
+                    "%s: rejected a message from %s: %s",
+                    self.service_name,
+                    subscription.queue.name,
+                    exc,
+                )
+                message.reject(requeue=False)
+                return
+            except Exception:
+                # The handler's bug or an outage it did not classify: keep the message for
+                # another try rather than lose it; the log tells what went wrong.
+                log.exception("%s: failed to handle a message; it is requeued", self.service_name)
+                message.requeue()
+                return
+            if not message.acknowledged:
+                message.ack()
+
+        return dispatch
+
+    # --- running ---------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self.should_stop = True
+
+    def run_until_signalled(self) -> None:
+        """Run in the foreground until SIGTERM or SIGINT (the container's and Ctrl-C's way)."""
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            log.info("%s: %s received, stopping", self.service_name, signal.Signals(signum).name)
+            self.stop()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.run()
+        self.connection.release()
+        log.info("%s: stopped", self.service_name)
+
+    def start_in_thread(self) -> threading.Thread:
+        thread = threading.Thread(target=self.run, name=self.service_name, daemon=True)
+        thread.start()
+        return thread

@@ -1,0 +1,34 @@
+"""The test suite's own settings: its own database, RabbitMQ vhost and Redis database.
+
+Set before anything reads settings, so that the suite never touches what ``make run`` keeps
+(database ``mailroom``, vhost ``/``, Redis db 0). Subprocesses inherit these variables.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import tempfile
+
+from cryptography.fernet import Fernet
+
+TEST_VHOST = "mailroom_test"
+TEST_DATABASE = "mailroom_test"
+TEST_AMQP_URL = f"amqp://guest:guest@127.0.0.1:5672/{TEST_VHOST}"
+TEST_DATABASE_URL = f"postgresql://postgres@127.0.0.1:5432/{TEST_DATABASE}"
+
+
+def install() -> None:
+    os.environ.update(
+        {
+            "MAILROOM_AMQP_URL": TEST_AMQP_URL,
+            "MAILROOM_DATABASE_URL": TEST_DATABASE_URL,
+            "MAILROOM_REDIS_URL": "redis://127.0.0.1:6379/15",
+            "MAILROOM_SECRET_KEYS": Fernet.generate_key().decode(),
+            "MAILROOM_TOKEN_SIGNING_KEY": secrets.token_urlsafe(48),
+            "MAILROOM_STATE_DIR": tempfile.mkdtemp(prefix="mailroom-test-state-"),
+            "MAILROOM_OUTBOX_POLL_SECONDS": "0.5",
+            "MAILROOM_PROBE_TIMEOUT_SECONDS": "2",
+            "MAILROOM_LOG_LEVEL": "DEBUG",
+        }
+    )

@@ -25,6 +25,7 @@ class Dependency:
     name: str
     setting: str
     how_to_start: str
+    compose_service: str
     address: Callable[[Settings], str]
     check: Callable[[Settings], None]
 
@@ -67,6 +68,7 @@ POSTGRES = Dependency(
     "PostgreSQL",
     "MAILROOM_DATABASE_URL",
     "pg_ctlcluster $(ls /etc/postgresql) main start   (Debian package: postgresql)",
+    "postgres",
     _pg_address,
     _check_postgres,
 )
@@ -74,6 +76,7 @@ RABBITMQ = Dependency(
     "RabbitMQ",
     "MAILROOM_AMQP_URL",
     "rabbitmq-server -detached   (Debian package: rabbitmq-server)",
+    "rabbitmq",
     lambda s: _url_address(s.amqp_url, 5672),
     _check_rabbitmq,
 )
@@ -81,6 +84,7 @@ REDIS = Dependency(
     "Redis",
     "MAILROOM_REDIS_URL",
     "redis-server --daemonize yes --bind 127.0.0.1   (Debian package: redis-server)",
+    "redis",
     lambda s: _url_address(s.redis_url, 6379),
     _check_redis,
 )
@@ -97,7 +101,8 @@ def problems(settings: Settings, dependencies: tuple[Dependency, ...] = ALL) -> 
                 f"{dep.name} does not answer at {dep.address(settings)} ({dep.setting}): "
                 f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}\n"
                 f"    start it with:  {dep.how_to_start}\n"
-                f"    or in containers:  docker compose -f deploy/compose.yaml up -d"
+                f"    or as a container:  docker compose -f deploy/compose.yaml up -d "
+                f"{dep.compose_service}   (see deploy/README.md)"
             )
     return found
 

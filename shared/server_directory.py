@@ -69,14 +69,14 @@ class ServerDirectory:
         self.apply(event)
 
     def apply(self, event: ConfigEvent) -> None:
-        log.info(
+        if event.server_type not in self._types:
+            return
+        log.debug(
             "config event email_server.%s server=%s version=%d",
             event.change,
             event.server_id,
             event.version,
         )
-        if event.server_type not in self._types:
-            return
         known = self.get(event.server_id)
         if known is not None and event.change != "deleted" and known.version >= event.version:
             return  # already seen this version (or a newer one)

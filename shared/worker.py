@@ -41,6 +41,7 @@ class Worker(ConsumerMixin):  # type: ignore[misc]
     def __init__(self, amqp_url: str) -> None:
         self.connection = Connection(amqp_url, heartbeat=30, connect_timeout=5)
         self.connected = threading.Event()
+        self.connections_made = 0  # 1 after the first connect; more after every reconnect
         self.should_stop = False
 
     # --- what subclasses provide -----------------------------------------------------------
@@ -73,6 +74,7 @@ class Worker(ConsumerMixin):  # type: ignore[misc]
     ) -> None:
         log.info("%s: connected to RabbitMQ, consuming", self.service_name)
         self.on_connected()
+        self.connections_made += 1
         self.connected.set()
 
     def on_connection_error(self, exc: Exception, interval: float) -> None:

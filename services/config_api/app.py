@@ -38,6 +38,7 @@ def create_app(
             oauth_provider_names=settings.oauth_provider_names,
         )
         relay = OutboxRelay(settings.database_url, settings.amqp_url, settings.outbox_poll_seconds)
+        app.state.relay = relay
         if run_relay:
             relay.start()
         try:

@@ -49,6 +49,7 @@ class OutboxRelay:
     # --- lifecycle -------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name="outbox-relay", daemon=True)
         self._thread.start()
 

@@ -75,13 +75,21 @@ class EventTap:
         self._thread.join(5)
 
     def _run(self) -> None:
+        # Reconnects when a test drops every connection of the vhost (a broker "restart").
+        while not self._stop.is_set():
+            try:
+                self._consume()
+            except pika.exceptions.AMQPError:
+                time.sleep(0.05)
+
+    def _consume(self) -> None:
         conn = connect(self.amqp_url)
-        channel = conn.channel()
-        channel.exchange_declare(self.exchange, exchange_type="topic", durable=True)
-        queue = channel.queue_declare("", exclusive=True).method.queue
-        channel.queue_bind(queue, self.exchange, routing_key=self.binding)
-        self._ready.set()
         try:
+            channel = conn.channel()
+            channel.exchange_declare(self.exchange, exchange_type="topic", durable=True)
+            queue = channel.queue_declare("", exclusive=True).method.queue
+            channel.queue_bind(queue, self.exchange, routing_key=self.binding)
+            self._ready.set()
             while not self._stop.is_set():
                 method, properties, body = channel.basic_get(queue, auto_ack=True)
                 if method is None:
@@ -94,7 +102,8 @@ class EventTap:
                         )
                     )
         finally:
-            conn.close()
+            if conn.is_open:
+                conn.close()
 
     def snapshot(self) -> list[Received]:
         with self._lock:

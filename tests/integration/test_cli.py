@@ -1,0 +1,91 @@
+"""The operator's ``mailroom`` command (CONTRACT.md, "Running it")."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import httpx
+
+from shared.db.migrate import current_revision
+from shared.settings import Settings
+from tests.support.processes import MAILROOM, ServiceProcess
+from tests.support.tcp import closed_port
+
+
+def mailroom(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [MAILROOM, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=60,
+        check=False,
+    )
+
+
+def test_token_prints_a_bearer_token_the_api_accepts() -> None:
+    result = mailroom("token", "--tenant", "acme", "--permission", "email_servers:read")
+    assert result.returncode == 0, result.stderr
+    token = result.stdout.strip()
+    assert result.stdout == token + "\n"  # alone on stdout
+    assert token.count(".") == 2  # a signed JWT; the API accepting it is tested below
+
+
+def test_unknown_permission_is_refused() -> None:
+    result = mailroom("token", "--tenant", "acme", "--permission", "root")
+    assert result.returncode == 2
+    assert "unknown permission" in result.stderr
+
+
+def test_migrate_is_idempotent(settings: Settings) -> None:
+    for _ in range(2):
+        result = mailroom("migrate")
+        assert result.returncode == 0, result.stderr
+        assert "database schema at revision 0001" in result.stdout
+    assert current_revision(settings.database_url) == "0001"
+
+
+def test_config_api_process_serves_health_openapi_metrics_and_tokens() -> None:
+    port = closed_port()
+    api = ServiceProcess("run", "config-api", env={"MAILROOM_API_PORT": str(port)})
+    try:
+        api.wait_for_log("Uvicorn running", timeout=20)
+        base = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}
+        assert "/api/v1/email-servers" in httpx.get(f"{base}/openapi.json").json()["paths"]
+        assert "python_info" in httpx.get(f"{base}/metrics").text
+        token = mailroom("token", "--tenant", "acme", "--permission", "email_servers:read")
+        listed = httpx.get(
+            f"{base}/api/v1/email-servers",
+            headers={"Authorization": f"Bearer {token.stdout.strip()}"},
+        )
+        assert listed.status_code == 200
+        assert httpx.get(f"{base}/api/v1/email-servers").status_code == 401
+        # Uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status tells why.
+        assert api.terminate() in (0, -signal.SIGTERM)
+        assert "Application shutdown complete" in api.log()
+    finally:
+        api.kill()
+
+
+def test_a_missing_dependency_is_named_with_how_to_start_it() -> None:
+    dead = closed_port()
+    env = {
+        "MAILROOM_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{dead}/mailroom",
+        "MAILROOM_AMQP_URL": f"amqp://guest:guest@127.0.0.1:{dead}/%2F",
+    }
+    started = time.monotonic()
+    for service in ("config-api", "fetcher"):
+        result = mailroom("run", service, env=env)
+        assert result.returncode == 2
+        assert f"PostgreSQL does not answer at 127.0.0.1:{dead}" in result.stderr
+        assert f"RabbitMQ does not answer at 127.0.0.1:{dead}" in result.stderr
+        assert "pg_ctlcluster" in result.stderr and "rabbitmq-server" in result.stderr
+        assert "Traceback" not in result.stderr + result.stdout
+        assert "guest:guest" not in result.stderr  # credentials in URLs are not echoed
+    assert time.monotonic() - started < 30
+    migrate = mailroom("migrate", env=env)
+    assert migrate.returncode == 2 and "PostgreSQL does not answer" in migrate.stderr

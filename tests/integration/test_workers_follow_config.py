@@ -1,0 +1,84 @@
+"""Fetcher, sender and status start, connect to RabbitMQ and follow their config events."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+from psycopg_pool import ConnectionPool
+
+from services.fetcher.supervisor import FetcherSupervisor
+from shared.db.pool import DictConnection
+from shared.settings import Settings
+from tests.support import rabbit
+from tests.support.api import ApiClient
+from tests.support.processes import ServiceProcess
+
+
+@pytest.fixture(scope="module")
+def services() -> Iterator[dict[str, ServiceProcess]]:
+    started = {name: ServiceProcess("run", name) for name in ("fetcher", "sender", "status")}
+    env_status = started["status"]
+    try:
+        for process in started.values():
+            process.wait_for_log("connected to RabbitMQ, consuming", timeout=20)
+        assert env_status.process.poll() is None
+        yield started
+    finally:
+        for process in started.values():
+            process.kill()
+
+
+def test_each_worker_learns_of_its_servers_within_a_second(
+    api: ApiClient, services: dict[str, ServiceProcess]
+) -> None:
+    started = time.monotonic()
+    imap = api.create(type="imap", name="in", host="imap.example.com")
+    smtp = api.create(type="smtp", name="out", host="smtp.example.com")
+    seen_imap = f"fetcher: server {imap['id']} (imap, version 1) disabled"
+    seen_smtp = f"sender: server {smtp['id']} (smtp, version 1) disabled"
+    services["fetcher"].wait_for_log(seen_imap, timeout=2)
+    services["sender"].wait_for_log(seen_smtp, timeout=2)
+    services["status"].wait_for_log(f"status: server {imap['id']}", timeout=2)
+    services["status"].wait_for_log(f"status: server {smtp['id']}", timeout=2)
+    assert time.monotonic() - started < 2.0  # both creates plus delivery
+    assert smtp["id"] not in services["fetcher"].log()  # the fetcher serves inbound only
+    assert imap["id"] not in services["sender"].log()
+
+    api.delete(f"/email-servers/{imap['id']}")
+    services["fetcher"].wait_for_log(f"fetcher: server {imap['id']} removed", timeout=1)
+
+
+def test_worker_reconnects_after_the_broker_drops_it(
+    api: ApiClient, settings: Settings, pool: ConnectionPool[DictConnection]
+) -> None:
+    worker = FetcherSupervisor(settings, pool)
+    thread = worker.start_in_thread()
+    try:
+        assert worker.connected.wait(10)
+        rabbit.close_all_connections()
+        deadline = time.monotonic() + 15
+        while worker.connections_made < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert worker.connections_made == 2, "the worker did not reconnect"
+        server = api.create(type="pop3", name="after the drop", host="pop.example.com")
+        deadline = time.monotonic() + 2
+        while worker.directory.get(server["id"]) is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert worker.directory.get(server["id"]) is not None
+        assert thread.is_alive()
+    finally:
+        worker.stop()
+        thread.join(10)
+
+
+def test_worker_stops_gracefully_on_sigterm() -> None:
+    fetcher = ServiceProcess("run", "fetcher")
+    fetcher.wait_for_log("connected to RabbitMQ, consuming", timeout=20)
+    fetcher.process.send_signal(signal.SIGTERM)
+    assert fetcher.terminate(timeout=10) == 0
+    assert "fetcher: SIGTERM received, stopping" in fetcher.log()
+    assert "fetcher: stopped" in fetcher.log()
+    assert "Traceback" not in fetcher.log()

@@ -41,9 +41,11 @@ def _token(args: argparse.Namespace, settings: Settings) -> int:
 
 def _migrate(args: argparse.Namespace, settings: Settings) -> int:
     from shared.db.migrate import current_revision, migrate
-    from shared.preflight import POSTGRES, require
+    from shared.preflight import POSTGRES, DependencyUnavailable, problems
 
-    require(settings, (POSTGRES,))
+    found = problems(settings, (POSTGRES,))
+    if found:
+        raise DependencyUnavailable("\n".join(found))
     migrate(settings.database_url)
     print(f"database schema at revision {current_revision(settings.database_url)}")
     return 0

@@ -15,7 +15,7 @@ import urllib.request
 from types import FrameType
 
 from shared.db.migrate import current_revision, migrate
-from shared.preflight import ALL, require
+from shared.preflight import ALL, DependencyUnavailable, problems
 from shared.settings import Settings
 from shared.tokens import MANAGE, mint_token
 
@@ -44,7 +44,9 @@ def _stop(children: dict[str, subprocess.Popen[bytes]]) -> None:
 
 
 def run_stack(settings: Settings, tenant: str) -> int:
-    require(settings, ALL)
+    found = problems(settings, ALL)
+    if found:
+        raise DependencyUnavailable("\n".join(found))
     settings.token_key  # noqa: B018 - creates the development keys before the services race to
     migrate(settings.database_url)
     print(f"database schema at revision {current_revision(settings.database_url)}", flush=True)

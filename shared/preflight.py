@@ -108,7 +108,30 @@ def problems(settings: Settings, dependencies: tuple[Dependency, ...] = ALL) -> 
 
 
 def require(settings: Settings, dependencies: tuple[Dependency, ...] = ALL) -> None:
-    """Raise :class:`DependencyUnavailable` naming every dependency that does not answer."""
+    """Raise :class:`DependencyUnavailable` naming every dependency that does not answer.
+
+    When PostgreSQL is among them, its schema must also be at the newest migration: a service
+    started against an old schema would fail on its first query instead of saying why.
+    """
     found = problems(settings, dependencies)
     if found:
         raise DependencyUnavailable("\n".join(found))
+    if POSTGRES in dependencies:
+        _require_current_schema(settings)
+
+
+def _require_current_schema(settings: Settings) -> None:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from shared.db.migrate import current_revision, head_revision
+
+    try:
+        current = current_revision(settings.database_url)
+    except SQLAlchemyError:
+        current = None  # the database itself is missing
+    head = head_revision()
+    if current != head:
+        raise DependencyUnavailable(
+            f"the database schema is at revision {current or 'none'}, this version needs "
+            f"{head}: run  mailroom migrate  (make run does it for you)"
+        )

@@ -25,6 +25,7 @@ from shared.settings import Settings  # noqa: E402
 from tests.support import rabbit  # noqa: E402
 from tests.support.api import RESPONSES, ApiClient, admin  # noqa: E402
 from tests.support.leaks import LeakWatch  # noqa: E402
+from tests.support.processes import LOG_FILES  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -59,6 +60,7 @@ def secret_leak_watch(infrastructure: None, settings: Settings) -> Iterator[Leak
     tap.stop()
     root.removeHandler(watch)
     watch.answers.extend(RESPONSES)
+    watch.logs.extend(f.read_text(errors="replace") for f in LOG_FILES if f.exists())
     watch.events.extend(r.raw for r in tap.snapshot())
     leaks = watch.leaks()
     assert not leaks, "passwords leaked:\n" + "\n".join(leaks)

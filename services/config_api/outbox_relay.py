@@ -21,6 +21,7 @@ import psycopg
 from amqp.exceptions import AMQPError
 from kombu import Connection, Producer
 from kombu.exceptions import KombuError
+from prometheus_client import Counter, Histogram
 from psycopg.rows import dict_row
 
 from shared.db import outbox
@@ -29,6 +30,14 @@ from shared.topology import CONFIG_EXCHANGE, inbound_queue
 
 log = logging.getLogger(__name__)
 
+EVENTS_PUBLISHED = Counter(
+    "mailroom_config_events_published_total", "Config events confirmed by RabbitMQ."
+)
+PUBLISH_DELAY = Histogram(
+    "mailroom_config_event_delay_seconds",
+    "From the change's commit to the broker's confirm of its event (outbox lag).",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
 RELAY_LOCK_KEY = 0x6D61696C726F6F6D  # "mailroom": one advisory lock for all relays
 BROKER_ERRORS = (OSError, KombuError, AMQPError)
 _PURGE_EVERY_SECONDS = 3600.0
@@ -115,6 +124,8 @@ class OutboxRelay:
                     retry=False,
                 )
                 done.append(entry.id)
+                EVENTS_PUBLISHED.inc()
+                PUBLISH_DELAY.observe(time.time() - entry.created_at.timestamp())
         except BROKER_ERRORS as exc:
             self._broker_failed(exc, len(entries) - len(done))
         finally:

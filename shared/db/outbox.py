@@ -9,6 +9,7 @@ without polling fast.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from psycopg.types.json import Jsonb
@@ -24,6 +25,7 @@ class OutboxEntry:
     id: int
     routing_key: str
     body: dict[str, Any]
+    created_at: datetime
 
 
 def enqueue(conn: DictConnection, routing_key: str, event: BaseModel) -> None:
@@ -36,7 +38,8 @@ def enqueue(conn: DictConnection, routing_key: str, event: BaseModel) -> None:
 
 def pending(conn: DictConnection, limit: int = 100) -> list[OutboxEntry]:
     rows = conn.execute(
-        "SELECT id, routing_key, body FROM outbox WHERE published_at IS NULL ORDER BY id LIMIT %s",
+        "SELECT id, routing_key, body, created_at FROM outbox"
+        " WHERE published_at IS NULL ORDER BY id LIMIT %s",
         (limit,),
     ).fetchall()
     return [OutboxEntry(**row) for row in rows]

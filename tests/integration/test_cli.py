@@ -89,3 +89,11 @@ def test_a_missing_dependency_is_named_with_how_to_start_it() -> None:
     assert time.monotonic() - started < 30
     migrate = mailroom("migrate", env=env)
     assert migrate.returncode == 2 and "PostgreSQL does not answer" in migrate.stderr
+
+
+def test_a_service_refuses_an_unmigrated_database() -> None:
+    env = {"MAILROOM_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/mailroom_never_migrated"}
+    result = mailroom("run", "sender", env=env)
+    assert result.returncode == 2
+    assert "run  mailroom migrate" in result.stderr
+    assert "Traceback" not in result.stderr

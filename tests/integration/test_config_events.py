@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 
@@ -50,6 +51,10 @@ def test_create_update_delete_publish_events_within_a_second(
         ConfigEvent.model_validate(event.body)
     assert [e.body["version"] for e in events] == [1, 2, 3]
     assert set(events[1].body["changed_fields"]) == {"name", "password"}
+    metrics = api.get("/metrics").text
+    published = re.search(r"^mailroom_config_events_published_total (\S+)$", metrics, re.M)
+    assert published is not None and float(published.group(1)) >= 3
+    assert "mailroom_config_event_delay_seconds_bucket" in metrics
 
 
 def test_moving_the_template_server_announces_both_servers(

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 MAILROOM = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "mailroom")
+LOG_FILES: list[Path] = []  # every service log of the session, for the secret-leak check
 
 
 class ServiceProcess:
@@ -18,6 +19,7 @@ class ServiceProcess:
 
     def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
         self.log_file = Path(tempfile.mkstemp(prefix="mailroom-", suffix=".log")[1])
+        LOG_FILES.append(self.log_file)
         self._log = self.log_file.open("wb")
         self.process = subprocess.Popen(
             [MAILROOM, *args],

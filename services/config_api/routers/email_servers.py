@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Request, Response, status
+from fastapi import APIRouter, Header, HTTPException, Response, status
 
-from services.config_api.email_server_service import EmailServerService
+from services.config_api.dependencies import EmailServers, Manager, Reader
 from services.config_api.schemas import (
     ConnectionResult,
     ServerCreate,
@@ -17,21 +17,9 @@ from services.config_api.schemas import (
 )
 from services.config_api.server_rules import warnings_for
 from shared.email_servers import EmailServer, ServerType
-from shared.http_auth import require
-from shared.tokens import MANAGE, READ, Principal
 
 router = APIRouter(prefix="/email-servers", tags=["email servers"])
-Reader = Annotated[Principal, Depends(require(READ))]
-Manager = Annotated[Principal, Depends(require(MANAGE))]
 _VERSION_TAG = re.compile(r'^\s*(?:W/)?"?(\d+)"?\s*$')
-
-
-def service(request: Request) -> EmailServerService:
-    svc: EmailServerService = request.app.state.email_servers
-    return svc
-
-
-Service = Annotated[EmailServerService, Depends(service)]
 
 
 def _out(server: EmailServer, response: Response | None = None) -> ServerOut:
@@ -52,13 +40,15 @@ def _parse_if_match(value: str | None) -> int | None:
 
 
 @router.get("", response_model=ServerList)
-def list_servers(principal: Reader, svc: Service, type: ServerType | None = None) -> ServerList:
+def list_servers(
+    principal: Reader, svc: EmailServers, type: ServerType | None = None
+) -> ServerList:
     return ServerList(items=[_out(s) for s in svc.list(principal, type)])
 
 
 @router.post("", response_model=ServerOut, status_code=status.HTTP_201_CREATED)
 def create_server(
-    body: ServerCreate, principal: Manager, svc: Service, response: Response
+    body: ServerCreate, principal: Manager, svc: EmailServers, response: Response
 ) -> ServerOut:
     server = svc.create(principal, body)
     response.headers["Location"] = f"/api/v1/email-servers/{server.id}"
@@ -66,13 +56,15 @@ def create_server(
 
 
 @router.post("/test", response_model=ConnectionResult)
-def test_connection(body: ServerCreate, principal: Manager, svc: Service) -> ConnectionResult:
+def test_connection(body: ServerCreate, principal: Manager, svc: EmailServers) -> ConnectionResult:
     """Test an unsaved server's settings; nothing is stored."""
     return ConnectionResult.model_validate(svc.test(principal, body).as_json())
 
 
 @router.get("/{server_id}", response_model=ServerOut)
-def get_server(server_id: str, principal: Reader, svc: Service, response: Response) -> ServerOut:
+def get_server(
+    server_id: str, principal: Reader, svc: EmailServers, response: Response
+) -> ServerOut:
     return _out(svc.get(principal, server_id), response)
 
 
@@ -81,7 +73,7 @@ def patch_server(
     server_id: str,
     body: ServerPatch,
     principal: Manager,
-    svc: Service,
+    svc: EmailServers,
     response: Response,
     if_match: Annotated[str | None, Header()] = None,
 ) -> ServerOut:
@@ -90,7 +82,7 @@ def patch_server(
 
 
 @router.delete("/{server_id}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_server(server_id: str, principal: Manager, svc: Service) -> Response:
+def delete_server(server_id: str, principal: Manager, svc: EmailServers) -> Response:
     svc.delete(principal, server_id)
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
@@ -99,7 +91,7 @@ def delete_server(server_id: str, principal: Manager, svc: Service) -> Response:
     "/{server_id}/duplicate", response_model=ServerOut, status_code=status.HTTP_201_CREATED
 )
 def duplicate_server(
-    server_id: str, principal: Manager, svc: Service, response: Response
+    server_id: str, principal: Manager, svc: EmailServers, response: Response
 ) -> ServerOut:
     """A disabled copy with the same settings and secrets, to change a few of them."""
     copy = svc.duplicate(principal, server_id)

@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from fastapi import APIRouter, status
 
-from fastapi import APIRouter, Depends, Request, status
-from psycopg_pool import ConnectionPool
-
-from services.config_api.routers.email_servers import Manager, Reader
+from services.config_api.dependencies import Manager, Pool, Reader
 from services.config_api.schemas import RoutingPlanCreate, RoutingPlanList, RoutingPlanOut
 from shared.contracts import RoutingPlanEvent
 from shared.db import audit, outbox, routing_plans
-from shared.db.pool import DictConnection
 
 router = APIRouter(prefix="/routing-plans", tags=["routing plans"])
-
-
-def pool(request: Request) -> ConnectionPool[DictConnection]:
-    db: ConnectionPool[DictConnection] = request.app.state.pool
-    return db
-
-
-Pool = Annotated[ConnectionPool[DictConnection], Depends(pool)]
 
 
 @router.get("", response_model=RoutingPlanList)

@@ -31,9 +31,11 @@ typecheck: $(STAMP)
 unit: $(STAMP)
 	$(BIN)/pytest -q tests/unit
 
-# Starts RabbitMQ, PostgreSQL and Redis when they are installed but not running.
+# Starts RabbitMQ, PostgreSQL and Redis when they are installed but not running, and installs
+# the mail lab's Dovecot (the tests start their own private instance).
 services:
 	@scripts/ensure-services
+	@scripts/install-mail-lab
 
 bench: $(STAMP) services
 	$(BIN)/python -m tests.perf.config_event_latency

@@ -22,6 +22,7 @@ from shared.db.migrate import migrate  # noqa: E402
 from shared.db.pool import DictConnection, make_pool  # noqa: E402
 from shared.preflight import problems  # noqa: E402
 from shared.settings import Settings  # noqa: E402
+from tests.lab.fixtures import dovecot, lab_user, mail_lab_certs  # noqa: E402, F401 - fixtures
 from tests.support import rabbit  # noqa: E402
 from tests.support.api import RESPONSES, ApiClient, admin  # noqa: E402
 from tests.support.leaks import LeakWatch  # noqa: E402

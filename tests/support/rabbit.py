@@ -95,11 +95,13 @@ class EventTap:
                 if method is None:
                     conn.sleep(0.005)
                     continue
+                try:
+                    decoded = json.loads(body)
+                except ValueError:
+                    decoded = {}  # not an event of ours (a benchmark's probe); still recorded
                 with self._lock:
                     self.received.append(
-                        Received(
-                            method.routing_key, json.loads(body), body, properties, time.monotonic()
-                        )
+                        Received(method.routing_key, decoded, body, properties, time.monotonic())
                     )
         finally:
             if conn.is_open:

@@ -17,7 +17,11 @@ INBOUND_EXCHANGE = Exchange("mailroom.inbound", type="direct", durable=True)
 STATUS_EXCHANGE = Exchange("mailroom.status", type="topic", durable=True)
 SEND_RESULTS_EXCHANGE = Exchange("mailroom.send.results", type="topic", durable=True)
 
-SEND_QUEUE_NAME = "mailroom.send"
+SEND_QUEUE_NAME = "mailroom.send"  # CONTRACT: default exchange, routing key = queue name
+SEND_DEAD_LETTER_QUEUE_NAME = "mailroom.send.dead"  # invalid or finally failed commands
+INBOUND_QUARANTINE_QUEUE_NAME = "mailroom.inbound.quarantine"  # mail that cannot be delivered
+STATUS_REPORTS_QUEUE_NAME = "mailroom.status.reports"  # workers -> status service (internal)
+ROUTING_PLAN_CREATED = "routing_plan.created"
 
 EMAIL_SERVER_EVENTS = "email_server.#"
 ROUTING_PLAN_EVENTS = "routing_plan.#"
@@ -53,3 +57,8 @@ def config_events_queue(service: str) -> Queue:
         auto_delete=True,
         exclusive=True,
     )
+
+
+def status_reports_queue() -> Queue:
+    """Every worker's reports, consumed by the status service (any of its replicas)."""
+    return Queue(STATUS_REPORTS_QUEUE_NAME, durable=True)

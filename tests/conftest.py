@@ -77,7 +77,10 @@ def pool(infrastructure: None, settings: Settings) -> Iterator[ConnectionPool[Di
 @pytest.fixture(autouse=True)
 def clean_database(pool: ConnectionPool[DictConnection]) -> None:
     with pool.connection() as conn:
-        conn.execute("TRUNCATE email_servers, routing_plans, audit_log, outbox RESTART IDENTITY")
+        conn.execute(
+            "TRUNCATE email_servers, routing_plans, audit_log, outbox, inbound_messages"
+            " RESTART IDENTITY CASCADE"
+        )
 
 
 @pytest.fixture(scope="session")

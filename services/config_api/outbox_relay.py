@@ -26,7 +26,7 @@ from psycopg.rows import dict_row
 
 from shared.db import outbox
 from shared.db.pool import DictConnection
-from shared.topology import CONFIG_EXCHANGE, inbound_queue
+from shared.topology import CONFIG_EXCHANGE, ROUTING_PLAN_CREATED, inbound_queue
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class OutboxRelay:
         try:
             producer = self._ensure_producer()
             for entry in entries:
-                if entry.routing_key == "routing_plan.created":
+                if entry.routing_key == ROUTING_PLAN_CREATED:
                     inbound_queue(entry.body["routing_plan_id"])(producer.channel).declare()
                 producer.publish(
                     entry.body,

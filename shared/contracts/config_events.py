@@ -1,6 +1,7 @@
-"""Messages that cross process boundaries, as versioned, frozen pydantic models.
+"""Config events: the config API tells the workers that a server or routing plan changed.
 
-The JSON shape of each is part of the contract (CONTRACT.md, AMQP). They never carry a secret.
+The JSON shape is part of the contract (CONTRACT.md, AMQP). Events never carry a setting or a
+secret: a worker re-reads the server from the database.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from shared.email_servers import ServerType
+from shared.topology import ROUTING_PLAN_CREATED
 
 EmailServerChange = Literal["created", "updated", "deleted"]
 
@@ -58,4 +60,4 @@ class RoutingPlanEvent(BaseModel):
 
     @property
     def routing_key(self) -> str:
-        return "routing_plan.created"
+        return ROUTING_PLAN_CREATED

@@ -1,0 +1,34 @@
+"""TLS for every mail connection: verified certificates, the right name, modern versions.
+
+Certificates are checked against the system store plus the operator's ``MAILROOM_CA_BUNDLE``,
+and against the SNI server name when the admin set one, else the host (REQUIREMENTS: SNI).
+"""
+
+from __future__ import annotations
+
+import ssl
+from functools import lru_cache
+from pathlib import Path
+
+from shared.email_servers import EmailServer
+from shared.hostnames import to_ascii
+
+
+@lru_cache(maxsize=8)
+def client_context(ca_bundle: Path | None = None) -> ssl.SSLContext:
+    """A context shared by all connections (loading the system store costs milliseconds)."""
+    context = ssl.create_default_context()
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ca_bundle is not None:
+        context.load_verify_locations(cafile=str(ca_bundle))
+    return context
+
+
+def tls_server_name(server: EmailServer) -> str:
+    """The name sent as SNI and checked against the certificate (an IP is checked, not sent)."""
+    return to_ascii(server.sni_hostname or server.host)
+
+
+def connect_address(server: EmailServer) -> tuple[str, int]:
+    """Where to open the TCP connection: the host (ASCII form) and the effective port."""
+    return to_ascii(server.host), server.effective_port

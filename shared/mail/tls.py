@@ -6,9 +6,11 @@ and against the SNI server name when the admin set one, else the host (REQUIREME
 
 from __future__ import annotations
 
+import socket
 import ssl
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from shared.email_servers import EmailServer
 from shared.hostnames import to_ascii
@@ -32,3 +34,19 @@ def tls_server_name(server: EmailServer) -> str:
 def connect_address(server: EmailServer) -> tuple[str, int]:
     """Where to open the TCP connection: the host (ASCII form) and the effective port."""
     return to_ascii(server.host), server.effective_port
+
+
+class NamedContext:
+    """An SSLContext that checks the certificate against the SNI name, not the host.
+
+    imaplib and poplib pass the host they connect to as ``server_hostname``; an admin may
+    connect to an IP address and name the certificate's host in the SNI field.
+    """
+
+    def __init__(self, context: ssl.SSLContext, server_name: str) -> None:
+        self._context = context
+        self._server_name = server_name
+
+    def wrap_socket(self, sock: socket.socket, **kwargs: Any) -> ssl.SSLSocket:
+        kwargs["server_hostname"] = self._server_name
+        return self._context.wrap_socket(sock, **kwargs)

@@ -56,6 +56,7 @@ from pathlib import Path
 from types import TracebackType
 
 from tests.lab.certs import LabCertificates
+from tests.support.leaks import password
 
 HOST = "127.0.0.1"
 NON_ASCII_FOLDER = "Eingang Ü"
@@ -336,10 +337,14 @@ class DovecotLab:
         return user
 
     def new_user(self, prefix: str = "user") -> LabUser:
-        """A user with a name and password no other test uses."""
+        """A user with a name and password no other test uses.
+
+        The password carries the suite's secret marker, so the leak check would catch it in
+        any log, answer or event.
+        """
         self._serial += 1
         name = f"{prefix}{self._serial}-{secrets.token_hex(3)}"
-        return self.add_user(name, secrets.token_urlsafe(12))
+        return self.add_user(name, password(secrets.token_hex(4)))
 
     # -- mail ------------------------------------------------------------------------------
 

@@ -1,0 +1,231 @@
+"""An IMAP session on a server's inbox folder (imapclient), for the fetcher and the probe.
+
+Implicit TLS, or STARTTLS when TLS is unchecked and the server offers it (REQUIREMENTS: "the
+server may still upgrade the connection"); the certificate is verified against the SNI name
+when set, else the host. COMPRESS=DEFLATE is used when offered unless the admin disabled it.
+Every failure surfaces as :class:`~shared.mail.errors.MailServerError` with a reason an admin
+can act on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from imapclient import IMAPClient, SocketTimeout
+from imapclient.exceptions import IMAPClientError, LoginError
+
+from shared.contracts.status_reports import FailureCategory
+from shared.email_servers import DEFAULT_INBOX_FOLDER, EmailServer
+from shared.mail.errors import MailServerError, describe
+from shared.mail.imap_compress import enable_deflate
+from shared.mail.tls import NamedContext, client_context, connect_address, tls_server_name
+
+SEEN = b"\\Seen"
+
+
+@dataclass(frozen=True)
+class FolderState:
+    uidvalidity: int
+    uidnext: int | None
+    exists: int
+
+
+class ImapMailbox:
+    """One logged-in IMAP connection with the server's inbox folder selected."""
+
+    def __init__(
+        self,
+        server: EmailServer,
+        password: str | None,
+        *,
+        ca_bundle: Path | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        self.server = server
+        self.folder = server.inbox_folder or DEFAULT_INBOX_FOLDER
+        self._password = password
+        self._ca_bundle = ca_bundle
+        self._timeout = timeout
+        self._client: IMAPClient | None = None
+        self.capabilities: frozenset[str] = frozenset()
+        self.compressed = False
+        self.state: FolderState | None = None
+        self._host, self._port = connect_address(server)
+
+    # --- connecting ------------------------------------------------------------------------
+
+    def open(self) -> FolderState:
+        try:
+            return self._open()
+        except MailServerError:
+            self.close()
+            raise
+        except (IMAPClientError, OSError, EOFError) as exc:
+            self.close()
+            raise self._describe(exc) from exc
+
+    def _open(self) -> FolderState:
+        name = tls_server_name(self.server)
+        context: Any = NamedContext(client_context(self._ca_bundle), name)
+        client = IMAPClient(
+            self._host,
+            port=self._port,
+            ssl=self.server.tls,
+            ssl_context=context,
+            timeout=SocketTimeout(connect=self._timeout, read=self._timeout),
+        )
+        self._client = client
+        if not self.server.tls and client.has_capability("STARTTLS"):
+            client.starttls(context)
+        try:
+            self._login(client)
+        except LoginError as exc:
+            raise MailServerError(
+                FailureCategory.AUTHENTICATION,
+                f"authentication failed: server said {_text(exc)}",
+            ) from exc
+        self.capabilities = frozenset(c.decode().upper() for c in client.capabilities())
+        if "COMPRESS=DEFLATE" in self.capabilities and not self.server.disable_compression:
+            enable_deflate(client._imap)
+            self.compressed = True
+        return self.select()
+
+    def _login(self, client: IMAPClient) -> None:
+        """AUTHENTICATE PLAIN when offered: it carries UTF-8, where LOGIN allows only ASCII.
+
+        REQUIREMENTS allow any Unicode in user names and passwords.
+        """
+        username, password = self.server.username, self._password or ""
+        if client.has_capability("AUTH=PLAIN"):
+            client.plain_login(username, password)
+        elif (username + password).isascii():
+            client.login(username, password)
+        else:
+            raise MailServerError(
+                FailureCategory.AUTHENTICATION,
+                "the user name or password has non-ASCII characters and the server offers no "
+                "login method that carries them (AUTH=PLAIN)",
+            )
+
+    def select(self) -> FolderState:
+        client = self._require()
+        try:
+            info = client.select_folder(self.folder)
+        except IMAPClientError as exc:
+            text = _text(exc)
+            if "NONEXISTENT" in text.upper() or "doesn't exist" in text.lower():
+                raise MailServerError(
+                    FailureCategory.FOLDER_MISSING, f"folder {self.folder!r} does not exist"
+                ) from exc
+            raise
+        self.state = FolderState(
+            uidvalidity=int(info[b"UIDVALIDITY"]),
+            uidnext=int(info[b"UIDNEXT"]) if b"UIDNEXT" in info else None,
+            exists=int(info.get(b"EXISTS", 0)),
+        )
+        return self.state
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is None:
+            return
+        try:
+            client.logout()
+        except (IMAPClientError, OSError, EOFError):
+            with contextlib.suppress(IMAPClientError, OSError):  # already gone
+                client.shutdown()
+
+    def __enter__(self) -> ImapMailbox:
+        self.open()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --- reading ---------------------------------------------------------------------------
+
+    @property
+    def supports_idle(self) -> bool:
+        return "IDLE" in self.capabilities
+
+    def unseen_uids(self) -> list[int]:
+        return sorted(int(uid) for uid in self._call(lambda c: c.search(["UNSEEN"])))
+
+    def uids_after(self, last_uid: int) -> list[int]:
+        """UIDs above ``last_uid``; ``n:*`` also names the last mail, so it is filtered out."""
+        found = self._call(lambda c: c.search(["UID", f"{last_uid + 1}:*"]))
+        return sorted(int(uid) for uid in found if int(uid) > last_uid)
+
+    def sizes(self, uids: list[int]) -> dict[int, int]:
+        answer = self._call(lambda c: c.fetch(uids, ["RFC822.SIZE"]))
+        return {int(uid): int(data[b"RFC822.SIZE"]) for uid, data in answer.items()}
+
+    def bodies(self, uids: list[int]) -> dict[int, bytes]:
+        """The raw mails, byte for byte as the server holds them; ``PEEK`` keeps them unread."""
+        answer = self._call(lambda c: c.fetch(uids, ["BODY.PEEK[]"]))
+        return {int(uid): bytes(data.get(b"BODY[]") or b"") for uid, data in answer.items()}
+
+    def mark_seen(self, uids: list[int]) -> None:
+        if uids:
+            self._call(lambda c: c.add_flags(uids, [SEEN], silent=True))
+
+    def mark_flagged(self, uids: list[int]) -> None:
+        if uids:
+            self._call(lambda c: c.add_flags(uids, [b"\\Flagged"], silent=True))
+
+    @contextmanager
+    def idling(self) -> Iterator[IdleWatch]:
+        """IDLE until the block ends; the server tells of new mail meanwhile (RFC 2177)."""
+        self._call(lambda c: c.idle())
+        try:
+            yield IdleWatch(self)
+        finally:
+            self._call(lambda c: c.idle_done())
+
+    # --- plumbing --------------------------------------------------------------------------
+
+    def _require(self) -> IMAPClient:
+        if self._client is None:
+            raise MailServerError(FailureCategory.NETWORK, "not connected")
+        return self._client
+
+    def _call(self, operation: Any) -> Any:
+        try:
+            return operation(self._require())
+        except MailServerError:
+            raise
+        except (IMAPClientError, OSError, EOFError) as exc:
+            raise self._describe(exc) from exc
+
+    def _describe(self, exc: BaseException) -> MailServerError:
+        if isinstance(exc, IMAPClientError) and not isinstance(exc, OSError):
+            return MailServerError(
+                FailureCategory.PROTOCOL,
+                f"IMAP server {self._host}:{self._port} answered: {_text(exc)}",
+            )
+        return describe(exc, self._host, self._port, tls_server_name(self.server))
+
+
+class IdleWatch:
+    def __init__(self, mailbox: ImapMailbox) -> None:
+        self._mailbox = mailbox
+
+    def news(self, timeout: float) -> bool:
+        """True when the server announced a new or expunged mail within ``timeout`` seconds."""
+        responses = self._mailbox._call(lambda c: c.idle_check(timeout=timeout))
+        return any(
+            len(response) >= 2 and response[1] in (b"EXISTS", b"RECENT", b"EXPUNGE")
+            for response in responses
+        )
+
+
+def _text(exc: BaseException) -> str:
+    text = str(exc)
+    if text.startswith("b'") or text.startswith('b"'):
+        text = text[2:-1]
+    return text.strip()

@@ -1,0 +1,158 @@
+"""A POP3 session on a mailbox (poplib), for the fetcher and the probe.
+
+Implicit TLS (995), or STLS when TLS is unchecked and the server offers it. Deletions only
+take effect at QUIT (RFC 1939 UPDATE state): a session that drops before QUIT deletes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import poplib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared.contracts.status_reports import FailureCategory
+from shared.email_servers import EmailServer
+from shared.mail.errors import MailServerError, describe
+from shared.mail.tls import NamedContext, client_context, connect_address, tls_server_name
+
+
+@dataclass(frozen=True)
+class Pop3Message:
+    number: int
+    uidl: str
+    size: int
+
+
+class Pop3Mailbox:
+    def __init__(
+        self,
+        server: EmailServer,
+        password: str | None,
+        *,
+        ca_bundle: Path | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        self.server = server
+        self._password = password
+        self._ca_bundle = ca_bundle
+        self._timeout = timeout
+        self._client: poplib.POP3 | None = None
+        self._host, self._port = connect_address(server)
+        self.capabilities: frozenset[str] = frozenset()
+
+    def open(self) -> None:
+        try:
+            self._open()
+        except MailServerError:
+            self.close()
+            raise
+        except (poplib.error_proto, OSError, EOFError) as exc:
+            self.close()
+            raise self._describe(exc) from exc
+
+    def _open(self) -> None:
+        context: Any = NamedContext(client_context(self._ca_bundle), tls_server_name(self.server))
+        if self.server.tls:
+            client: poplib.POP3 = poplib.POP3_SSL(
+                self._host, self._port, timeout=self._timeout, context=context
+            )
+        else:
+            client = poplib.POP3(self._host, self._port, timeout=self._timeout)
+        self._client = client
+        self.capabilities = frozenset(_capabilities(client))
+        if not self.server.tls and "STLS" in self.capabilities:
+            client.stls(context)
+            self.capabilities = frozenset(_capabilities(client))
+        try:
+            client.user(self.server.username)
+            client.pass_(self._password or "")
+        except poplib.error_proto as exc:
+            raise MailServerError(
+                FailureCategory.AUTHENTICATION, f"authentication failed: server said {_text(exc)}"
+            ) from exc
+
+    def listing(self) -> list[Pop3Message]:
+        """Every mail in the maildrop with its unique id (UIDL) and size."""
+        client = self._require()
+        try:
+            uidls = dict(_pairs(client.uidl()[1]))
+            sizes = dict(_pairs(client.list()[1]))
+        except (poplib.error_proto, OSError, EOFError) as exc:
+            raise self._describe(exc) from exc
+        return [
+            Pop3Message(number=int(number), uidl=uidl, size=int(sizes.get(number, "0")))
+            for number, uidl in sorted(uidls.items(), key=lambda item: int(item[0]))
+        ]
+
+    def retrieve(self, number: int) -> bytes:
+        """The raw mail; poplib undoes the dot-stuffing, lines get their CRLF back."""
+        try:
+            lines = self._require().retr(number)[1]
+        except (poplib.error_proto, OSError, EOFError) as exc:
+            raise self._describe(exc) from exc
+        return b"".join(line + b"\r\n" for line in lines)
+
+    def delete(self, number: int) -> None:
+        try:
+            self._require().dele(number)
+        except (poplib.error_proto, OSError, EOFError) as exc:
+            raise self._describe(exc) from exc
+
+    def commit(self) -> None:
+        """QUIT: the server removes the mails marked deleted."""
+        client, self._client = self._require(), None
+        try:
+            client.quit()
+        except (poplib.error_proto, OSError, EOFError) as exc:
+            raise self._describe(exc) from exc
+
+    def close(self) -> None:
+        """Drop the connection without QUIT: nothing marked deleted is removed."""
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(OSError):  # already gone: nothing left to release
+                client.close()
+
+    def __enter__(self) -> Pop3Mailbox:
+        self.open()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _require(self) -> poplib.POP3:
+        if self._client is None:
+            raise MailServerError(FailureCategory.NETWORK, "not connected")
+        return self._client
+
+    def _describe(self, exc: BaseException) -> MailServerError:
+        if isinstance(exc, poplib.error_proto):
+            return MailServerError(
+                FailureCategory.PROTOCOL,
+                f"POP3 server {self._host}:{self._port} answered: {_text(exc)}",
+            )
+        return describe(exc, self._host, self._port, tls_server_name(self.server))
+
+
+def _capabilities(client: poplib.POP3) -> list[str]:
+    try:
+        return [name.upper() for name in client.capa()]
+    except poplib.error_proto:
+        return []  # CAPA is optional (RFC 2449)
+
+
+def _pairs(lines: list[bytes]) -> list[tuple[str, str]]:
+    pairs = []
+    for line in lines:
+        number, _, value = line.decode("ascii", "replace").partition(" ")
+        pairs.append((number, value.strip()))
+    return pairs
+
+
+def _text(exc: BaseException) -> str:
+    value = exc.args[0] if exc.args else exc
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)

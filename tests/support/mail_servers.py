@@ -1,0 +1,41 @@
+"""Mail servers of the lab as Mailroom sees them: unsaved ``EmailServer`` objects."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shared.email_servers import AuthType, EmailServer, ServerType
+from tests.lab.dovecot import DovecotLab, LabUser
+
+
+def lab_server(
+    lab: DovecotLab,
+    user: LabUser,
+    server_type: ServerType = ServerType.IMAP,
+    *,
+    tls: bool = True,
+    **overrides: Any,
+) -> EmailServer:
+    ports = {
+        (ServerType.IMAP, True): lab.imaps_port,
+        (ServerType.IMAP, False): lab.imap_port,
+        (ServerType.POP3, True): lab.pop3s_port,
+        (ServerType.POP3, False): lab.pop3_port,
+    }
+    values: dict[str, Any] = {
+        "id": "00000000-0000-0000-0000-000000000001",
+        "tenant_id": "acme",
+        "type": server_type,
+        "name": "lab",
+        "host": "localhost",
+        "port": ports[(server_type, tls)],
+        "tls": tls,
+        "auth_type": AuthType.BASIC,
+        "enabled": True,
+        "version": 1,
+        "username": user.name,
+        "inbox_folder": "INBOX" if server_type is ServerType.IMAP else None,
+        "routing_plan_id": "plan",
+    }
+    values.update(overrides)
+    return EmailServer(**values)

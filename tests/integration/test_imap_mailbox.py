@@ -10,6 +10,7 @@ from shared.mail.errors import MailServerError
 from shared.mail.imap import ImapMailbox
 from tests.lab.certs import LabCertificates
 from tests.lab.dovecot import NON_ASCII_FOLDER, DovecotLab, LabUser
+from tests.support.leaks import password
 from tests.support.mail_servers import lab_server
 from tests.support.tcp import closed_port
 
@@ -102,3 +103,12 @@ def test_failures_carry_a_category_and_an_admin_readable_reason(
     assert reasons[FailureCategory.AUTHENTICATION].startswith("authentication failed: server said")
     assert reasons[FailureCategory.FOLDER_MISSING] == "folder 'Nicht da' does not exist"
     assert reasons[FailureCategory.REFUSED].startswith("connection refused by localhost:")
+
+
+def test_non_ascii_credentials_log_in_with_authenticate_plain(
+    dovecot: DovecotLab, mail_lab_certs: LabCertificates
+) -> None:
+    """REQUIREMENTS allow any Unicode in passwords; IMAP LOGIN carries ASCII only."""
+    user = dovecot.add_user(f"umlaut{closed_port()}", password("Grüße-ß-€"))
+    mailbox = open_mailbox(dovecot, user, mail_lab_certs)
+    mailbox.close()

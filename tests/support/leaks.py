@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-SECRET_MARKER = "Sesam-öffne-dich"
+SECRET_MARKER = "Sesam-oeffne-dich"  # ASCII: the lab's stdlib clients log in with LOGIN
 
 
 def password(suffix: str = "") -> str:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from shared.settings import Settings, get_settings
+from shared.settings import KeysMissing, Settings, get_settings
 
 SERVICES: dict[str, str] = {
     "config-api": "services.config_api.main",
@@ -63,7 +63,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 def _dev(args: argparse.Namespace, settings: Settings) -> int:
     from shared.dev_stack import run_stack
 
-    return run_stack(settings, tenant=args.tenant)
+    return run_stack(settings.model_copy(update={"generate_dev_keys": True}), tenant=args.tenant)
 
 
 def _rotate_keys(args: argparse.Namespace, settings: Settings) -> int:
@@ -123,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(settings.log_level)
     try:
         return int(args.handler(args, settings))
-    except DependencyUnavailable as exc:
+    except (DependencyUnavailable, KeysMissing) as exc:
         print(f"mailroom: cannot start:\n{exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

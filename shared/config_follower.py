@@ -40,6 +40,9 @@ class ConfigFollower(Worker):
     def tick(self) -> None:
         self.directory.tick()
 
+    def on_handler_error(self, subscription: Subscription) -> None:
+        self.directory.resync_soon()
+
     def on_server_change(self, before: EmailServer | None, after: EmailServer | None) -> None:
         """Override: a server appeared (``before`` None), changed, or left (``after`` None)."""
         if after is None:

@@ -15,7 +15,7 @@ import redis
 from kombu import Connection
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from shared.settings import Settings
+from shared.settings import KeysMissing, Settings
 
 TIMEOUT_SECONDS = 3
 
@@ -113,6 +113,10 @@ def require(settings: Settings, dependencies: tuple[Dependency, ...] = ALL) -> N
     When PostgreSQL is among them, its schema must also be at the newest migration: a service
     started against an old schema would fail on its first query instead of saying why.
     """
+    try:
+        settings.check_keys()
+    except KeysMissing as exc:
+        raise DependencyUnavailable(str(exc)) from exc
     found = problems(settings, dependencies)
     if found:
         raise DependencyUnavailable("\n".join(found))

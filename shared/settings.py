@@ -23,29 +23,41 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 log = logging.getLogger(__name__)
 
 
+class KeysMissing(Exception):
+    """No encryption or signing keys are configured, and none may be generated."""
+
+
 class Settings(BaseSettings):
     """All configuration; construct once per process with :func:`get_settings`."""
 
     model_config = SettingsConfigDict(env_prefix="MAILROOM_", frozen=True, extra="ignore")
 
-    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/%2F"
-    database_url: str = "postgresql://postgres@127.0.0.1:5432/mailroom"
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    # URLs may hold passwords: kept out of repr() so a logged Settings shows none.
+    amqp_url: str = Field(default="amqp://guest:guest@127.0.0.1:5672/%2F", repr=False)
+    database_url: str = Field(default="postgresql://postgres@127.0.0.1:5432/mailroom", repr=False)
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", repr=False)
     ca_bundle: Path | None = Field(
         default=None, description="PEM file of extra CA certificates trusted for mail servers."
     )
 
     secret_keys: str = Field(
         default="",
+        repr=False,
         description="Fernet keys that encrypt stored secrets, comma-separated, newest first. "
         "The first encrypts; all decrypt (key rotation).",
     )
     token_signing_key: str = Field(
-        default="", description="HMAC key that signs and verifies bearer tokens."
+        default="", repr=False, description="HMAC key that signs and verifies bearer tokens."
     )
     state_dir: Path = Field(
         default=Path("var"),
-        description="Where development keys are generated when the two keys above are unset.",
+        description="Where development keys live when the two keys above are unset.",
+    )
+    generate_dev_keys: bool = Field(
+        default=False,
+        description="Create development keys in state_dir when none exist (make run does). "
+        "Off by default, so a container started without keys refuses to run instead of "
+        "inventing keys of its own that no other container shares.",
     )
 
     api_host: str = "127.0.0.1"
@@ -54,6 +66,14 @@ class Settings(BaseSettings):
     status_port: int = 8001
 
     probe_timeout_seconds: float = 10.0
+    probe_concurrency: int = Field(
+        default=8, description="Connection tests the config API runs at once; more wait."
+    )
+    denied_networks: str = Field(
+        default="169.254.0.0/16,fe80::/10",
+        description="Comma-separated networks Mailroom never connects to for an admin "
+        "(default: link-local, where cloud metadata services live). Add internal ranges.",
+    )
     outbox_poll_seconds: float = 1.0
     config_resync_seconds: float = 300.0
     default_token_ttl_seconds: int = 24 * 3600
@@ -65,7 +85,18 @@ class Settings(BaseSettings):
 
     @cached_property
     def _dev_keys(self) -> dict[str, str]:
-        return _load_or_create_dev_keys(self.state_dir / "dev-keys.json")
+        path = self.state_dir / "dev-keys.json"
+        if not path.exists() and not self.generate_dev_keys:
+            raise KeysMissing(
+                "MAILROOM_SECRET_KEYS and MAILROOM_TOKEN_SIGNING_KEY are not set. Set them (see "
+                "the README, Configuration), or on a development machine run `make run` once, "
+                f"which creates development keys in {path}."
+            )
+        return _load_or_create_dev_keys(path)
+
+    def check_keys(self) -> None:
+        """Raise :class:`KeysMissing` now rather than on the first secret or token."""
+        _ = self.fernet_keys, self.token_key
 
     @property
     def fernet_keys(self) -> list[str]:

@@ -22,6 +22,10 @@ from kombu.mixins import ConsumerMixin
 log = logging.getLogger(__name__)
 
 
+class _StopWhileDisconnected(Exception):
+    """Raised from the reconnect loop when a stop was asked for while the broker is away."""
+
+
 class PermanentMessageError(Exception):
     """The message can never be handled (malformed, invalid): reject it, never retry."""
 
@@ -43,6 +47,7 @@ class Worker(ConsumerMixin):  # type: ignore[misc]
         self.connected = threading.Event()
         self.connections_made = 0  # 1 after the first connect; more after every reconnect
         self.should_stop = False
+        self._thread: threading.Thread | None = None
 
     # --- what subclasses provide -----------------------------------------------------------
 
@@ -54,6 +59,9 @@ class Worker(ConsumerMixin):  # type: ignore[misc]
 
     def tick(self) -> None:
         """Called about once a second from the consuming thread."""
+
+    def on_handler_error(self, subscription: Subscription) -> None:
+        """A handler raised something unexpected; its message was rejected."""
 
     # --- kombu hooks -----------------------------------------------------------------------
 
@@ -79,6 +87,9 @@ class Worker(ConsumerMixin):  # type: ignore[misc]
 
     def on_connection_error(self, exc: Exception, interval: float) -> None:
         self.connected.clear()
+        if self.should_stop:
+            # kombu retries connecting forever; a stop must not wait for the broker to return.
+            raise _StopWhileDisconnected
         log.warning(
             "%s: RabbitMQ unavailable (%s); retrying in %.0f s", self.service_name, exc, interval
         )
@@ -100,10 +111,12 @@ class Worker(ConsumerMixin):  # type: ignore[misc]
                 message.reject(requeue=False)
                 return
             except Exception:
-                # The handler's bug or an outage it did not classify: keep the message for
-                # another try rather than lose it; the log tells what went wrong.
-                log.exception("%s: failed to handle a message; it is requeued", self.service_name)
-                message.requeue()
+                # A bug or an outage the handler did not classify. Requeueing would redeliver it
+                # at once, forever; it is rejected (to the queue's dead-letter exchange, where it
+                # has one) and the worker is told, so it can heal (config followers resync).
+                log.exception("%s: failed to handle a message; it is rejected", self.service_name)
+                message.reject(requeue=False)
+                self.on_handler_error(subscription)
                 return
             if not message.acknowledged:
                 message.ack()
@@ -124,11 +137,25 @@ class Worker(ConsumerMixin):  # type: ignore[misc]
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        self.run()
+        self.run_until_stopped()
         self.connection.release()
         log.info("%s: stopped", self.service_name)
 
+    def run_until_stopped(self) -> None:
+        try:
+            self.run()
+        except _StopWhileDisconnected:
+            log.info("%s: stopped while RabbitMQ was unavailable", self.service_name)
+
     def start_in_thread(self) -> threading.Thread:
-        thread = threading.Thread(target=self.run, name=self.service_name, daemon=True)
+        thread = threading.Thread(
+            target=self.run_until_stopped, name=self.service_name, daemon=True
+        )
         thread.start()
+        self._thread = thread
         return thread
+
+    @property
+    def consuming(self) -> bool:
+        """Connected, and (when run in a thread) that thread is still alive."""
+        return self.connected.is_set() and (self._thread is None or self._thread.is_alive())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -14,7 +15,7 @@ from services.config_api.outbox_relay import OutboxRelay
 from services.config_api.routers import email_servers, routing_plans, template_server
 from shared.db.pool import make_pool
 from shared.http_ops import ops_router
-from shared.probe import Probe, probe_server
+from shared.probe import ConnectionProbe, Probe
 from shared.secrets import SecretBox
 from shared.settings import Settings
 
@@ -22,7 +23,7 @@ API_PREFIX = "/api/v1"
 
 
 def create_app(
-    settings: Settings, *, probe: Probe = probe_server, run_relay: bool = True
+    settings: Settings, *, probe: Probe | None = None, run_relay: bool = True
 ) -> FastAPI:
     """The app; ``probe`` and ``run_relay`` exist so tests can choose what runs in-process."""
 
@@ -33,9 +34,9 @@ def create_app(
         app.state.email_servers = EmailServerService(
             pool=pool,
             secret_box=SecretBox.from_settings(settings),
-            probe=probe,
-            probe_timeout=settings.probe_timeout_seconds,
+            probe=probe or ConnectionProbe.from_settings(settings),
             oauth_provider_names=settings.oauth_provider_names,
+            probe_slots=threading.BoundedSemaphore(settings.probe_concurrency),
         )
         relay = OutboxRelay(settings.database_url, settings.amqp_url, settings.outbox_poll_seconds)
         app.state.relay = relay
@@ -60,6 +61,8 @@ def create_app(
         app.include_router(router, prefix=API_PREFIX)
 
     def ready() -> str | None:
+        if run_relay and not app.state.relay.alive:
+            return "outbox relay is not running: config events would not be published"
         try:
             with app.state.pool.connection(timeout=2) as conn:
                 conn.execute("SELECT 1")

@@ -7,14 +7,22 @@ transaction: it talks to the network and must not hold row locks.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from psycopg_pool import ConnectionPool
 
-from services.config_api.errors import ConnectionFailed, FieldsInvalid, NotFound, PreconditionFailed
-from services.config_api.schemas import ServerCreate, ServerPatch
+from services.config_api.errors import (
+    ApiError,
+    Conflict,
+    ConnectionFailed,
+    FieldsInvalid,
+    NotFound,
+    PreconditionFailed,
+)
+from services.config_api.schemas import NAME_MAX_LENGTH, ServerCreate, ServerPatch
 from services.config_api.server_rules import (
     FieldError,
     MergedServer,
@@ -28,18 +36,18 @@ from shared.db import email_servers as repo
 from shared.db.pool import DictConnection
 from shared.email_servers import EmailServer, ServerType
 from shared.probe import Probe, ProbeResult
-from shared.secrets import SecretBox
+from shared.secrets import SecretBox, SecretDecryptError
 from shared.tokens import Principal
 
-# A change to any of these on an enabled server is tested before it is saved.
-CONNECTION_FIELDS = frozenset(
+# Settings that decide whether the connection works. A change to any of them (or to the
+# password) on an enabled server is tested before it is saved.
+CONNECTION_COLUMNS = frozenset(
     {
         "host",
         "port",
         "tls",
         "auth_type",
         "username",
-        "password",
         "inbox_folder",
         "sni_hostname",
         "disable_compression",
@@ -48,13 +56,13 @@ CONNECTION_FIELDS = frozenset(
         "oauth_provider",
     }
 )
+CONNECTION_FIELDS = CONNECTION_COLUMNS | {"password"}
 COPY_SUFFIX = " (copy)"
-NAME_LIMIT = 200
 
 
 def copy_name(name: str) -> str:
     """``"<name> (copy)"``, the original shortened so that the result stays within 200."""
-    room = NAME_LIMIT - len(COPY_SUFFIX)
+    room = NAME_MAX_LENGTH - len(COPY_SUFFIX)
     base = name if len(name) <= room else name[:room].rstrip()
     return base + COPY_SUFFIX
 
@@ -70,12 +78,16 @@ class EmailServerService:
     pool: ConnectionPool[DictConnection]
     secret_box: SecretBox
     probe: Probe
-    probe_timeout: float
     oauth_provider_names: set[str]
+    probe_slots: threading.BoundedSemaphore = field(
+        default_factory=lambda: threading.BoundedSemaphore(8)
+    )
 
     # --- reads -----------------------------------------------------------------------------
 
-    def list(self, principal: Principal, server_type: ServerType | None) -> list[EmailServer]:
+    def list_servers(
+        self, principal: Principal, server_type: ServerType | None
+    ) -> list[EmailServer]:
         with self.pool.connection() as conn:
             return repo.list_for_tenant(conn, principal.tenant_id, server_type)
 
@@ -97,16 +109,28 @@ class EmailServerService:
         merged = self._merge(None, body, body.type)
         self._check_routing_plan(principal, merged.columns.get("routing_plan_id"))
         candidate = _candidate(principal.tenant_id, merged.columns)
-        return self.probe(candidate, merged.new_password, self.probe_timeout)
+        return self._run_probe(candidate, merged.new_password)
 
     def _test_before_save(
         self, principal: Principal, merged: MergedServer, password: str | None, server_id: str = ""
     ) -> None:
         candidate = _candidate(principal.tenant_id, merged.columns, server_id)
-        result = self.probe(candidate, password, self.probe_timeout)
+        result = self._run_probe(candidate, password)
         if not result.ok:
             raise ConnectionFailed(result)
         merged.columns["last_connection"] = merged.changes["last_connection"] = result.as_json()
+
+    def _run_probe(self, candidate: EmailServer, password: str | None) -> ProbeResult:
+        """Connection tests wait on the network; a bounded number run at once, so that slow
+        mail servers cannot occupy every request thread of the API."""
+        if not self.probe_slots.acquire(timeout=30):
+            raise ApiError(
+                503, {"detail": "too many connection tests are running; try again shortly"}
+            )
+        try:
+            return self.probe(candidate, password)
+        finally:
+            self.probe_slots.release()
 
     # --- writes ----------------------------------------------------------------------------
 
@@ -117,6 +141,7 @@ class EmailServerService:
             self._test_before_save(principal, merged, merged.new_password)
         with self.pool.connection() as conn, conn.transaction():
             if merged.columns["is_template_server"]:
+                self._lock_template_choice(conn, principal)
                 self._clear_template_server(conn, principal)
             server = repo.insert(conn, principal.tenant_id, merged.columns)
             self._record(conn, principal, "create", server, "created", merged.changed_fields)
@@ -126,25 +151,67 @@ class EmailServerService:
         self, principal: Principal, server_id: str, body: ServerPatch, if_match: int | None
     ) -> EmailServer:
         current = self.get(principal, server_id)
+        if if_match is not None and current.version != if_match:
+            raise PreconditionFailed(current.version)  # before a connection test, not after
         merged = self._merge(current, body, current.type)
         self._check_routing_plan(principal, merged.changes.get("routing_plan_id"))
-        enabling = body.enabled is True and "enabled" in body.model_fields_set
-        if merged.columns["enabled"] and (enabling or merged.changed_fields & CONNECTION_FIELDS):
+        tested = self._needs_test(body, merged)
+        if tested:
             password = merged.new_password
             if password is None and merged.columns["password_encrypted"] is not None:
-                password = self.secret_box.decrypt(merged.columns["password_encrypted"])
+                password = self._decrypt_stored(merged.columns["password_encrypted"])
             self._test_before_save(principal, merged, password, server_id)
         with self.pool.connection() as conn, conn.transaction():
+            self._lock_template_choice(conn, principal)
             locked = repo.get(conn, server_id, tenant_id=principal.tenant_id, for_update=True)
             if locked is None:
                 raise NotFound()
             if if_match is not None and locked.version != if_match:
                 raise PreconditionFailed(locked.version)
+            if locked.version != current.version:
+                merged = self._merge_again(locked, current, body, merged, tested)
             if merged.changes.get("is_template_server"):
                 self._clear_template_server(conn, principal, keep=server_id)
             server = repo.update(conn, server_id, merged.changes)
             self._record(conn, principal, "update", server, "updated", merged.changed_fields)
         return server
+
+    def _needs_test(self, body: ServerPatch, merged: MergedServer) -> bool:
+        enabling = body.enabled is True and "enabled" in body.model_fields_set
+        return bool(
+            merged.columns["enabled"] and (enabling or merged.changed_fields & CONNECTION_FIELDS)
+        )
+
+    def _merge_again(
+        self,
+        locked: EmailServer,
+        read: EmailServer,
+        body: ServerPatch,
+        tested_merge: MergedServer,
+        tested: bool,
+    ) -> MergedServer:
+        """Someone saved the server while this request was checked: judge it again.
+
+        The rules are checked on what is stored now. When the connection test ran (or would now
+        be needed) on settings that are no longer the ones to be saved, the admin must retry:
+        an enabled server is never saved with settings nobody tested.
+        """
+        merged = self._merge(locked, body, locked.type)
+        same_password = (
+            merged.new_password is not None or locked.password_encrypted == read.password_encrypted
+        )
+        connection = sorted(CONNECTION_COLUMNS)
+        same_settings = same_password and all(
+            merged.columns[name] == tested_merge.columns[name] for name in connection
+        )
+        if (tested or self._needs_test(body, merged)) and not (tested and same_settings):
+            raise Conflict(
+                "the server was changed by someone else while its connection was tested; "
+                "reload it and save again"
+            )
+        if tested:
+            merged.changes["last_connection"] = tested_merge.changes["last_connection"]
+        return merged
 
     def delete(self, principal: Principal, server_id: str) -> None:
         with self.pool.connection() as conn, conn.transaction():
@@ -173,12 +240,13 @@ class EmailServerService:
 
     def set_template_server(self, principal: Principal, server_id: str | None) -> str | None:
         with self.pool.connection() as conn, conn.transaction():
+            self._lock_template_choice(conn, principal)
             if server_id is None:
                 self._clear_template_server(conn, principal)
                 return None
             target = repo.get(conn, server_id, tenant_id=principal.tenant_id, for_update=True)
             if target is None:
-                raise FieldsInvalid([FieldError("server_id", "is not a mail server of yours")])
+                raise NotFound()
             if target.type is not ServerType.SMTP:
                 raise FieldsInvalid([FieldError("server_id", "must be an SMTP server")])
             if not target.is_template_server:
@@ -210,6 +278,32 @@ class EmailServerService:
             plan = routing_plans.get(conn, principal.tenant_id, plan_id)
         if plan is None:
             raise FieldsInvalid([FieldError("routing_plan_id", "is not a routing plan of yours")])
+
+    @staticmethod
+    def _lock_template_choice(conn: DictConnection, principal: Principal) -> None:
+        """Serialise changes of a tenant's template server (at most one, REQUIREMENTS).
+
+        Two admins ticking different servers at once would otherwise both find "none ticked"
+        and both tick; the unique index would then turn the second into an error.
+        """
+        conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+            (f"mailroom.template-server:{principal.tenant_id}",),
+        )
+
+    def _decrypt_stored(self, token: bytes) -> str:
+        try:
+            return self.secret_box.decrypt(token)
+        except SecretDecryptError as exc:
+            raise FieldsInvalid(
+                [
+                    FieldError(
+                        "password",
+                        "is stored under an encryption key this installation no longer has; "
+                        "enter the password again",
+                    )
+                ]
+            ) from exc
 
     def _clear_template_server(
         self, conn: DictConnection, principal: Principal, keep: str | None = None

@@ -61,6 +61,11 @@ class ConnectionFailed(ApiError):
         )
 
 
+class Conflict(ApiError):
+    def __init__(self, detail: str) -> None:
+        super().__init__(status.HTTP_409_CONFLICT, {"detail": detail})
+
+
 class PreconditionFailed(ApiError):
     def __init__(self, current_version: int) -> None:
         super().__init__(

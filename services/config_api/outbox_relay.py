@@ -18,10 +18,10 @@ import threading
 import time
 
 import psycopg
-from amqp.exceptions import AMQPError
+from amqp.exceptions import AMQPError, MessageNacked
 from kombu import Connection, Producer
 from kombu.exceptions import KombuError
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from psycopg.rows import dict_row
 
 from shared.db import outbox
@@ -38,8 +38,13 @@ PUBLISH_DELAY = Histogram(
     "From the change's commit to the broker's confirm of its event (outbox lag).",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
+OLDEST_WAITING = Gauge(
+    "mailroom_outbox_oldest_waiting_seconds",
+    "Age of the oldest config event not yet confirmed by RabbitMQ (0 when none waits).",
+)
 RELAY_LOCK_KEY = 0x6D61696C726F6F6D  # "mailroom": one advisory lock for all relays
-BROKER_ERRORS = (OSError, KombuError, AMQPError)
+BROKER_ERRORS = (OSError, KombuError, AMQPError, MessageNacked)
+CONFIRM_TIMEOUT_SECONDS = 10.0
 _PURGE_EVERY_SECONDS = 3600.0
 
 
@@ -68,6 +73,10 @@ class OutboxRelay:
             self._thread.join(timeout)
         self._close_broker()
 
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
     def _run(self) -> None:
         backoff = 0.5
         while not self._stopping.is_set():
@@ -76,8 +85,12 @@ class OutboxRelay:
                 backoff = 0.5
             except psycopg.Error as exc:
                 log.warning("outbox relay: database unavailable (%s); retrying", exc)
-                self._stopping.wait(backoff)
-                backoff = min(backoff * 2, 5.0)
+            except Exception:
+                # Whatever it was, the relay must outlive it: events would silently stop.
+                log.exception("outbox relay: unexpected failure; restarting")
+                self._close_broker()
+            self._stopping.wait(backoff)
+            backoff = min(backoff * 2, 5.0)
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -107,6 +120,7 @@ class OutboxRelay:
         """Publish what waits, oldest first; returns how many went out."""
         entries = outbox.pending(conn)
         if not entries:
+            OLDEST_WAITING.set(0)
             return 0
         done: list[int] = []
         try:
@@ -122,11 +136,14 @@ class OutboxRelay:
                     delivery_mode=2,
                     message_id=entry.body.get("event_id"),
                     retry=False,
+                    confirm_timeout=CONFIRM_TIMEOUT_SECONDS,
                 )
                 done.append(entry.id)
                 EVENTS_PUBLISHED.inc()
                 PUBLISH_DELAY.observe(time.time() - entry.created_at.timestamp())
         except BROKER_ERRORS as exc:
+            oldest = entries[len(done)].created_at.timestamp()
+            OLDEST_WAITING.set(max(0.0, time.time() - oldest))
             self._broker_failed(exc, len(entries) - len(done))
         finally:
             if done:

@@ -6,34 +6,60 @@ type) are in ``server_rules.py`` because a PATCH can only be judged on the merge
 
 from __future__ import annotations
 
+import unicodedata
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, StrictBool, StrictInt
 
 from services.config_api import field_rules
 from shared.email_servers import AuthType, EmailServer, Role, ServerType
 
+NAME_MAX_LENGTH = 200
+
+
+def _chars(limit: int) -> AfterValidator:
+    """At most ``limit`` characters, counted as a person counts them.
+
+    Lengths are in characters, not bytes (REQUIREMENTS). "é" typed as e + combining accent is
+    two code points but one character, so the text is counted in its composed (NFC) form; the
+    value itself is stored as sent, since a folder or user name must match the server's.
+    """
+
+    def check(value: str) -> str:
+        if len(unicodedata.normalize("NFC", value)) > limit:
+            raise ValueError(f"must be at most {limit} characters")
+        return value
+
+    return AfterValidator(check)
+
+
+def _password_length(value: SecretStr) -> SecretStr:
+    if len(unicodedata.normalize("NFC", value.get_secret_value())) > 255:
+        raise ValueError("must be at most 255 characters")
+    return value
+
+
 Name = Annotated[
     str,
-    Field(max_length=200),
+    _chars(NAME_MAX_LENGTH),
     AfterValidator(field_rules.single_line),
     AfterValidator(field_rules.not_blank),
 ]
-Description = Annotated[str, Field(max_length=250), AfterValidator(field_rules.no_nul)]
-Host = Annotated[str, Field(max_length=70), AfterValidator(field_rules.host)]
-Port = Annotated[int, Field(ge=1, le=65535)]
-Username = Annotated[str, Field(max_length=255), AfterValidator(field_rules.single_line)]
-Password = Annotated[SecretStr, Field(max_length=255)]
+Description = Annotated[str, _chars(250), AfterValidator(field_rules.no_nul)]
+Host = Annotated[str, _chars(70), AfterValidator(field_rules.host)]
+Port = Annotated[StrictInt, Field(ge=1, le=65535)]
+Username = Annotated[str, _chars(255), AfterValidator(field_rules.single_line)]
+Password = Annotated[SecretStr, AfterValidator(_password_length)]
 InboxFolder = Annotated[
     str,
-    Field(max_length=255),
+    _chars(255),
     AfterValidator(field_rules.single_line),
     AfterValidator(field_rules.not_blank),
 ]
-SniHostname = Annotated[str, Field(max_length=255), AfterValidator(field_rules.sni_hostname)]
+SniHostname = Annotated[str, _chars(255), AfterValidator(field_rules.sni_hostname)]
 SenderAddresses = Annotated[
-    list[Annotated[str, Field(max_length=255)]],
+    list[Annotated[str, _chars(255)]],
     Field(max_length=100),
     AfterValidator(field_rules.sender_addresses),
 ]
@@ -48,19 +74,19 @@ class ServerFields(BaseModel):
     description: Description | None = None
     host: Host | None = None
     port: Port | None = None
-    tls: bool | None = None
+    tls: StrictBool | None = None
     auth_type: AuthType | None = None
     username: Username | None = None
     password: Password | None = None
-    reauthenticate_on_save: bool | None = None
+    reauthenticate_on_save: StrictBool | None = None
     inbox_folder: InboxFolder | None = None
     sni_hostname: SniHostname | None = None
-    disable_compression: bool | None = None
+    disable_compression: StrictBool | None = None
     routing_plan_id: RoutingPlanId | None = None
     sender_addresses: SenderAddresses | None = None
-    enabled: bool | None = None
+    enabled: StrictBool | None = None
     role: Role | None = None
-    is_template_server: bool | None = None
+    is_template_server: StrictBool | None = None
     oauth_provider: ProviderName | None = None
 
     def given(self) -> dict[str, Any]:
@@ -87,6 +113,7 @@ class ConnectionResult(BaseModel):
     reason: str | None = None
     category: str | None = None
     capabilities: list[str] = []
+    note: str | None = None
     checked_at: datetime | None = None
 
 

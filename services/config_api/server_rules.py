@@ -61,7 +61,7 @@ class MergedServer:
     columns: dict[str, Any]
     changes: dict[str, Any] = field(default_factory=dict)
     changed_fields: set[str] = field(default_factory=set)  # API names: never a value
-    new_password: str | None = None  # plaintext, for the connection test only
+    new_password: str | None = field(default=None, repr=False)  # plaintext, for the test only
 
 
 def defaults_for(server_type: ServerType) -> dict[str, Any]:
@@ -171,9 +171,11 @@ def _drop_misplaced(
             errors.append(FieldError(name, "must not be null"))
             given.pop(name)
     for name, owners in _OWNER_TYPES.items():
-        if name in given and server_type not in owners and not _is_unset(given[name]):
+        if name not in given or server_type in owners:
+            continue
+        value = given.pop(name)  # never stored, not even an empty value
+        if not _is_unset(value):
             errors.append(FieldError(name, f"applies to {_TYPE_LABEL[owners]} only"))
-            given.pop(name)
 
 
 def _take_password(given: dict[str, Any], errors: list[FieldError]) -> str | None:
@@ -218,6 +220,14 @@ def _check_basic(given: dict[str, Any], columns: dict[str, Any], errors: list[Fi
 def _check_whole_server(
     columns: dict[str, Any], server_type: ServerType, errors: list[FieldError]
 ) -> None:
+    if columns["auth_type"] is AuthType.OAUTH2 and columns["enabled"]:
+        errors.append(
+            FieldError(
+                "enabled",
+                "an OAuth2 server can be enabled once the provider's consent is given; OAuth2 "
+                "consent is not available yet, so save it disabled",
+            )
+        )
     if (
         server_type is ServerType.IMAP
         and is_ip_literal(columns["host"])

@@ -14,7 +14,7 @@ def create_app(settings: Settings, watch: StatusConfigWatch) -> FastAPI:
     app.state.settings = settings
 
     def ready() -> str | None:
-        return None if watch.connected.is_set() else "not connected to RabbitMQ"
+        return None if watch.consuming else "not consuming config events from RabbitMQ"
 
     app.include_router(ops_router(ready))
     return app

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import httpx
 
@@ -26,12 +27,12 @@ def mailroom(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
     )
 
 
-def test_token_prints_a_bearer_token_the_api_accepts() -> None:
+def test_token_prints_only_the_token_on_stdout() -> None:
     result = mailroom("token", "--tenant", "acme", "--permission", "email_servers:read")
     assert result.returncode == 0, result.stderr
     token = result.stdout.strip()
-    assert result.stdout == token + "\n"  # alone on stdout
-    assert token.count(".") == 2  # a signed JWT; the API accepting it is tested below
+    assert result.stdout == token + "\n"
+    assert token.count(".") == 2  # a signed JWT; a running API accepting it is tested below
 
 
 def test_unknown_permission_is_refused() -> None:
@@ -97,3 +98,21 @@ def test_a_service_refuses_an_unmigrated_database() -> None:
     assert result.returncode == 2
     assert "run  mailroom migrate" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_without_keys_a_service_refuses_to_start_instead_of_inventing_them(tmp_path: Path) -> None:
+    env = {
+        "MAILROOM_SECRET_KEYS": "",
+        "MAILROOM_TOKEN_SIGNING_KEY": "",
+        "MAILROOM_STATE_DIR": str(tmp_path),
+    }
+    for args in (
+        ("run", "config-api"),
+        ("run", "fetcher"),
+        ("token", "--tenant", "t", "--permission", "email_servers:read"),
+    ):
+        result = mailroom(*args, env=env)
+        assert result.returncode == 2, args
+        assert "MAILROOM_SECRET_KEYS and MAILROOM_TOKEN_SIGNING_KEY are not set" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []  # no keys were made up

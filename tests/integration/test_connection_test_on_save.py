@@ -6,6 +6,11 @@ TCP port — against real sockets on loopback.
 
 from __future__ import annotations
 
+from cryptography.fernet import Fernet
+from psycopg_pool import ConnectionPool
+
+from shared.db.pool import DictConnection
+from shared.secrets import SecretBox
 from tests.support.api import ApiClient
 from tests.support.leaks import password
 from tests.support.tcp import closed_port, listening_port
@@ -96,3 +101,31 @@ def test_test_endpoint_says_no_routing_plan_for_inbound(api: ApiClient) -> None:
     body = {"type": "pop3", "name": "in", "host": "127.0.0.1"}
     result = api.post("/email-servers/test", body).json()
     assert result == {**result, "ok": False, "reason": "no routing plan linked"}
+
+
+def test_denied_networks_are_never_connected_to(api: ApiClient) -> None:
+    """Link-local addresses (cloud metadata services) are refused by default."""
+    result = api.post("/email-servers/test", {**smtp(80), "host": "169.254.169.254"}).json()
+    assert result["ok"] is False
+    assert result["reason"] == "connections to 169.254.169.254 are not allowed by this installation"
+
+
+def test_successful_test_says_what_it_did_not_check_yet(api: ApiClient) -> None:
+    with listening_port() as port:
+        result = api.post("/email-servers/test", smtp(port)).json()
+    assert result["ok"] is True
+    assert "not tested yet" in result["note"]
+
+
+def test_a_password_under_a_lost_key_asks_for_the_password_again(
+    api: ApiClient, pool: ConnectionPool[DictConnection]
+) -> None:
+    server = api.create(**smtp(closed_port()))
+    with pool.connection() as conn:
+        lost_key = SecretBox([Fernet.generate_key().decode()]).encrypt("unknown")
+        conn.execute("UPDATE email_servers SET password_encrypted = %s", (lost_key,))
+    with listening_port() as port:
+        answer = api.patch(f"/email-servers/{server['id']}", {"enabled": True, "port": port})
+    assert answer.status_code == 422
+    assert answer.json()["detail"][0]["field"] == "password"
+    assert "enter the password again" in answer.json()["detail"][0]["msg"]

@@ -45,8 +45,7 @@ def test_duplicate_copies_settings_and_secret_but_is_disabled(
     assert copy["is_template_server"] is False
     assert copy["has_password"] is True
     for field in (*SETTINGS, "effective_port"):
-        if field != "port":
-            assert copy[field] == original[field], field
+        assert copy[field] == original[field], field
     with pool.connection() as conn:
         stored = email_servers.get(conn, copy["id"])
     assert stored is not None and stored.password_encrypted is not None

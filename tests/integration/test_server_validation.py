@@ -256,3 +256,53 @@ def test_every_error_in_one_answer(api: ApiClient) -> None:
         "auth_type": "oauth2",
     }
     assert fields_named(api.post("/email-servers", body)) == {"inbox_folder", "oauth_provider"}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("port", True), ("port", 993.0), ("port", "993"), ("tls", "yes"), ("enabled", 1)],
+)
+def test_types_are_not_guessed(api: ApiClient, field: str, value: Any) -> None:
+    body = {"type": "imap", "name": "n", "host": "imap.example.com", field: value}
+    assert fields_named(api.post("/email-servers", body)) == {field}
+
+
+def test_decomposed_accents_count_as_one_character(api: ApiClient) -> None:
+    decomposed = "e\u0301" * 200  # 400 code points, 200 characters
+    body = {"type": "imap", "name": decomposed, "host": "imap.example.com"}
+    assert api.post("/email-servers", body).status_code == 201
+    assert fields_named(api.post("/email-servers", {**body, "name": decomposed + "e"})) == {"name"}
+
+
+def test_empty_values_of_another_types_fields_are_not_stored(api: ApiClient) -> None:
+    server = api.create(
+        type="smtp",
+        name="n",
+        host="smtp.example.com",
+        disable_compression=False,
+        inbox_folder=None,
+        routing_plan_id=None,
+    )
+    assert server["disable_compression"] is None
+    assert server["inbox_folder"] is None
+    imap = api.create(
+        type="imap",
+        name="n",
+        host="imap.example.com",
+        sender_addresses=[],
+        is_template_server=False,
+        role=None,
+    )
+    assert imap["sender_addresses"] == [] and imap["role"] is None
+
+
+def test_an_oauth2_server_cannot_be_enabled_before_consent(api: ApiClient) -> None:
+    body = {
+        "type": "smtp",
+        "name": "n",
+        "host": "smtp.example.com",
+        "auth_type": "oauth2",
+        "oauth_provider": "google",
+        "enabled": True,
+    }
+    assert fields_named(api.post("/email-servers", body)) == {"enabled"}

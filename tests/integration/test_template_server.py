@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 from tests.support.api import ApiClient
 
 
@@ -39,7 +41,7 @@ def test_only_an_smtp_server_can_deliver_template_mail(api: ApiClient) -> None:
 def test_another_tenants_server_cannot_be_designated(api: ApiClient, other_api: ApiClient) -> None:
     theirs = other_api.create(type="smtp", name="theirs", host="smtp.example.com")
     response = api.put("/template-server", {"server_id": theirs["id"]})
-    assert response.status_code == 422
+    assert response.status_code == 404  # never reveal that it exists
     assert other_api.get(f"/email-servers/{theirs['id']}").json()["is_template_server"] is False
 
 
@@ -53,3 +55,15 @@ def test_clearing_the_designation(api: ApiClient) -> None:
     server = api.create(type="smtp", name="a", host="smtp.example.com", is_template_server=True)
     assert api.put("/template-server", {"server_id": None}).json() == {"server_id": None}
     assert api.get(f"/email-servers/{server['id']}").json()["is_template_server"] is False
+
+
+def test_concurrent_designations_leave_exactly_one_template_server(api: ApiClient) -> None:
+    servers = [api.create(type="smtp", name=f"s{i}", host="smtp.example.com") for i in range(6)]
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        answers = list(
+            pool.map(lambda s: api.put("/template-server", {"server_id": s["id"]}), servers)
+        )
+    assert [a.status_code for a in answers] == [200] * 6
+    flagged = [s for s in api.get("/email-servers").json()["items"] if s["is_template_server"]]
+    assert len(flagged) == 1
+    assert api.get("/template-server").json() == {"server_id": flagged[0]["id"]}

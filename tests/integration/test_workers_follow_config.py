@@ -15,6 +15,7 @@ from shared.settings import Settings
 from tests.support import rabbit
 from tests.support.api import ApiClient
 from tests.support.processes import ServiceProcess
+from tests.support.tcp import TcpProxy
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +83,22 @@ def test_worker_stops_gracefully_on_sigterm() -> None:
     assert "fetcher: SIGTERM received, stopping" in fetcher.log()
     assert "fetcher: stopped" in fetcher.log()
     assert "Traceback" not in fetcher.log()
+
+
+def test_worker_stops_on_sigterm_while_rabbitmq_is_away(settings: Settings) -> None:
+    proxy = TcpProxy(5672)
+    proxy.start()
+    via_proxy = settings.amqp_url.replace(":5672/", f":{proxy.port}/")
+    fetcher = ServiceProcess("run", "fetcher", env={"MAILROOM_AMQP_URL": via_proxy})
+    try:
+        fetcher.wait_for_log("connected to RabbitMQ, consuming", timeout=20)
+        proxy.stop()  # the broker is gone for this worker; it keeps trying to reconnect
+        fetcher.wait_for_log("RabbitMQ unavailable", timeout=10)
+        started = time.monotonic()
+        fetcher.process.send_signal(signal.SIGTERM)
+        assert fetcher.terminate(timeout=10) == 0
+        assert time.monotonic() - started < 5
+        assert "stopped while RabbitMQ was unavailable" in fetcher.log()
+    finally:
+        fetcher.kill()
+        proxy.stop()

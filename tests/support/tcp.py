@@ -48,6 +48,9 @@ class TcpProxy:
 
     def stop(self) -> None:
         if self._server is not None:
+            # shutdown() wakes the accept() blocked in the other thread; close() alone does not.
+            with contextlib.suppress(OSError):
+                self._server.shutdown(socket.SHUT_RDWR)
             self._server.close()
             self._server = None
         with self._lock:

@@ -43,7 +43,7 @@ def _parse_if_match(value: str | None) -> int | None:
 def list_servers(
     principal: Reader, svc: EmailServers, type: ServerType | None = None
 ) -> ServerList:
-    return ServerList(items=[_out(s) for s in svc.list(principal, type)])
+    return ServerList(items=[_out(s) for s in svc.list_servers(principal, type)])
 
 
 @router.post("", response_model=ServerOut, status_code=status.HTTP_201_CREATED)

@@ -13,6 +13,7 @@ from services.config_api.email_server_service import EmailServerService
 from services.config_api.errors import install_handlers
 from services.config_api.outbox_relay import OutboxRelay
 from services.config_api.routers import email_servers, routing_plans, template_server
+from services.config_api.routing_plan_service import RoutingPlanService
 from shared.db.pool import make_pool
 from shared.http_ops import ops_router
 from shared.probe import ConnectionProbe, Probe
@@ -38,6 +39,7 @@ def create_app(
             oauth_provider_names=settings.oauth_provider_names,
             probe_slots=threading.BoundedSemaphore(settings.probe_concurrency),
         )
+        app.state.routing_plans = RoutingPlanService(pool)
         relay = OutboxRelay(settings.database_url, settings.amqp_url, settings.outbox_poll_seconds)
         app.state.relay = relay
         if run_relay:

@@ -1,14 +1,13 @@
-"""What the config API's routes ask FastAPI for: the caller, the service, the pool."""
+"""What the config API's routes ask FastAPI for: the caller and the services."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import Depends, Request
-from psycopg_pool import ConnectionPool
 
 from services.config_api.email_server_service import EmailServerService
-from shared.db.pool import DictConnection
+from services.config_api.routing_plan_service import RoutingPlanService
 from shared.http_auth import require
 from shared.tokens import MANAGE, READ, Principal
 
@@ -21,10 +20,10 @@ def _email_servers(request: Request) -> EmailServerService:
     return svc
 
 
-def _pool(request: Request) -> ConnectionPool[DictConnection]:
-    db: ConnectionPool[DictConnection] = request.app.state.pool
-    return db
+def _routing_plans(request: Request) -> RoutingPlanService:
+    svc: RoutingPlanService = request.app.state.routing_plans
+    return svc
 
 
 EmailServers = Annotated[EmailServerService, Depends(_email_servers)]
-Pool = Annotated[ConnectionPool[DictConnection], Depends(_pool)]
+RoutingPlans = Annotated[RoutingPlanService, Depends(_routing_plans)]

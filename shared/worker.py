@@ -146,6 +146,11 @@ class Worker(ConsumerMixin):  # type: ignore[misc]
             self.run()
         except _StopWhileDisconnected:
             log.info("%s: stopped while RabbitMQ was unavailable", self.service_name)
+        finally:
+            self.on_stopped()
+
+    def on_stopped(self) -> None:
+        """Called once consuming has ended: release what the worker started."""
 
     def start_in_thread(self) -> threading.Thread:
         thread = threading.Thread(

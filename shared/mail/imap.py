@@ -170,6 +170,11 @@ class ImapMailbox:
         answer = self._call(lambda c: c.fetch(uids, ["BODY.PEEK[]"]))
         return {int(uid): bytes(data.get(b"BODY[]") or b"") for uid, data in answer.items()}
 
+    def headers(self, uids: list[int]) -> dict[int, bytes]:
+        """Only the header blocks (for mails too large to hand over)."""
+        answer = self._call(lambda c: c.fetch(uids, ["BODY.PEEK[HEADER]"]))
+        return {int(uid): bytes(data.get(b"BODY[HEADER]") or b"") for uid, data in answer.items()}
+
     def mark_seen(self, uids: list[int]) -> None:
         if uids:
             self._call(lambda c: c.add_flags(uids, [SEEN], silent=True))

@@ -94,6 +94,14 @@ class Pop3Mailbox:
             raise self._describe(exc) from exc
         return b"".join(line + b"\r\n" for line in lines)
 
+    def header(self, number: int) -> bytes:
+        """The header block only (``TOP n 0``), for a mail too large to hand over."""
+        try:
+            lines = self._require().top(number, 0)[1]
+        except (poplib.error_proto, OSError, EOFError) as exc:
+            raise self._describe(exc) from exc
+        return b"".join(line + b"\r\n" for line in lines)
+
     def delete(self, number: int) -> None:
         try:
             self._require().dele(number)

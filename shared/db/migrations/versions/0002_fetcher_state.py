@@ -32,8 +32,7 @@ def upgrade() -> None:
             id           uuid PRIMARY KEY,
             server_id    uuid NOT NULL REFERENCES email_servers (id) ON DELETE CASCADE,
             uidvalidity  bigint,
-            uids         bigint[] NOT NULL DEFAULT '{}',
-            uidls        text[] NOT NULL DEFAULT '{}',
+            items        jsonb NOT NULL,  -- [{"uid"|"uidl", "message_id", "quarantined"}]
             state        text NOT NULL CHECK (state IN ('pending', 'committed')),
             created_at   timestamptz NOT NULL DEFAULT now()
         );
@@ -44,6 +43,7 @@ def upgrade() -> None:
         CREATE TABLE pop3_delivered (
             server_id     uuid NOT NULL REFERENCES email_servers (id) ON DELETE CASCADE,
             uidl          text NOT NULL,
+            kept          boolean NOT NULL DEFAULT false,  -- quarantined: left on the server
             delivered_at  timestamptz NOT NULL DEFAULT now(),
             PRIMARY KEY (server_id, uidl)
         );

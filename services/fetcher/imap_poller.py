@@ -1,0 +1,115 @@
+"""Polls one IMAP mailbox: new mail by UID, pushed by IDLE, handed over, then marked read.
+
+New mail is what lies above the mailbox's checkpoint (the highest UID handed over), not what
+is unread: a mail someone read in their mail client before Mailroom fetched it is still handed
+over. On the first visit, and after the folder's UIDVALIDITY changed (the server renumbered
+it), the unread mails are taken instead: after a hand-over every mail is marked ``\\Seen``.
+With IDLE the server announces new mail at once; IDLE is renewed every few minutes, well
+before servers drop it (29 minutes). Without IDLE the folder is polled (REQUIREMENTS: 60 s).
+"""
+
+from __future__ import annotations
+
+import time
+
+from services.fetcher.batching import in_batches
+from services.fetcher.inbound_mail import FetchedMail
+from services.fetcher.mailbox_poller import MailboxPoller
+from shared.db import fetch_state
+from shared.db.fetch_state import Checkpoint
+from shared.email_servers import DEFAULT_INBOX_FOLDER
+from shared.mail.imap import ImapMailbox
+
+IDLE_CHECK_SECONDS = 1.0
+
+
+class ImapPoller(MailboxPoller):
+    def serve(self) -> None:
+        settings = self.context.settings
+        mailbox = ImapMailbox(
+            self.server,
+            self.password(),
+            ca_bundle=settings.ca_bundle,
+            timeout=settings.mail_server_timeout_seconds,
+        )
+        mailbox.open()
+        try:
+            self._finish_earlier_batches(mailbox)
+            while self.keep_going():
+                started = time.monotonic()
+                fetched = self.fetch_new(mailbox)
+                self.report_ok(fetched, time.monotonic() - started)
+                if mailbox.supports_idle:
+                    self._idle(mailbox)
+                else:
+                    self.pause(settings.imap_poll_seconds)
+        finally:
+            mailbox.close()
+
+    def _finish_earlier_batches(self, mailbox: ImapMailbox) -> None:
+        state = mailbox.state
+        for batch in self.handover.recover():
+            if state is not None and batch.uidvalidity == state.uidvalidity:
+                mailbox.mark_seen([int(i["key"].removeprefix("uid:")) for i in batch.items])
+            self.handover.finish(batch)
+
+    def _idle(self, mailbox: ImapMailbox) -> None:
+        deadline = time.monotonic() + self.context.settings.imap_idle_renew_seconds
+        with mailbox.idling() as watch:
+            while self.keep_going() and time.monotonic() < deadline:
+                if watch.news(IDLE_CHECK_SECONDS):
+                    return
+
+    def fetch_new(self, mailbox: ImapMailbox) -> int:
+        """Hand over every new mail of the folder; returns how many."""
+        state = mailbox.select()
+        folder = self.server.inbox_folder or DEFAULT_INBOX_FOLDER
+        with self.context.pool.connection() as conn:
+            point = fetch_state.checkpoint(conn, self.server.id)
+        if point is not None and (point.folder, point.uidvalidity) == (folder, state.uidvalidity):
+            uids = mailbox.uids_after(point.last_uid)
+        else:
+            uids = mailbox.unseen_uids()  # first visit, or the server renumbered the folder
+            if not uids:
+                self._start_checkpoint(folder, state.uidvalidity, (state.uidnext or 1) - 1)
+        handed_over = 0
+        sizes = mailbox.sizes(uids) if uids else {}
+        pairs = sorted(sizes.items())
+        for batch in in_batches(pairs, lambda pair: pair[1], self.context.settings):
+            if not self.keep_going():
+                break
+            mails = self._read(mailbox, batch)
+            committed = self.handover.deliver(mails, state.uidvalidity)
+            mailbox.mark_seen([uid for uid, _ in batch])
+            mailbox.mark_flagged([uid for uid, size in batch if self._too_large(size)])
+            self.handover.finish(committed)
+            handed_over += len(mails)
+        return handed_over
+
+    def _start_checkpoint(self, folder: str, uidvalidity: int, last_uid: int) -> None:
+        with self.context.pool.connection() as conn:
+            fetch_state.set_checkpoint(
+                conn, self.server.id, Checkpoint(folder, uidvalidity, last_uid)
+            )
+
+    def _too_large(self, size: int) -> bool:
+        return size > self.context.settings.max_mail_bytes
+
+    def _read(self, mailbox: ImapMailbox, batch: list[tuple[int, int]]) -> list[FetchedMail]:
+        limit = self.context.settings.max_mail_bytes
+        small = [uid for uid, size in batch if size <= limit]
+        large = [uid for uid, size in batch if size > limit]
+        bodies = mailbox.bodies(small) if small else {}
+        heads = mailbox.headers(large) if large else {}
+        mails = []
+        for uid, size in batch:
+            if uid in bodies:
+                mails.append(FetchedMail(f"uid:{uid}", size, bodies[uid]))
+            elif uid in heads:
+                reason = (
+                    f"mail of {size} bytes exceeds the limit of {limit} bytes; it stays on the "
+                    f"server, flagged, in folder {mailbox.folder!r} (UID {uid})"
+                )
+                mails.append(FetchedMail(f"uid:{uid}", size, heads[uid], quarantine_reason=reason))
+            # a UID the server no longer has (expunged meanwhile) is simply gone
+        return mails

@@ -1,0 +1,163 @@
+"""The plumbing every mailbox poller shares: its own thread, a lease, backoff, status reports.
+
+Each mailbox is served by its own thread, so one slow or broken account never stalls another.
+A poller holds the mailbox's lease while it works (several fetcher processes may run); after a
+failure it reports the reason and waits with exponential backoff and jitter before the next
+attempt. Subclasses (``imap_poller``, ``pop3_poller``) hold only the protocol's logic.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+
+from psycopg_pool import ConnectionPool
+
+from services.fetcher.handover import Handover
+from services.fetcher.publisher import BrokerUnavailable, InboundPublisher
+from shared.contracts.status_reports import FailureCategory, StatusReport
+from shared.db.pool import DictConnection
+from shared.email_servers import EmailServer
+from shared.leases import Leases
+from shared.mail.errors import MailServerError
+from shared.secrets import SecretBox, SecretDecryptError
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class LeaseLost(Exception):
+    """Another fetcher owns the mailbox now (this one was too slow to renew)."""
+
+
+@dataclass(frozen=True)
+class FetcherContext:
+    """What every poller of a fetcher process shares."""
+
+    settings: Settings
+    pool: ConnectionPool[DictConnection]
+    publisher: InboundPublisher
+    secret_box: SecretBox
+    leases: Leases
+    worker: str
+
+
+class MailboxPoller(threading.Thread):
+    def __init__(
+        self,
+        server: EmailServer,
+        context: FetcherContext,
+        predecessor: MailboxPoller | None = None,
+    ) -> None:
+        super().__init__(name=f"{server.type.value}-{server.id[:8]}", daemon=True)
+        self.server = server
+        self.context = context
+        self.handover = Handover(context.pool, context.publisher, server)
+        self._predecessor = predecessor
+        self._stopping = threading.Event()
+        self._lease_renewed = 0.0
+        self.mails_fetched = 0
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
+
+    def run(self) -> None:
+        if self._predecessor is not None:
+            self._predecessor.join()  # never two sessions on one mailbox from this process
+            self._predecessor = None
+        lease = self.server.id
+        failures = 0
+        try:
+            while not self.stopping:
+                if not self.context.leases.acquire(lease):
+                    self._stopping.wait(1.0)  # another fetcher serves it; take over if it dies
+                    continue
+                self._lease_renewed = time.monotonic()
+                try:
+                    self.serve()
+                    failures = 0
+                except LeaseLost:
+                    log.warning("%s: lease lost to another fetcher", self.name)
+                    continue
+                except MailServerError as error:
+                    failures += 1
+                    self.report_failure(error.category, error.reason)
+                except BrokerUnavailable as error:
+                    failures += 1
+                    self.report_failure(FailureCategory.INTERNAL, f"RabbitMQ unavailable: {error}")
+                except Exception as error:
+                    failures += 1
+                    log.exception("%s: unexpected failure", self.name)
+                    self.report_failure(FailureCategory.INTERNAL, f"internal error: {error!r}")
+                if failures:
+                    self._stopping.wait(self._backoff(failures))
+        finally:
+            self.context.leases.release(lease)
+
+    def _backoff(self, failures: int) -> float:
+        """1 s, 2 s, 4 s … up to the limit, each with ±50 % jitter so mailboxes spread out."""
+        limit = self.context.settings.fetch_retry_max_seconds
+        return float(min(limit, 2.0 ** (failures - 1)) * random.uniform(0.5, 1.5))
+
+    # --- for subclasses --------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Connect and work until ``stopping``; raise what went wrong."""
+        raise NotImplementedError
+
+    def keep_going(self) -> bool:
+        """False once asked to stop; renews the lease when due (call at least every second)."""
+        if self.stopping:
+            return False
+        lease_seconds = self.context.settings.mailbox_lease_seconds
+        if time.monotonic() - self._lease_renewed > lease_seconds / 3:
+            if not self.context.leases.renew(self.server.id):
+                raise LeaseLost
+            self._lease_renewed = time.monotonic()
+        return True
+
+    def pause(self, seconds: float) -> None:
+        """Wait between polls, renewing the lease, ending early when asked to stop."""
+        deadline = time.monotonic() + seconds
+        while self.keep_going() and (left := deadline - time.monotonic()) > 0:
+            self._stopping.wait(min(1.0, left))
+
+    def password(self) -> str | None:
+        token = self.server.password_encrypted
+        if token is None:
+            return None
+        try:
+            return self.context.secret_box.decrypt(token)
+        except SecretDecryptError as exc:
+            raise MailServerError(
+                FailureCategory.AUTHENTICATION,
+                "the stored password cannot be decrypted with the configured keys; enter it again",
+            ) from exc
+
+    def report_ok(self, fetched: int, duration: float) -> None:
+        self.mails_fetched += fetched
+        self._report(ok=True, connected=True, mails_fetched=fetched, duration_seconds=duration)
+
+    def report_failure(self, category: FailureCategory, reason: str) -> None:
+        log.warning("%s (%s): %s", self.name, self.server.host, reason)
+        self._report(ok=False, category=category, reason=reason)
+
+    def _report(self, **fields: object) -> None:
+        report = StatusReport(
+            tenant_id=self.server.tenant_id,
+            server_id=self.server.id,
+            server_type=self.server.type,
+            server_version=self.server.version,
+            worker=self.context.worker,
+            **fields,
+        )
+        self.context.publisher.report(report)

@@ -1,0 +1,95 @@
+"""POP3 mail reaches its routing plan's queue once, and the mailbox is emptied."""
+
+from __future__ import annotations
+
+import poplib
+import ssl
+import time
+
+import pytest
+from psycopg_pool import ConnectionPool
+
+from shared.db import fetch_state
+from shared.db.pool import DictConnection
+from shared.settings import Settings
+from tests.lab.certs import LabCertificates
+from tests.lab.dovecot import DovecotLab, LabUser
+from tests.support.api import ApiClient
+from tests.support.fetching import (
+    fetcher_settings,
+    lab_mailbox,
+    running_fetcher,
+    take,
+    wait_for_queue,
+)
+
+
+def sample(n: int) -> bytes:
+    body = b"..dot-stuffed line\r\n.\r\n" if n % 2 else b"plain\r\n"
+    return f"Subject: POP {n}\r\nMessage-ID: <p{n}@example.org>\r\n\r\n".encode() + body
+
+
+@pytest.mark.parametrize("tls", [True, False], ids=["tls", "stls"])
+def test_pop3_mails_arrive_once_and_the_mailbox_is_emptied(
+    api: ApiClient,
+    settings: Settings,
+    pool: ConnectionPool[DictConnection],
+    dovecot: DovecotLab,
+    lab_user: LabUser,
+    mail_lab_certs: LabCertificates,
+    tls: bool,
+) -> None:
+    mails = [sample(n) for n in range(1, 11)]
+    for mail in mails:
+        dovecot.append(lab_user.name, mail)
+    server = lab_mailbox(api, dovecot, lab_user, "pop3", tls=tls)
+    queue = f"mailroom.inbound.{server['routing_plan_id']}"
+    wait_for_queue(settings.amqp_url, queue)
+    with running_fetcher(fetcher_settings(settings, mail_lab_certs), pool):
+        delivered = take(settings.amqp_url, queue, len(mails))
+        deadline = time.monotonic() + 5
+        while dovecot.count(lab_user.name) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert dovecot.count(lab_user.name) == 0
+        time.sleep(1.2)  # two more polls: nothing is handed over again
+    assert sorted(d.body for d in delivered) == sorted(mails)
+    assert take(settings.amqp_url, queue, 1, timeout=0.3) == []
+
+
+def test_mail_whose_deletion_was_lost_is_deleted_without_a_second_hand_over(
+    api: ApiClient,
+    settings: Settings,
+    pool: ConnectionPool[DictConnection],
+    dovecot: DovecotLab,
+    lab_user: LabUser,
+    mail_lab_certs: LabCertificates,
+) -> None:
+    """A session that dropped before QUIT: the mail is still there, but was handed over."""
+    dovecot.append(lab_user.name, sample(1))
+    server = lab_mailbox(api, dovecot, lab_user, "pop3", enabled=False)
+    uidl = dovecot_uidl(dovecot, lab_user)
+    with pool.connection() as conn:
+        fetch_state.add_delivered_uidls(conn, server["id"], [uidl], [False])
+    api.patch(f"/email-servers/{server['id']}", {"enabled": True})
+    queue = f"mailroom.inbound.{server['routing_plan_id']}"
+    wait_for_queue(settings.amqp_url, queue)
+    with running_fetcher(fetcher_settings(settings, mail_lab_certs), pool):
+        deadline = time.monotonic() + 5
+        while dovecot.count(lab_user.name) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert dovecot.count(lab_user.name) == 0
+    assert take(settings.amqp_url, queue, 1, timeout=0.3) == []
+    with pool.connection() as conn:
+        assert fetch_state.delivered_uidls(conn, server["id"]) in ({}, {uidl: False})
+
+
+def dovecot_uidl(dovecot: DovecotLab, user: LabUser) -> str:
+    """The UIDL Dovecot gives the user's first mail, asked over POP3S."""
+    context = ssl.create_default_context(cafile=str(dovecot.certs.ca))
+    client = poplib.POP3_SSL("localhost", dovecot.pop3s_port, context=context)
+    try:
+        client.user(user.name)
+        client.pass_(user.password)
+        return client.uidl(1).split()[-1].decode()
+    finally:
+        client.quit()

@@ -1,0 +1,209 @@
+"""Bad mail, missing queues, broken accounts and config changes never stop the fetcher."""
+
+from __future__ import annotations
+
+import time
+
+import pika
+from psycopg_pool import ConnectionPool
+
+from shared.db.pool import DictConnection
+from shared.settings import Settings
+from shared.topology import INBOUND_QUARANTINE_QUEUE_NAME
+from tests.lab.certs import LabCertificates
+from tests.lab.dovecot import DovecotLab, LabUser
+from tests.support.api import ApiClient
+from tests.support.fetching import (
+    fetcher_settings,
+    lab_mailbox,
+    reports_for,
+    running_fetcher,
+    take,
+    wait_for_queue,
+)
+
+BASE64_LINE = b"QUJD" * 19 + b"\r\n"  # 78 bytes, as base64 lines in mail are
+
+BAD_MAILS = {
+    "broken MIME": (
+        b'Subject: kaputt\r\nContent-Type: multipart/mixed; boundary="nope\r\n\r\n'
+        b"--wrong\r\nContent-Transfer-Encoding: base64\r\n\r\n!!!not base64!!!\r\n"
+    ),
+    "8-bit, undeclared charset": (
+        b"Subject: \xc4rger \xfcber \xdf\r\nFrom: \xe9@x\r\n\r\n\xff\xfe\r\n"
+    ),
+    "no Message-ID": b"Subject: ohne\r\n\r\nno id\r\n",
+    "empty": b"",
+    "25 MB attachment": (
+        b"Subject: big\r\nContent-Type: application/octet-stream\r\n"
+        b"Content-Transfer-Encoding: base64\r\n\r\n"
+        + BASE64_LINE
+        * (25 * 1024 * 1024 // len(BASE64_LINE))
+    ),
+}
+
+
+def test_bad_mail_is_delivered_raw(
+    api: ApiClient,
+    settings: Settings,
+    pool: ConnectionPool[DictConnection],
+    dovecot: DovecotLab,
+    lab_user: LabUser,
+    mail_lab_certs: LabCertificates,
+) -> None:
+    mails = BAD_MAILS
+    for mail in mails.values():
+        dovecot.append(lab_user.name, mail)
+    server = lab_mailbox(api, dovecot, lab_user)
+    queue = f"mailroom.inbound.{server['routing_plan_id']}"
+    wait_for_queue(settings.amqp_url, queue)
+    with running_fetcher(fetcher_settings(settings, mail_lab_certs), pool):
+        delivered = take(settings.amqp_url, queue, len(mails), timeout=30)
+    assert len(delivered) == len(mails)
+    for (name, expected), got in zip(mails.items(), delivered, strict=True):
+        assert got.body == expected, name
+    assert "x-message-id" not in delivered[2].properties.headers
+    assert dovecot.unseen(lab_user.name) == 0
+
+
+def test_mail_above_the_size_limit_is_quarantined_and_kept_on_the_server(
+    api: ApiClient,
+    settings: Settings,
+    pool: ConnectionPool[DictConnection],
+    dovecot: DovecotLab,
+    lab_user: LabUser,
+    mail_lab_certs: LabCertificates,
+) -> None:
+    small = b"Subject: small\r\n\r\nok\r\n"
+    large = b"Subject: large\r\nMessage-ID: <big@example.org>\r\n\r\n" + b"x" * 20_000 + b"\r\n"
+    dovecot.append(lab_user.name, large)
+    dovecot.append(lab_user.name, small)
+    server = lab_mailbox(api, dovecot, lab_user)
+    queue = f"mailroom.inbound.{server['routing_plan_id']}"
+    wait_for_queue(settings.amqp_url, queue)
+    _purge(settings.amqp_url, INBOUND_QUARANTINE_QUEUE_NAME)
+    with running_fetcher(fetcher_settings(settings, mail_lab_certs, max_mail_bytes=10_000), pool):
+        assert [d.body for d in take(settings.amqp_url, queue, 1)] == [small]
+        quarantined = take(settings.amqp_url, INBOUND_QUARANTINE_QUEUE_NAME, 1)
+    assert len(quarantined) == 1
+    headers = quarantined[0].properties.headers
+    assert "exceeds the limit of 10000 bytes" in headers["x-quarantine-reason"]
+    assert headers["x-email-server-id"] == server["id"]
+    assert headers["x-message-id"] == "<big@example.org>"
+    assert quarantined[0].body.startswith(b"Subject: large")
+    assert b"xxxx" not in quarantined[0].body  # the header block only
+    assert dovecot.count(lab_user.name) == 2  # nothing deleted
+    flagged = [f for f in dovecot.flags(lab_user.name).values() if "\\Flagged" in f]
+    assert len(flagged) == 1
+    assert take(settings.amqp_url, queue, 1, timeout=0.5) == []
+
+
+def test_unroutable_mail_stays_unread_and_the_reason_is_reported(
+    api: ApiClient,
+    settings: Settings,
+    pool: ConnectionPool[DictConnection],
+    dovecot: DovecotLab,
+    lab_user: LabUser,
+    mail_lab_certs: LabCertificates,
+) -> None:
+    server = lab_mailbox(api, dovecot, lab_user)
+    queue = f"mailroom.inbound.{server['routing_plan_id']}"
+    wait_for_queue(settings.amqp_url, queue)
+    _delete_queue(settings.amqp_url, queue)
+    dovecot.append(lab_user.name, b"Subject: lost?\r\n\r\nno\r\n")
+    with running_fetcher(fetcher_settings(settings, mail_lab_certs), pool):
+        failures = reports_for(settings.amqp_url, server["id"], ok=False)
+        assert failures and failures[0]["category"] == "unroutable"
+        assert queue in failures[0]["reason"]
+        assert dovecot.unseen(lab_user.name) == 1
+        _declare_plan_queue(settings.amqp_url, server["routing_plan_id"])
+        assert len(take(settings.amqp_url, queue, 1, timeout=10)) == 1  # after the backoff
+
+
+def test_a_broken_account_does_not_stall_the_others(
+    api: ApiClient,
+    settings: Settings,
+    pool: ConnectionPool[DictConnection],
+    dovecot: DovecotLab,
+    mail_lab_certs: LabCertificates,
+) -> None:
+    good, bad = dovecot.new_user("good"), dovecot.new_user("bad")
+    broken = lab_mailbox(api, dovecot, bad, enabled=False)
+    api.patch(f"/email-servers/{broken['id']}", {"password": "wrong"})
+    # the connection test on save only checks the port today, so enabling succeeds
+    assert api.patch(f"/email-servers/{broken['id']}", {"enabled": True}).status_code == 200
+    server = lab_mailbox(api, dovecot, good)
+    queue = f"mailroom.inbound.{server['routing_plan_id']}"
+    wait_for_queue(settings.amqp_url, queue)
+    dovecot.append(good.name, b"Subject: fine\r\n\r\nok\r\n")
+    with running_fetcher(fetcher_settings(settings, mail_lab_certs), pool):
+        assert len(take(settings.amqp_url, queue, 1)) == 1
+        failure = reports_for(settings.amqp_url, broken["id"], ok=False)
+    assert failure[0]["category"] == "authentication"
+    assert failure[0]["reason"].startswith("authentication failed: server said")
+    assert "wrong" not in failure[0]["reason"]
+
+
+def test_config_changes_start_and_stop_pollers_within_a_second(
+    api: ApiClient,
+    settings: Settings,
+    pool: ConnectionPool[DictConnection],
+    dovecot: DovecotLab,
+    lab_user: LabUser,
+    mail_lab_certs: LabCertificates,
+) -> None:
+    with running_fetcher(fetcher_settings(settings, mail_lab_certs), pool) as fetcher:
+        started = time.monotonic()
+        server = lab_mailbox(api, dovecot, lab_user)
+        _wait(lambda: server["id"] in fetcher.pollers)
+        assert time.monotonic() - started < 1.5  # create (with its connection test) + event
+        first = fetcher.pollers[server["id"]]
+
+        changed = time.monotonic()
+        api.patch(f"/email-servers/{server['id']}", {"description": "renamed"})
+        _wait(lambda: fetcher.pollers.get(server["id"]) not in (None, first))
+        assert time.monotonic() - changed < 1.0
+        _wait(lambda: not first.is_alive())
+
+        stopped = time.monotonic()
+        api.patch(f"/email-servers/{server['id']}", {"enabled": False})
+        _wait(lambda: server["id"] not in fetcher.pollers)
+        assert time.monotonic() - stopped < 1.0
+
+        api.patch(f"/email-servers/{server['id']}", {"enabled": True})
+        _wait(lambda: server["id"] in fetcher.pollers)
+        api.delete(f"/email-servers/{server['id']}")
+        _wait(lambda: server["id"] not in fetcher.pollers)
+
+
+def _wait(condition: object, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+def _connection(amqp_url: str) -> pika.BlockingConnection:
+    return pika.BlockingConnection(pika.URLParameters(amqp_url))
+
+
+def _purge(amqp_url: str, queue: str) -> None:
+    connection = _connection(amqp_url)
+    channel = connection.channel()
+    channel.queue_declare(queue, durable=True)
+    channel.queue_purge(queue)
+    connection.close()
+
+
+def _delete_queue(amqp_url: str, queue: str) -> None:
+    connection = _connection(amqp_url)
+    connection.channel().queue_delete(queue)
+    connection.close()
+
+
+def _declare_plan_queue(amqp_url: str, plan: str) -> None:
+    connection = _connection(amqp_url)
+    channel = connection.channel()
+    channel.queue_declare(f"mailroom.inbound.{plan}", durable=True)
+    channel.queue_bind(f"mailroom.inbound.{plan}", "mailroom.inbound", routing_key=plan)
+    connection.close()

@@ -39,6 +39,7 @@ services:
 
 bench: $(STAMP) services
 	$(BIN)/python -m tests.perf.config_event_latency
+	$(BIN)/python -m tests.perf.sender_throughput
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache var

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.fernet import Fernet
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,100 @@ class Settings(BaseSettings):
         default="", description="JSON list of OAuth2 providers, or the path of a JSON file."
     )
     log_level: str = "INFO"
+
+    # --- fetcher ---------------------------------------------------------------------------
+    imap_poll_seconds: float = Field(
+        default=60.0, description="IMAP poll interval where the server has no IDLE."
+    )
+    pop3_poll_seconds: float = Field(default=20.0, description="POP3 poll interval.")
+    imap_idle_renew_seconds: float = Field(
+        default=600.0,
+        description="IDLE is ended and started again after this long (servers drop it after "
+        "29 minutes, RFC 2177); mail is also fetched then.",
+    )
+    fetch_batch_mails: int = Field(default=100, description="Mails per published batch.")
+    fetch_batch_bytes: int = Field(
+        default=16 * 1024 * 1024, description="Bytes per published batch (at least one mail)."
+    )
+    max_mail_bytes: int = Field(
+        default=50 * 1024 * 1024,
+        description="A larger mail is not handed over: its header block and the reason go to "
+        "the quarantine queue, and the mail stays on the server (flagged, not deleted).",
+    )
+    mail_server_timeout_seconds: float = Field(
+        default=60.0, description="Limit of each network operation with a mail server."
+    )
+    fetch_retry_max_seconds: float = Field(
+        default=300.0, description="Longest wait between attempts after a mailbox failed."
+    )
+    fetch_publisher_threads: int = Field(
+        default=2, description="Connections a fetcher process publishes mail through."
+    )
+    mailbox_lease_seconds: float = Field(
+        default=15.0,
+        description="A mailbox is served by one fetcher at a time; a dead fetcher's mailboxes "
+        "are taken over after this long.",
+    )
+
+    # --- sender (issue 4) ------------------------------------------------------------------
+    sender_threads: int = Field(
+        default=8, description="Delivery threads per sender process (dramatiq worker threads)."
+    )
+    sender_retry_deadline_seconds: float = Field(
+        default=2 * 24 * 3600.0,
+        description="A temporarily failing send (SMTP 4xx, timeout, connection error) is "
+        "retried until this long after the command arrived, then failed for good.",
+    )
+    sender_retry_min_backoff_seconds: float = Field(
+        default=60.0,
+        description="First retry delay; each further retry doubles it, with jitter.",
+    )
+    sender_retry_max_backoff_seconds: float = Field(
+        default=3600.0, description="Longest delay between two attempts."
+    )
+    sender_rate_per_minute: float = Field(
+        default=0.0,
+        description="Mails per minute per SMTP server, shared by every sender process "
+        "(a token bucket in Redis); over the limit a send waits. 0 = no limit.",
+    )
+    sender_rate_burst: int = Field(
+        default=1, description="Mails a server may take at once before the rate limit applies."
+    )
+    sender_connections_per_server: int = Field(
+        default=2, description="Open SMTP connections per server and sender process (the cap)."
+    )
+    sender_idle_close_seconds: float = Field(
+        default=30.0, description="An SMTP connection unused this long is closed (QUIT)."
+    )
+    sender_smtp_timeout_seconds: float = Field(
+        default=60.0, description="Limit of each SMTP network operation (connect, each reply)."
+    )
+    sender_status_report_seconds: float = Field(
+        default=5.0,
+        description="How often the sender sends each SMTP server's counters to the status "
+        "service; a change between ok and failing is sent at once.",
+    )
+    default_smtp_host: str = Field(
+        default="",
+        description="The system's default SMTP server, for template mail of a company that "
+        "designated no template server. Empty = none.",
+    )
+    default_smtp_port: int | None = Field(
+        default=None, description="Its port (empty: 465 with TLS, else 587)."
+    )
+    default_smtp_tls: bool = Field(
+        default=False, description="Implicit TLS; otherwise STARTTLS when offered."
+    )
+    default_smtp_sni_hostname: str = Field(
+        default="", description="TLS name to check, when the host is an IP address."
+    )
+    default_smtp_username: str = Field(default="", description="Login user; empty = no AUTH.")
+    default_smtp_password: SecretStr = Field(
+        default=SecretStr(""), description="Login password of the default SMTP server."
+    )
+    default_smtp_from: str = Field(
+        default="", description="Sender address of template mail sent through the default server."
+    )
 
     @cached_property
     def _dev_keys(self) -> dict[str, str]:

@@ -62,3 +62,19 @@ def config_events_queue(service: str) -> Queue:
 def status_reports_queue() -> Queue:
     """Every worker's reports, consumed by the status service (any of its replicas)."""
     return Queue(STATUS_REPORTS_QUEUE_NAME, durable=True)
+
+
+# --- sender (issue 4) ----------------------------------------------------------------------
+# dramatiq's own queue for deliveries (plus its ``.DQ`` delay and ``.XQ`` dead-letter queues,
+# which dramatiq declares): internal, not part of the contract.
+SENDER_DELIVERY_QUEUE_NAME = "mailroom.sender.deliver"
+
+
+def send_queue() -> Queue:
+    """The public command queue (CONTRACT): default exchange, routing key ``mailroom.send``."""
+    return Queue(SEND_QUEUE_NAME, routing_key=SEND_QUEUE_NAME, durable=True)
+
+
+def send_dead_letter_queue() -> Queue:
+    """Commands that were invalid or failed for good, each with its reason in the headers."""
+    return Queue(SEND_DEAD_LETTER_QUEUE_NAME, routing_key=SEND_DEAD_LETTER_QUEUE_NAME, durable=True)

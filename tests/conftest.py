@@ -22,7 +22,13 @@ from shared.db.migrate import migrate  # noqa: E402
 from shared.db.pool import DictConnection, make_pool  # noqa: E402
 from shared.preflight import problems  # noqa: E402
 from shared.settings import Settings  # noqa: E402
-from tests.lab.fixtures import dovecot, lab_user, mail_lab_certs  # noqa: E402, F401 - fixtures
+from tests.lab.fixtures import (  # noqa: E402, F401 - fixtures for every test module
+    dovecot,
+    lab_user,
+    mail_lab_certs,
+    smtp_default_lab,
+    smtp_lab,
+)
 from tests.support import rabbit  # noqa: E402
 from tests.support.api import RESPONSES, ApiClient, admin  # noqa: E402
 from tests.support.leaks import LeakWatch  # noqa: E402
@@ -78,7 +84,8 @@ def pool(infrastructure: None, settings: Settings) -> Iterator[ConnectionPool[Di
 def clean_database(pool: ConnectionPool[DictConnection]) -> None:
     with pool.connection() as conn:
         conn.execute(
-            "TRUNCATE email_servers, routing_plans, audit_log, outbox, inbound_messages"
+            "TRUNCATE email_servers, routing_plans, audit_log, outbox, inbound_messages,"
+            " send_requests"
             " RESTART IDENTITY CASCADE"
         )
 

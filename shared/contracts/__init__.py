@@ -5,5 +5,7 @@ status service). Their JSON shapes that other services see are part of CONTRACT.
 """
 
 from shared.contracts.config_events import ConfigEvent, EmailServerChange, RoutingPlanEvent
+from shared.contracts.send import SendCommand, SendResult
 
 __all__ = ["ConfigEvent", "EmailServerChange", "RoutingPlanEvent"]
+__all__ += ["SendCommand", "SendResult"]

@@ -14,6 +14,8 @@ import pytest
 
 from tests.lab.certs import LabCertificates, issue
 from tests.lab.dovecot import DovecotLab, LabUser, ensure_installed
+from tests.lab.smtp_server import SmtpLab
+from tests.support.leaks import password
 
 
 @pytest.fixture(scope="session")
@@ -37,3 +39,29 @@ def dovecot(mail_lab_certs: LabCertificates) -> Iterator[DovecotLab]:
 def lab_user(dovecot: DovecotLab) -> LabUser:
     """A fresh mailbox owner on the session's Dovecot: empty INBOX and ``Eingang Ü``."""
     return dovecot.new_user()
+
+
+# --- SMTP (sender issue) -----------------------------------------------------------------------
+
+SMTP_LAB_USER = "sender@lab.test"
+SMTP_DEFAULT_USER = "system@default.test"
+
+
+@pytest.fixture(scope="session")
+def smtp_lab(mail_lab_certs: LabCertificates) -> Iterator[SmtpLab]:
+    """One aiosmtpd process for the session (STARTTLS port and implicit-TLS port, AUTH).
+
+    Its users: ``SMTP_LAB_USER`` and ``agent1..3@lab.test``, with passwords from
+    ``tests.support.leaks.password``; ``smtp_lab.users`` has them. Tests call ``clear()``.
+    """
+    users = {SMTP_LAB_USER: password("smtp")}
+    users.update({f"agent{n}@lab.test": password(f"agent{n}") for n in (1, 2, 3)})
+    with SmtpLab(mail_lab_certs, users, "smtp") as lab:
+        yield lab
+
+
+@pytest.fixture(scope="session")
+def smtp_default_lab(mail_lab_certs: LabCertificates) -> Iterator[SmtpLab]:
+    """A second SMTP sink: the system's default SMTP server (template mail fallback)."""
+    with SmtpLab(mail_lab_certs, {SMTP_DEFAULT_USER: password("default")}, "default") as lab:
+        yield lab

@@ -1,0 +1,121 @@
+"""The mail of a send command, built with ``email.message.EmailMessage`` and a strict policy.
+
+- Serialised with ``email.policy.SMTP`` (CRLF line ends: aiosmtpd and real servers reject bare
+  LF), or ``SMTPUTF8`` when an address needs it and the server offers SMTPUTF8.
+- Subjects and display names may be any Unicode (RFC 2047 encoded words on the wire);
+  internationalised domains go out in their IDNA (``xn--``) form.
+- ``text`` and ``html`` become a multipart/alternative; attachments are added after them.
+- ``Message-ID`` is derived from the request (the same on every attempt, so a receiver that
+  de-duplicates by Message-ID helps too); ``In-Reply-To`` and ``References`` from
+  ``in_reply_to``; ``Bcc`` recipients are only in the envelope, never in a header.
+- Header injection is refused twice: :class:`~shared.contracts.send.SendCommand` refuses CR/LF
+  (raw or encoded), and ``EmailMessage`` refuses line breaks in any header value.
+"""
+
+from __future__ import annotations
+
+import email.policy
+import uuid
+from dataclasses import dataclass
+from email.headerregistry import Address
+from email.message import EmailMessage
+from email.utils import formatdate, parseaddr
+
+from shared.contracts.send import SendCommand
+from shared.db.inbound_messages import normalise_message_id
+from shared.hostnames import to_ascii
+
+MESSAGE_ID_NAMESPACE = uuid.UUID("6d61696c-726f-6f6d-7365-6e6465720000")
+
+
+class MimeError(ValueError):
+    """The command's content cannot become a mail (a final failure)."""
+
+
+@dataclass(frozen=True)
+class BuiltMail:
+    data: bytes
+    envelope_from: str
+    recipients: list[str]
+    message_id: str
+    smtputf8: bool
+
+
+def to_address(mailbox: str) -> Address:
+    """``Name <local@domäin>`` → an Address with the domain in IDNA form."""
+    name, address = parseaddr(mailbox)
+    local, _, domain = address.rpartition("@")
+    try:
+        ascii_domain = to_ascii(domain)
+    except ValueError as exc:
+        raise MimeError(f"{address!r}: the domain is not a valid host name") from exc
+    return Address(display_name=name, username=local, domain=ascii_domain)
+
+
+def bare(address: Address) -> str:
+    return f"{address.username}@{address.domain}"
+
+
+def message_id_for(tenant_id: str, request_id: str, from_domain: str) -> str:
+    token = uuid.uuid5(MESSAGE_ID_NAMESPACE, f"{tenant_id}\n{request_id}")
+    return f"<{token}@{from_domain}>"
+
+
+def build(command: SendCommand, from_mailbox: str, *, allow_smtputf8: bool = False) -> BuiltMail:
+    """The mail as bytes for DATA, plus the envelope; raises :class:`MimeError`."""
+    sender = to_address(from_mailbox)
+    to = [to_address(m) for m in command.to]
+    cc = [to_address(m) for m in command.cc]
+    bcc = [to_address(m) for m in command.bcc]
+    every = [sender, *to, *cc, *bcc]
+    smtputf8 = any(not bare(a).isascii() for a in every)
+    if smtputf8 and not allow_smtputf8:
+        raise MimeError("an address has a non-ASCII local part and the server lacks SMTPUTF8")
+    policy = email.policy.SMTPUTF8 if smtputf8 else email.policy.SMTP
+    message_id = message_id_for(command.tenant_id, command.request_id, sender.domain)
+    msg = EmailMessage(policy=policy)
+    try:
+        msg["From"] = sender
+        if to:
+            msg["To"] = to
+        if cc:
+            msg["Cc"] = cc
+        if command.reply_to:
+            msg["Reply-To"] = to_address(command.reply_to)
+        msg["Subject"] = command.subject
+        msg["Date"] = formatdate(usegmt=True)
+        msg["Message-ID"] = message_id
+        if command.in_reply_to:
+            parent = f"<{normalise_message_id(command.in_reply_to)}>"
+            msg["In-Reply-To"] = parent
+            msg["References"] = parent
+        for name, value in command.headers.items():
+            msg[name] = value
+        if command.text is not None and command.html is not None:
+            msg.set_content(command.text)
+            msg.add_alternative(command.html, subtype="html")
+        elif command.html is not None:
+            msg.set_content(command.html, subtype="html")
+        else:
+            msg.set_content(command.text or "")
+        for attachment in command.attachments:
+            maintype, _, subtype = attachment.content_type.partition("/")
+            msg.add_attachment(
+                attachment.content(),
+                maintype=maintype.strip().lower(),
+                subtype=subtype.split(";")[0].strip().lower(),
+                filename=attachment.filename,
+            )
+        data = msg.as_bytes(policy=policy)
+    except (ValueError, TypeError, LookupError) as exc:
+        raise MimeError(f"the mail cannot be built: {exc}") from exc
+    recipients: dict[str, str] = {}
+    for address in (*to, *cc, *bcc):
+        recipients.setdefault(bare(address).lower(), bare(address))
+    return BuiltMail(
+        data=data,
+        envelope_from=bare(sender),
+        recipients=list(recipients.values()),
+        message_id=message_id,
+        smtputf8=smtputf8,
+    )

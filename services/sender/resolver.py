@@ -1,0 +1,199 @@
+"""Which SMTP server sends a command, and as whom (REQUIREMENTS: Outbound mail, Template mail).
+
+Resolution looks only at the command's tenant and only at enabled SMTP servers, from the
+sender's :class:`~shared.server_directory.ServerDirectory` (config events keep it current
+within a second). Addresses compare case-insensitively.
+
+- ``agent`` with ``from``: the agent-role server whose user (when it is an email address) or
+  additional sender addresses contain ``from``.
+- ``agent`` without ``from``, replying to a fetched mail (``in_reply_to`` = its Message-ID):
+  the address that mail was sent to (``inbound_messages``), then as above.
+- ``agent`` without ``from`` otherwise: the one agent-role server whose user is an email
+  address; several candidates are a clear failure, never a guess.
+- ``template``: the designated template server (as ``from`` when given and one of its
+  addresses, else its user or first sender address); none designated (or it is disabled):
+  the system default SMTP server from the settings.
+
+Anything else raises :class:`NoRoute` with a reason fit for the requester
+("no SMTP server for sender …").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from psycopg_pool import ConnectionPool
+
+from shared.contracts.send import SendCommand, address_of
+from shared.db import inbound_messages
+from shared.db.pool import DictConnection
+from shared.email_servers import AuthType, EmailServer, Role, ServerType
+from shared.secrets import SecretBox
+from shared.server_directory import ServerDirectory
+from shared.settings import Settings
+
+SYSTEM_DEFAULT_ID = "system-default"
+
+
+class NoRoute(Exception):
+    """No server may send this command (a final failure); ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Route:
+    server: EmailServer
+    from_mailbox: str  # the From header (may carry a display name)
+    password: str | None
+    system_default: bool = False
+
+    @property
+    def server_id(self) -> str | None:
+        return None if self.system_default else self.server.id
+
+
+def is_email(value: str) -> bool:
+    local, at, domain = value.strip().rpartition("@")
+    return bool(at and local and "." in domain.strip(".") and " " not in value.strip())
+
+
+def sender_addresses(server: EmailServer) -> list[str]:
+    """The addresses a server may send as: its user (if an email address), then the extra ones."""
+    found = [server.username] if is_email(server.username) else []
+    return found + [a for a in server.sender_addresses if a]
+
+
+def system_default_server(settings: Settings) -> EmailServer | None:
+    if not settings.default_smtp_host:
+        return None
+    return EmailServer(
+        id=SYSTEM_DEFAULT_ID,
+        tenant_id="",
+        type=ServerType.SMTP,
+        name="system default SMTP server",
+        host=settings.default_smtp_host,
+        port=settings.default_smtp_port,
+        tls=settings.default_smtp_tls,
+        auth_type=AuthType.BASIC,
+        enabled=True,
+        version=0,
+        username=settings.default_smtp_username,
+        sni_hostname=settings.default_smtp_sni_hostname or None,
+        role=Role.TEMPLATE,
+    )
+
+
+class Resolver:
+    def __init__(
+        self,
+        settings: Settings,
+        directory: ServerDirectory,
+        pool: ConnectionPool[DictConnection],
+        secrets: SecretBox,
+    ) -> None:
+        self._settings = settings
+        self._directory = directory
+        self._pool = pool
+        self._secrets = secrets
+
+    def resolve(self, command: SendCommand) -> Route:
+        servers = [
+            s
+            for s in self._directory.all()
+            if s.tenant_id == command.tenant_id and s.type is ServerType.SMTP and s.enabled
+        ]
+        if command.kind == "template":
+            return self._template(command, servers)
+        return self._agent(command, servers)
+
+    # --- agent mail ------------------------------------------------------------------------
+
+    def _agent(self, command: SendCommand, servers: list[EmailServer]) -> Route:
+        agents = sorted(
+            (s for s in servers if s.role in (None, Role.AGENT)), key=lambda s: s.name.lower()
+        )
+        from_mailbox = command.from_
+        if from_mailbox is None and command.in_reply_to:
+            with self._pool.connection() as conn:
+                inbound = inbound_messages.find(conn, command.tenant_id, command.in_reply_to)
+            if inbound is not None:
+                from_mailbox = inbound.mailbox
+                if not is_email(from_mailbox):
+                    raise NoRoute(
+                        f"no SMTP server for sender {from_mailbox!r}: the mail being answered "
+                        "was sent to a mailbox whose user is not an email address"
+                    )
+        if from_mailbox is not None:
+            wanted = address_of(from_mailbox).casefold()
+            matches = [s for s in agents if wanted in (a.casefold() for a in sender_addresses(s))]
+            if not matches:
+                raise NoRoute(f"no SMTP server for sender {address_of(from_mailbox)}")
+            if len(matches) > 1:
+                names = ", ".join(repr(s.name) for s in matches)
+                raise NoRoute(
+                    f"several SMTP servers may send as {address_of(from_mailbox)} ({names}); "
+                    "an admin must keep the address on one server only"
+                )
+            return self._route(matches[0], from_mailbox)
+        candidates = [s for s in agents if is_email(s.username)]
+        if not candidates:
+            raise NoRoute(
+                "no SMTP server for sender (none given): no enabled agent SMTP server whose "
+                "user is an email address"
+            )
+        if len(candidates) > 1:
+            names = ", ".join(repr(s.name) for s in candidates)
+            raise NoRoute(
+                f"no from address given and several SMTP servers could send ({names}); "
+                "name the sender address in 'from'"
+            )
+        return self._route(candidates[0], candidates[0].username)
+
+    # --- template mail ---------------------------------------------------------------------
+
+    def _template(self, command: SendCommand, servers: list[EmailServer]) -> Route:
+        designated = [s for s in servers if s.is_template_server]
+        if designated:
+            server = designated[0]
+            addresses = sender_addresses(server)
+            if command.from_ is not None:
+                wanted = address_of(command.from_).casefold()
+                if wanted not in (a.casefold() for a in addresses):
+                    raise NoRoute(
+                        f"no SMTP server for sender {address_of(command.from_)}: it is not an "
+                        f"address of the template server {server.name!r}"
+                    )
+                return self._route(server, command.from_)
+            if not addresses:
+                raise NoRoute(
+                    f"no SMTP server for sender (none given): the template server "
+                    f"{server.name!r} has no sender address"
+                )
+            return self._route(server, addresses[0])
+        default = system_default_server(self._settings)
+        if default is None:
+            raise NoRoute(
+                "no SMTP server for template mail: the company designated no template server "
+                "and no system default SMTP server is configured"
+            )
+        from_mailbox = command.from_ or self._settings.default_smtp_from
+        if not from_mailbox and is_email(default.username):
+            from_mailbox = default.username
+        if not from_mailbox:
+            raise NoRoute(
+                "no SMTP server for sender (none given): the system default SMTP "
+                "server has no sender address configured"
+            )
+        password = self._settings.default_smtp_password.get_secret_value() or None
+        return Route(default, from_mailbox, password, system_default=True)
+
+    def _route(self, server: EmailServer, from_mailbox: str) -> Route:
+        password = (
+            self._secrets.decrypt(server.password_encrypted)
+            if server.password_encrypted is not None
+            else None
+        )
+        return Route(server, from_mailbox, password)

@@ -1,0 +1,264 @@
+"""Send commands and send results: any service → ``mailroom.send`` → sender → results.
+
+The JSON shapes are part of the contract (CONTRACT.md, AMQP): a command is plain JSON on the
+durable queue ``mailroom.send`` (default exchange), published by any AMQP client in any
+language; results go to the topic exchange ``mailroom.send.results`` with routing key ``sent``
+or ``failed``. :class:`SendCommand` is the one validation of a command: what it refuses is
+answered with a ``failed`` result naming the problem and kept in ``mailroom.send.dead``.
+
+Header injection is refused here, before any MIME is built: no value that ends up in a header
+(addresses, subject, custom headers, file names, content types, ``in_reply_to``) may hold CR
+or LF, neither raw nor hidden in an RFC 2047 encoded word.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import uuid
+from datetime import UTC, datetime
+from email.header import decode_header
+from email.utils import parseaddr
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+MAX_RECIPIENTS = 500
+
+# Headers the sender writes itself; a command may not set them through ``headers``.
+RESERVED_HEADERS = frozenset(
+    {
+        "from",
+        "sender",
+        "to",
+        "cc",
+        "bcc",
+        "reply-to",
+        "subject",
+        "date",
+        "message-id",
+        "in-reply-to",
+        "references",
+        "mime-version",
+        "content-type",
+        "content-transfer-encoding",
+        "content-disposition",
+        "return-path",
+        "received",
+    }
+)
+_FIELD_NAME = re.compile(r"^[!-9;-~]{1,76}$")  # RFC 5322 ftext, a sane length
+_LOCAL = re.compile(r"^[^\s@<>()\[\],;:\"\\]+$")
+_DOMAIN_LABEL = re.compile(r"^[^\s@<>()\[\],;:\"\\.]+$")
+
+
+def no_line_breaks(value: str) -> str:
+    """Refuse CR, LF (and other line separators) raw or inside encoded words."""
+    if any(ch in value for ch in "\r\n\x00\x0b\x0c\x85\u2028\u2029"):
+        raise ValueError("must not contain line breaks (header injection)")
+    if "=?" in value:
+        try:
+            parts = decode_header(value)
+        except (ValueError, LookupError, binascii.Error):
+            return value  # not a well-formed encoded word: it stays literal text
+        for chunk, _charset in parts:
+            text = chunk if isinstance(chunk, str) else chunk.decode("latin-1", "replace")
+            if "\r" in text or "\n" in text:
+                raise ValueError("must not contain encoded line breaks (header injection)")
+    return value
+
+
+def mailbox(value: str) -> str:
+    """One address, bare (``a@example.org``) or with a display name (``Ann <a@example.org>``)."""
+    no_line_breaks(value)
+    _name, address = parseaddr(value)
+    if not address or address.count("@") != 1:
+        raise ValueError(f"{value!r} is not an email address")
+    local, _, domain = address.rpartition("@")
+    labels = domain.rstrip(".").split(".")
+    if not _LOCAL.match(local) or not all(_DOMAIN_LABEL.match(label) for label in labels):
+        raise ValueError(f"{value!r} is not an email address")
+    return value
+
+
+def address_of(value: str) -> str:
+    """The bare address of a validated mailbox."""
+    return parseaddr(value)[1]
+
+
+HeaderText = Annotated[str, AfterValidator(no_line_breaks)]
+Mailbox = Annotated[str, AfterValidator(mailbox)]
+
+
+class Attachment(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    filename: HeaderText = Field(min_length=1, max_length=255)
+    content_type: HeaderText = "application/octet-stream"
+    data_base64: str
+
+    @field_validator("content_type")
+    @classmethod
+    def _type(cls, value: str) -> str:
+        maintype, _, subtype = value.partition("/")
+        if not maintype or not subtype or not _FIELD_NAME.match(value.replace(" ", "")):
+            raise ValueError(f"{value!r} is not a MIME type like application/pdf")
+        return value
+
+    @field_validator("data_base64")
+    @classmethod
+    def _base64(cls, value: str) -> str:
+        try:
+            base64.b64decode("".join(value.split()), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError("is not valid base64") from exc
+        return value
+
+    def content(self) -> bytes:
+        return base64.b64decode("".join(self.data_base64.split()), validate=True)
+
+
+class SendCommand(BaseModel):
+    """A request to send one mail (queue ``mailroom.send``)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+    request_id: str = Field(min_length=1, max_length=255)
+    tenant_id: str = Field(min_length=1, max_length=255)
+    kind: Literal["agent", "template"] = "agent"
+    from_: Mailbox | None = Field(default=None, alias="from")
+    to: list[Mailbox] = Field(default_factory=list)
+    cc: list[Mailbox] = Field(default_factory=list)
+    bcc: list[Mailbox] = Field(default_factory=list)
+    reply_to: Mailbox | None = None
+    subject: HeaderText = ""
+    text: str | None = None
+    html: str | None = None
+    headers: dict[str, HeaderText] = Field(default_factory=dict)
+    attachments: list[Attachment] = Field(default_factory=list)
+    in_reply_to: HeaderText | None = None
+
+    @field_validator("request_id", "tenant_id")
+    @classmethod
+    def _printable(cls, value: str) -> str:
+        no_line_breaks(value)
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _header_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not _FIELD_NAME.match(name):
+                raise ValueError(f"{name!r} is not a header field name")
+            if name.lower() in RESERVED_HEADERS:
+                raise ValueError(f"{name!r} is set by the sender itself; use the command's field")
+        return value
+
+    @model_validator(mode="after")
+    def _recipients(self) -> SendCommand:
+        count = len(self.to) + len(self.cc) + len(self.bcc)
+        if count == 0:
+            raise ValueError("no recipient: to, cc and bcc are all empty")
+        if count > MAX_RECIPIENTS:
+            raise ValueError(f"more than {MAX_RECIPIENTS} recipients")
+        return self
+
+    @property
+    def recipients(self) -> list[str]:
+        """Every envelope recipient (to, cc and bcc), bare addresses, each once."""
+        seen: dict[str, str] = {}
+        for value in (*self.to, *self.cc, *self.bcc):
+            address = address_of(value)
+            seen.setdefault(address.lower(), address)
+        return list(seen.values())
+
+
+class InvalidCommand(Exception):
+    """A command that can never be sent; ``reason`` names the problem for the publisher."""
+
+    def __init__(self, reason: str, request_id: str | None, tenant_id: str | None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.request_id = request_id
+        self.tenant_id = tenant_id
+
+
+def parse_command(body: Any) -> SendCommand:
+    """The command in an AMQP body (bytes, str or already decoded JSON); raises InvalidCommand."""
+    import json
+
+    data: Any = body
+    if isinstance(body, bytes | bytearray):
+        try:
+            data = json.loads(bytes(body).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise InvalidCommand(f"not JSON: {exc}", None, None) from exc
+    elif isinstance(body, str):
+        try:
+            data = json.loads(body)
+        except ValueError as exc:
+            raise InvalidCommand(f"not JSON: {exc}", None, None) from exc
+    if not isinstance(data, dict):
+        raise InvalidCommand("not a JSON object", None, None)
+    request_id = data.get("request_id")
+    tenant_id = data.get("tenant_id")
+    try:
+        return SendCommand.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc']) or 'command'}: {error['msg']}"
+            for error in exc.errors(include_url=False, include_input=False)
+        )
+        raise InvalidCommand(
+            f"invalid command: {problems}",
+            request_id if isinstance(request_id, str) else None,
+            tenant_id if isinstance(tenant_id, str) else None,
+        ) from exc
+
+
+SendStatus = Literal["sent", "failed"]
+
+
+class SendResult(BaseModel):
+    """The outcome of one attempt (exchange ``mailroom.send.results``, key = ``status``).
+
+    ``final`` is false while the sender will try again. ``reason`` says why in words an admin
+    can read; ``uncertain`` marks the rare delivery whose outcome is unknown (the worker died
+    after handing the mail over): it is never sent again, see the sender's docs.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    schema_version: int = 1
+    result_id: str = Field(default_factory=lambda: str(uuid.uuid4()))
+    request_id: str | None
+    tenant_id: str | None
+    status: SendStatus
+    email_server_id: str | None = None
+    smtp_code: int | None = None
+    smtp_response: str | None = None
+    attempts: int = 0
+    final: bool = True
+    reason: str | None = None
+    category: str | None = None
+    message_id: str | None = None
+    from_address: str | None = None
+    via_system_default: bool = False
+    uncertain: bool = False
+    next_attempt_in_seconds: float | None = None
+    at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    @property
+    def routing_key(self) -> str:
+        return self.status

@@ -1,0 +1,290 @@
+"""SMTP with the standard library: connect, secure, log in, send one transaction, probe.
+
+- **TLS**: implicit TLS when the server's TLS box is checked (``SMTP_SSL``, port 465 by
+  default); otherwise STARTTLS whenever the server offers it. Certificates are verified with
+  :func:`shared.mail.tls.client_context` (system store + ``MAILROOM_CA_BUNDLE``) against
+  :func:`shared.mail.tls.tls_server_name` (the SNI name, else the host).
+- **AUTH** PLAIN/LOGIN with the plaintext password handed in by the caller (decrypted by
+  ``SecretBox``); it is never logged, and no reason built here quotes what was sent.
+- **Timeouts** on every socket operation (``timeout`` applies to connect and each reply).
+- **Failures** are :class:`SmtpError` (a :class:`~shared.mail.errors.MailServerError`): the
+  server's code and text, and whether trying again later may help (4xx, timeouts, dropped
+  connections) or not (5xx).
+
+:func:`send_transaction` runs MAIL/RCPT/DATA itself (not ``sendmail``) so that the caller can
+record its intent just before DATA (``before_data``): that is what makes "never twice" work.
+:func:`smtp_probe` is the connection test for SMTP servers (connect, EHLO, STARTTLS, AUTH,
+NOOP; it never sends mail).
+"""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shared.contracts.status_reports import FailureCategory
+from shared.email_servers import AuthType, EmailServer
+from shared.mail.errors import MailServerError, describe
+from shared.mail.tls import client_context, connect_address, tls_server_name
+
+
+class SmtpError(MailServerError):
+    """An SMTP exchange failed. ``temporary``: another attempt later may succeed."""
+
+    def __init__(
+        self,
+        category: FailureCategory,
+        reason: str,
+        *,
+        temporary: bool,
+        code: int | None = None,
+        response: str | None = None,
+    ) -> None:
+        super().__init__(category, reason)
+        self.temporary = temporary
+        self.code = code
+        self.response = response
+
+
+class _SMTP_SSL(smtplib.SMTP_SSL):
+    """Implicit TLS that checks ``tls_name`` (the SNI name), not necessarily the host."""
+
+    def __init__(self, tls_name: str, **kwargs: Any) -> None:
+        self._tls_name = tls_name
+        super().__init__(**kwargs)
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> ssl.SSLSocket:
+        sock = socket.create_connection((host, port), timeout, self.source_address)
+        return self.context.wrap_socket(sock, server_hostname=self._tls_name)
+
+
+def _text(message: bytes | str) -> str:
+    raw = message.decode("utf-8", "replace") if isinstance(message, bytes) else message
+    return " ".join(raw.split())
+
+
+def reply_error(code: int, message: bytes | str, what: str, where: str) -> SmtpError:
+    """An SMTP reply that is not success, classified by its code (4xx temporary, 5xx final)."""
+    text = _text(message)
+    temporary = 400 <= code < 500 or code == -1
+    category = FailureCategory.PROTOCOL
+    if code in (454, 530, 534, 535, 538) and "auth" in what.lower():
+        category = FailureCategory.AUTHENTICATION
+    reason = f"{what} refused by {where}: {code} {text}".strip()
+    return SmtpError(category, reason, temporary=temporary, code=code, response=text)
+
+
+def _fail(exc: BaseException, server: EmailServer, what: str) -> SmtpError:
+    host, port = connect_address(server)
+    where = f"{host}:{port}"
+    if isinstance(exc, SmtpError):
+        return exc
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        codes = [code for code, _ in exc.recipients.values()]
+        first_code, first_text = next(iter(exc.recipients.values()))
+        refused = ", ".join(sorted(exc.recipients))
+        return SmtpError(
+            FailureCategory.PROTOCOL,
+            f"recipients refused by {where} ({refused}): {first_code} {_text(first_text)}",
+            temporary=any(400 <= c < 500 for c in codes),
+            code=first_code,
+            response=_text(first_text),
+        )
+    if isinstance(exc, smtplib.SMTPSenderRefused):
+        return reply_error(exc.smtp_code, exc.smtp_error, "sender address", where)
+    if isinstance(exc, smtplib.SMTPAuthenticationError):
+        error = reply_error(exc.smtp_code, exc.smtp_error, "authentication", where)
+        error.category = FailureCategory.AUTHENTICATION
+        error.reason = f"authentication failed: {error.reason}"
+        return error
+    if isinstance(exc, smtplib.SMTPNotSupportedError):
+        return SmtpError(
+            FailureCategory.PROTOCOL, f"{where}: {what}: {exc}", temporary=False, code=None
+        )
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return reply_error(exc.smtp_code, exc.smtp_error, what, where)
+    if isinstance(exc, smtplib.SMTPServerDisconnected):
+        return SmtpError(
+            FailureCategory.NETWORK, f"{where} closed the connection ({what})", temporary=True
+        )
+    if isinstance(exc, smtplib.SMTPException):
+        return SmtpError(FailureCategory.PROTOCOL, f"{where}: {what}: {exc}", temporary=True)
+    described = describe(exc, host, port, tls_server_name(server))
+    permanent = described.category in (FailureCategory.CERTIFICATE, FailureCategory.TLS)
+    return SmtpError(described.category, described.reason, temporary=not permanent)
+
+
+@dataclass
+class SmtpSession:
+    """One logged-in connection to one server, reusable for many transactions."""
+
+    server: EmailServer
+    client: smtplib.SMTP
+    secure: bool
+    authenticated: bool
+    capabilities: list[str] = field(default_factory=list)
+
+    @property
+    def smtputf8(self) -> bool:
+        return bool(self.client.has_extn("smtputf8"))
+
+    def noop_ok(self) -> bool:
+        try:
+            code, _ = self.client.noop()
+        except (smtplib.SMTPException, OSError):
+            return False
+        return code == 250
+
+    def close(self) -> None:
+        try:
+            self.client.quit()
+        except (smtplib.SMTPException, OSError):
+            self.client.close()
+
+
+def open_session(
+    server: EmailServer,
+    password: str | None,
+    *,
+    timeout: float,
+    ca_bundle: Path | None = None,
+    local_hostname: str | None = None,
+) -> SmtpSession:
+    """Connect, EHLO, STARTTLS (or implicit TLS) and AUTH; raises :class:`SmtpError`."""
+    host, port = connect_address(server)
+    tls_name = tls_server_name(server)
+    context = client_context(ca_bundle)
+    client: smtplib.SMTP | None = None
+    step = "connect"
+    try:
+        if server.tls:
+            client = _SMTP_SSL(
+                tls_name,
+                host=host,
+                port=port,
+                local_hostname=local_hostname,
+                timeout=timeout,
+                context=context,
+            )
+        else:
+            client = smtplib.SMTP(host, port, local_hostname=local_hostname, timeout=timeout)
+        step = "EHLO"
+        client.ehlo()
+        secure = server.tls
+        if not server.tls and client.has_extn("starttls"):
+            step = "STARTTLS"
+            client._host = tls_name  # type: ignore[attr-defined] # smtplib checks the cert against _host
+            client.starttls(context=context)
+            client.ehlo()
+            secure = True
+        authenticated = False
+        if server.auth_type is AuthType.OAUTH2:
+            raise SmtpError(
+                FailureCategory.REAUTH_REQUIRED,
+                "OAuth2 (XOAUTH2) sending is not available yet for this server",
+                temporary=False,
+            )
+        if server.username and password:
+            step = "AUTH"
+            if not client.has_extn("auth"):
+                raise SmtpError(
+                    FailureCategory.AUTHENTICATION,
+                    f"{host}:{port} offers no AUTH"
+                    + ("" if secure else " without TLS (and no STARTTLS)"),
+                    temporary=False,
+                )
+            client.login(server.username, password)
+            authenticated = True
+        capabilities = sorted(
+            f"{name.upper()} {value}".strip() for name, value in client.esmtp_features.items()
+        )
+        return SmtpSession(server, client, secure, authenticated, capabilities)
+    except BaseException as exc:
+        if client is not None:
+            client.close()
+        if isinstance(exc, KeyboardInterrupt | SystemExit):
+            raise
+        raise _fail(exc, server, step) from exc
+
+
+def send_transaction(
+    session: SmtpSession,
+    envelope_from: str,
+    recipients: list[str],
+    data: bytes,
+    *,
+    before_data: Callable[[], None] | None = None,
+    smtputf8: bool = False,
+) -> tuple[int, str]:
+    """MAIL, RCPT (all or nothing), ``before_data()``, DATA; the final reply ``(code, text)``.
+
+    Any refused recipient aborts the transaction (RSET) before DATA, so a retry can never
+    deliver twice to the recipients that were accepted.
+    """
+    client = session.client
+    options = ["SMTPUTF8"] if smtputf8 else []
+    if client.has_extn("size"):
+        options.append(f"SIZE={len(data)}")
+    step = "MAIL FROM"
+    try:
+        code, message = client.mail(envelope_from, options)
+        if code != 250:
+            raise smtplib.SMTPSenderRefused(code, message, envelope_from)
+        step = "RCPT TO"
+        refused: dict[str, tuple[int, bytes]] = {}
+        for recipient in recipients:
+            code, message = client.rcpt(recipient)
+            if code not in (250, 251):
+                refused[recipient] = (code, message)
+        if refused:
+            client.rset()
+            raise smtplib.SMTPRecipientsRefused(refused)
+        if before_data is not None:
+            before_data()
+        step = "DATA"
+        code, message = client.data(data)
+        if code != 250:
+            raise smtplib.SMTPDataError(code, message)
+        return code, _text(message)
+    except (smtplib.SMTPException, OSError) as exc:
+        error = _fail(exc, session.server, step)
+        if isinstance(exc, smtplib.SMTPResponseException) and exc.smtp_code >= 0:
+            try:
+                client.rset()
+            except (smtplib.SMTPException, OSError):
+                client.close()
+        raise error from exc
+
+
+@dataclass(frozen=True)
+class SmtpProbeResult:
+    capabilities: list[str]
+    secure: bool
+    authenticated: bool
+
+
+def smtp_probe(
+    server: EmailServer,
+    password: str | None,
+    timeout: float,
+    ca_bundle: Path | None = None,
+) -> SmtpProbeResult:
+    """The SMTP connection test: connect, EHLO, STARTTLS, AUTH, NOOP. Never sends mail.
+
+    Raises :class:`SmtpError` (with an admin-readable ``reason`` and ``category``).
+    """
+    session = open_session(server, password, timeout=timeout, ca_bundle=ca_bundle)
+    try:
+        code, message = session.client.noop()
+        if code != 250:
+            raise reply_error(code, message, "NOOP", f"{server.host}:{server.effective_port}")
+        return SmtpProbeResult(session.capabilities, session.secure, session.authenticated)
+    except (smtplib.SMTPException, OSError) as exc:
+        raise _fail(exc, server, "NOOP") from exc
+    finally:
+        session.close()

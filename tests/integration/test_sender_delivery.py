@@ -1,0 +1,588 @@
+"""The sender, as a real process, against a real SMTP server (aiosmtpd: STARTTLS, TLS, AUTH).
+
+Every test works in a company of its own (servers of other tests never interfere), publishes
+JSON commands to ``mailroom.send`` with pika, and checks what the SMTP server received, the
+results on ``mailroom.send.results`` and the dead letters in ``mailroom.send.dead``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from psycopg_pool import ConnectionPool
+
+from shared.db import inbound_messages
+from shared.db.pool import DictConnection
+from shared.settings import Settings
+from tests.lab.certs import LabCertificates
+from tests.lab.fixtures import SMTP_LAB_USER
+from tests.lab.smtp_server import SmtpLab
+from tests.support import rabbit
+from tests.support.api import ApiClient
+from tests.support.processes import ServiceProcess
+from tests.support.sender import (
+    REPORTS_QUEUE,
+    DeadLetters,
+    command,
+    drain,
+    new_tenant,
+    publish,
+    results_for,
+    results_tap,
+    sender_env,
+    smtp_server,
+    start_sender,
+    wait_known,
+)
+
+# The SMTP lab fixtures (session-scoped), made visible to this module.
+
+
+@pytest.fixture(scope="module")
+def sender(
+    mail_lab_certs: LabCertificates, smtp_lab: SmtpLab, smtp_default_lab: SmtpLab
+) -> Iterator[ServiceProcess]:
+    process = start_sender(sender_env(mail_lab_certs, smtp_default_lab))
+    try:
+        yield process
+    finally:
+        process.terminate()
+
+
+@pytest.fixture
+def labs(smtp_lab: SmtpLab, smtp_default_lab: SmtpLab) -> tuple[SmtpLab, SmtpLab]:
+    smtp_lab.clear()
+    smtp_default_lab.clear()
+    return smtp_lab, smtp_default_lab
+
+
+@pytest.fixture
+def results(settings: Settings) -> Iterator[rabbit.EventTap]:
+    with results_tap(settings.amqp_url) as tap:
+        yield tap
+
+
+@pytest.fixture
+def dead(settings: Settings) -> DeadLetters:
+    drain(settings.amqp_url, "mailroom.send.dead")
+    return DeadLetters(settings.amqp_url)
+
+
+@pytest.fixture
+def company(client: TestClient, settings: Settings) -> tuple[ApiClient, str]:
+    return new_tenant(client, settings)
+
+
+def _server(
+    api: ApiClient, sender: ServiceProcess, lab: SmtpLab, user: str, **fields: object
+) -> dict[str, object]:
+    server = api.create(**smtp_server(lab, user, **fields))  # type: ignore[arg-type]
+    wait_known(sender, server)
+    return server
+
+
+# --- the mail that arrives -----------------------------------------------------------------
+
+
+def test_mail_arrives_intact_through_starttls_and_auth(
+    sender: ServiceProcess,
+    labs: tuple[SmtpLab, SmtpLab],
+    company: tuple[ApiClient, str],
+    results: rabbit.EventTap,
+    settings: Settings,
+) -> None:
+    lab, _ = labs
+    api, tenant = company
+    server = _server(api, sender, lab, SMTP_LAB_USER, sender_addresses=["support@acme.com"])
+    pdf = b"%PDF-1.4\x00\xff\xfe binary \r\n bytes" * 50
+    body = command(
+        tenant,
+        **{
+            "from": "Support Team <SUPPORT@acme.com>",
+            "to": ["Jürgen Groß <juergen@example.org>", "b@example.org"],
+            "cc": ["c@example.org"],
+            "bcc": ["hidden@example.org"],
+            "reply_to": "replies@acme.com",
+            "subject": "Grüße · Ihre Anfrage 😀",
+            "text": "Hallo Jürgen,\nanbei die Rechnung.",
+            "html": "<p>Hallo J&uuml;rgen,</p>",
+            "headers": {"X-Ticket-Id": "T-42"},
+            "attachments": [
+                {
+                    "filename": "Rechnung März.pdf",
+                    "content_type": "application/pdf",
+                    "data_base64": base64.b64encode(pdf).decode(),
+                }
+            ],
+            "in_reply_to": "<question-1@example.org>",
+        },
+    )
+    publish(settings.amqp_url, body)
+    [result] = results_for(results, body["request_id"])
+    assert result["status"] == "sent"
+    assert result["final"] is True
+    assert result["email_server_id"] == server["id"]
+    assert result["smtp_code"] == 250
+    assert result["attempts"] == 1
+    assert result["tenant_id"] == tenant
+
+    [mail] = lab.wait_for(1)
+    assert mail.login == SMTP_LAB_USER  # AUTH (the lab allows it only after STARTTLS)
+    assert mail.tls_port is False
+    assert mail.envelope_from == "SUPPORT@acme.com"
+    assert sorted(mail.recipients) == sorted(
+        ["juergen@example.org", "b@example.org", "c@example.org", "hidden@example.org"]
+    )
+    message = mail.message
+    assert b"\r\n" in mail.raw and b"\n" not in mail.raw.replace(b"\r\n", b"")
+    assert message["Subject"] == "Grüße · Ihre Anfrage 😀"
+    assert message["From"].addresses[0].display_name == "Support Team"
+    assert message["To"].addresses[0].display_name == "Jürgen Groß"
+    assert "Cc" in message and "c@example.org" in str(message["Cc"])
+    assert "Bcc" not in message
+    assert b"hidden@example.org" not in mail.raw
+    assert str(message["Reply-To"]) == "replies@acme.com"
+    assert message["In-Reply-To"] == "<question-1@example.org>"
+    assert message["References"] == "<question-1@example.org>"
+    assert message["X-Ticket-Id"] == "T-42"
+    assert message["Message-ID"] == result["message_id"]
+    plain = message.get_body(("plain",))
+    html = message.get_body(("html",))
+    assert plain is not None and "Hallo Jürgen" in plain.get_content()
+    assert html is not None and "J&uuml;rgen" in html.get_content()
+    [attachment] = list(message.iter_attachments())
+    assert attachment.get_filename() == "Rechnung März.pdf"
+    assert attachment.get_content_type() == "application/pdf"
+    assert attachment.get_content() == pdf
+
+
+def test_implicit_tls_server(
+    sender: ServiceProcess,
+    labs: tuple[SmtpLab, SmtpLab],
+    company: tuple[ApiClient, str],
+    results: rabbit.EventTap,
+    settings: Settings,
+) -> None:
+    lab, _ = labs
+    api, tenant = company
+    server = _server(api, sender, lab, "agent1@lab.test", tls=True)
+    body = command(tenant, **{"from": "agent1@lab.test"})
+    publish(settings.amqp_url, body)
+    [result] = results_for(results, body["request_id"])
+    assert result["status"] == "sent", result
+    assert result["email_server_id"] == server["id"]
+    [mail] = lab.wait_for(1)
+    assert mail.tls_port is True
+    assert mail.login == "agent1@lab.test"
+
+
+# --- resolution ------------------------------------------------------------------------------
+
+
+def test_each_from_reaches_the_server_that_owns_it(
+    sender: ServiceProcess,
+    labs: tuple[SmtpLab, SmtpLab],
+    company: tuple[ApiClient, str],
+    results: rabbit.EventTap,
+    settings: Settings,
+) -> None:
+    lab, _ = labs
+    api, tenant = company
+    # Three servers whose addresses share domains; one server per lab login.
+    a = _server(api, sender, lab, "agent1@lab.test", sender_addresses=["support@acme.com"])
+    b = _server(
+        api,
+        sender,
+        lab,
+        "agent2@lab.test",
+        sender_addresses=["sales@acme.com", "support@shop.acme.com"],
+    )
+    c = _server(api, sender, lab, "agent3@lab.test", sender_addresses=["noreply@acme.com"])
+    expected = {
+        "support@acme.com": (a, "agent1@lab.test"),
+        "Sales@ACME.com": (b, "agent2@lab.test"),
+        "support@shop.acme.com": (b, "agent2@lab.test"),
+        "noreply@acme.com": (c, "agent3@lab.test"),
+        "agent1@lab.test": (a, "agent1@lab.test"),
+    }
+    bodies: dict[str, dict[str, Any]] = {}
+    for sender_address in expected:
+        body = command(tenant, **{"from": sender_address, "to": [f"to-{len(bodies)}@example.org"]})
+        bodies[sender_address] = body
+        publish(settings.amqp_url, body)
+    for sender_address, (server, _login) in expected.items():
+        [result] = results_for(results, bodies[sender_address]["request_id"])
+        assert result["status"] == "sent", result
+        assert result["email_server_id"] == server["id"], sender_address
+    mails = {m.envelope_from.lower(): m for m in lab.wait_for(len(expected))}
+    for sender_address, (_, login) in expected.items():
+        assert mails[sender_address.lower()].login == login
+
+
+def test_unknown_sender_fails_with_a_reason_and_is_dead_lettered(
+    sender: ServiceProcess,
+    labs: tuple[SmtpLab, SmtpLab],
+    company: tuple[ApiClient, str],
+    results: rabbit.EventTap,
+    dead: DeadLetters,
+    settings: Settings,
+) -> None:
+    lab, _ = labs
+    api, tenant = company
+    _server(api, sender, lab, "agent1@lab.test", sender_addresses=["support@acme.com"])
+    body = command(tenant, **{"from": "nobody@acme.com"})
+    publish(settings.amqp_url, body)
+    [result] = results_for(results, body["request_id"])
+    assert result["status"] == "failed"
+    assert result["final"] is True
+    assert result["reason"] == "no SMTP server for sender nobody@acme.com"
+    letter = dead.wait_for(body["request_id"])
+    assert json.loads(letter.body) == body
+    assert letter.headers["x-reason"] == result["reason"]
+    assert lab.count() == 0
+
+
+def test_disabled_and_other_tenants_servers_are_never_used(
+    sender: ServiceProcess,
+    labs: tuple[SmtpLab, SmtpLab],
+    company: tuple[ApiClient, str],
+    client: TestClient,
+    results: rabbit.EventTap,
+    settings: Settings,
+) -> None:
+    lab, _ = labs
+    api, tenant = company
+    other_api, _ = new_tenant(client, settings)
+    _server(other_api, sender, lab, "agent1@lab.test", sender_addresses=["shared@acme.com"])
+    _server(
+        api, sender, lab, "agent2@lab.test", sender_addresses=["shared@acme.com"], enabled=False
+    )
+    body = command(tenant, **{"from": "shared@acme.com"})
+    publish(settings.amqp_url, body)
+    [result] = results_for(results, body["request_id"])
+    assert result["status"] == "failed"
+    assert "no SMTP server for sender shared@acme.com" in result["reason"]
+
+
+def test_without_from_the_one_agent_server_user_is_used_several_fail(
+    sender: ServiceProcess,
+    labs: tuple[SmtpLab, SmtpLab],
+    company: tuple[ApiClient, str],
+    results: rabbit.EventTap,
+    settings: Settings,
+) -> None:
+    lab, _ = labs
+    api, tenant = company
+    first = _server(api, sender, lab, "agent1@lab.test")
+    body = command(tenant)
+    publish(settings.amqp_url, body)
+    [result] = results_for(results, body["request_id"])
+    assert result["status"] == "sent"
+    assert result["email_server_id"] == first["id"]
+    assert lab.wait_for(1)[0].envelope_from == "agent1@lab.test"
+
+    _server(api, sender, lab, "agent2@lab.test")
+    body = command(tenant)
+    publish(settings.amqp_url, body)
+    [result] = results_for(results, body["request_id"])
+    assert result["status"] == "failed"
+    assert "several SMTP servers could send" in result["reason"]
+
+
+def test_reply_without_from_leaves_from_the_address_the_mail_was_sent_to(
+    sender: ServiceProcess,
+    labs: tuple[SmtpLab, SmtpLab],
+    company: tuple[ApiClient, str],
+    results: rabbit.EventTap,
+    settings: Settings,
+    pool: ConnectionPool[DictConnection],
+) -> None:
+    lab, _ = labs
+    api, tenant = company
+    _server(api, sender, lab, "agent1@lab.test", sender_addresses=["info@acme.com"])
+    owner = _server(api, sender, lab, "agent2@lab.test", sender_addresses=["help@acme.com"])
+    with pool.connection() as conn:
+        inbound_messages.record(
+            conn,
+            inbound_messages.InboundMessage(
+                tenant_id=tenant,
+                message_id="<customer-question-7@example.org>",
+                server_id=str(owner["id"]),  # the fetching server (any id will do here)
+                mailbox="help@acme.com",
+                routing_plan_id="plan-1",
+            ),
+        )
+    body = command(tenant, in_reply_to="customer-question-7@example.org")
+    publish(settings.amqp_url, body)
+    [result] = results_for(results, body["request_id"])
+    assert result["status"] == "sent", result
+    assert result["email_server_id"] == owner["id"]
+    [mail] = lab.wait_for(1)
+    assert mail.envelope_from == "help@acme.com"
+    assert mail.message["In-Reply-To"] == "<customer-question-7@example.org>"
+
+
+def test_template_mail_goes_to_the_default_server_until_one_is_designated(
+    sender: ServiceProcess,
+    labs: tuple[SmtpLab, SmtpLab],
+    company: tuple[ApiClient, str],
+    results: rabbit.EventTap,
+    settings: Settings,
+) -> None:
+    lab, default_lab = labs
+    api, tenant = company
+    _server(api, sender, lab, "agent1@lab.test")
+    body = command(tenant, kind="template", subject="Passwort zurücksetzen")
+    publish(settings.amqp_url, body)
+    [result] = results_for(results, body["request_id"])
+    assert result["status"] == "sent", result
+    assert result["email_server_id"] is None
+    assert result["via_system_default"] is True
+    [mail] = default_lab.wait_for(1)
+    assert mail.envelope_from == "noreply@default.test"
+    assert mail.message["Subject"] == "Passwort zurücksetzen"
+    assert lab.count() == 0
+
+    template = api.create(
+        **smtp_server(
+            lab,
+            "agent3@lab.test",
+            role="template",
+            is_template_server=True,
+            sender_addresses=["alerts@acme.com"],
+        )
+    )
+    wait_known(sender, template)
+    body = command(tenant, kind="template", subject="Alert")
+    publish(settings.amqp_url, body)
+    [result] = results_for(results, body["request_id"])
+    assert result["status"] == "sent", result
+    assert result["email_server_id"] == template["id"]
+    [mail] = lab.wait_for(1)
+    assert mail.login == "agent3@lab.test"
+    assert mail.envelope_from == "agent3@lab.test"  # its user is an email address
+    assert default_lab.count() == 1
+
+
+def test_a_new_server_is_used_without_a_restart(
+    sender: ServiceProcess,
+    labs: tuple[SmtpLab, SmtpLab],
+    company: tuple[ApiClient, str],
+    results: rabbit.EventTap,
+    settings: Settings,
+) -> None:
+    lab, _ = labs
+    api, tenant = company
+    api.create(**smtp_server(lab, "agent2@lab.test", sender_addresses=["new@acme.com"]))
+    time.sleep(1.0)  # REQUIREMENTS: changes take effect within a second (here: by events)
+    body = command(tenant, **{"from": "new@acme.com"})
+    publish(settings.amqp_url, body)
+    [result] = results_for(results, body["request_id"])
+    assert result["status"] == "sent", result
+
+
+# --- failures ----------------------------------------------------------------------------------
+
+
+def test_451_twice_then_250_is_delivered_once_after_three_attempts(
+    sender: ServiceProcess,
+    labs: tuple[SmtpLab, SmtpLab],
+    company: tuple[ApiClient, str],
+    results: rabbit.EventTap,
+    settings: Settings,
+) -> None:
+    lab, _ = labs
+    api, tenant = company
+    _server(api, sender, lab, "agent1@lab.test")
+    lab.script({"slow@example.org": ["451 4.3.0 try later", "451 4.3.0 try later", "250"]})
+    body = command(tenant, to=["slow@example.org"])
+    publish(settings.amqp_url, body)
+    found = results_for(results, body["request_id"], timeout=15)
+    assert [(r["status"], r["final"], r["attempts"]) for r in found] == [
+        ("failed", False, 1),
+        ("failed", False, 2),
+        ("sent", True, 3),
+    ]
+    assert found[0]["smtp_code"] == 451
+    assert "451" in found[0]["reason"]
+    assert len(lab.wait_for(1)) == 1
+
+
+def test_550_fails_at_once_and_lands_in_the_dead_letter_queue(
+    sender: ServiceProcess,
+    labs: tuple[SmtpLab, SmtpLab],
+    company: tuple[ApiClient, str],
+    results: rabbit.EventTap,
+    dead: DeadLetters,
+    settings: Settings,
+) -> None:
+    lab, _ = labs
+    api, tenant = company
+    _server(api, sender, lab, "agent1@lab.test")
+    lab.script({"rejected@example.org": ["550 5.7.1 message refused"]})
+    body = command(tenant, to=["rejected@example.org"])
+    publish(settings.amqp_url, body)
+    found = results_for(results, body["request_id"])
+    assert len(found) == 1
+    [result] = found
+    assert (result["status"], result["final"], result["attempts"]) == ("failed", True, 1)
+    assert result["smtp_code"] == 550
+    assert result["smtp_response"] == "5.7.1 message refused"
+    letter = dead.wait_for(body["request_id"])
+    assert letter.headers["x-smtp-code"] == 550
+    assert "550" in letter.headers["x-reason"]
+    assert lab.count() == 0
+
+
+def test_wrong_password_is_a_final_failure_reported_to_the_status_service(
+    sender: ServiceProcess,
+    labs: tuple[SmtpLab, SmtpLab],
+    company: tuple[ApiClient, str],
+    results: rabbit.EventTap,
+    settings: Settings,
+) -> None:
+    from tests.support.leaks import password
+
+    lab, _ = labs
+    api, tenant = company
+    drain(settings.amqp_url, REPORTS_QUEUE)
+    server = _server(api, sender, lab, "agent1@lab.test", password=password("wrong"))
+    body = command(tenant)
+    publish(settings.amqp_url, body)
+    [result] = results_for(results, body["request_id"])
+    assert result["status"] == "failed" and result["final"] is True
+    assert result["category"] == "authentication"
+    assert result["reason"].startswith("authentication failed")
+    assert result["smtp_code"] == 535
+    deadline = time.monotonic() + 5
+    reports: list[dict[str, object]] = []
+    while time.monotonic() < deadline:
+        reports += [json.loads(b) for b, _ in drain(settings.amqp_url, REPORTS_QUEUE)]
+        mine = [r for r in reports if r["server_id"] == server["id"]]
+        if mine:
+            break
+        time.sleep(0.05)
+    assert mine[0]["ok"] is False
+    assert mine[0]["category"] == "authentication"
+    assert mine[0]["mails_failed"] == 1
+    assert mine[0]["server_type"] == "smtp"
+
+
+def test_status_report_counts_sent_mail(
+    sender: ServiceProcess,
+    labs: tuple[SmtpLab, SmtpLab],
+    company: tuple[ApiClient, str],
+    results: rabbit.EventTap,
+    settings: Settings,
+) -> None:
+    lab, _ = labs
+    api, tenant = company
+    drain(settings.amqp_url, REPORTS_QUEUE)
+    server = _server(api, sender, lab, "agent1@lab.test")
+    bodies = [command(tenant) for _ in range(3)]
+    for body in bodies:
+        publish(settings.amqp_url, body)
+    for body in bodies:
+        results_for(results, body["request_id"])
+    deadline = time.monotonic() + 5
+    sent = 0
+    while time.monotonic() < deadline and sent < 3:
+        for raw, _ in drain(settings.amqp_url, REPORTS_QUEUE):
+            report = json.loads(raw)
+            if report["server_id"] == server["id"]:
+                assert report["ok"] is True
+                sent += report["mails_sent"]
+        time.sleep(0.1)
+    assert sent == 3
+
+
+# --- invalid commands ----------------------------------------------------------------------
+
+
+def test_invalid_commands_are_answered_and_dead_lettered_and_the_worker_goes_on(
+    sender: ServiceProcess,
+    labs: tuple[SmtpLab, SmtpLab],
+    company: tuple[ApiClient, str],
+    results: rabbit.EventTap,
+    dead: DeadLetters,
+    settings: Settings,
+) -> None:
+    lab, _ = labs
+    api, tenant = company
+    _server(api, sender, lab, "agent1@lab.test")
+    cases = {
+        "no recipient": (command(tenant, to=[]), "no recipient"),
+        "unknown tenant": (command("no-such-company"), "unknown tenant 'no-such-company'"),
+        "CR/LF address": (
+            command(tenant, to=["a@example.org\r\nBcc: victim@example.org"]),
+            "to.0: Value error, must not contain line breaks",
+        ),
+        "encoded newline subject": (
+            command(tenant, subject="=?utf-8?q?Hi=0D=0ABcc:_x@example.org?="),
+            "subject: Value error, must not contain encoded line breaks",
+        ),
+        "header injection by name": (
+            command(tenant, headers={"Bcc": "x@example.org"}),
+            "'Bcc' is set by the sender itself",
+        ),
+        "attachment not base64": (
+            command(
+                tenant,
+                attachments=[
+                    {"filename": "a.txt", "content_type": "text/plain", "data_base64": "***"}
+                ],
+            ),
+            "attachments.0.data_base64: Value error, is not valid base64",
+        ),
+    }
+    for body, _ in cases.values():
+        publish(settings.amqp_url, body)
+    publish(settings.amqp_url, b"{not json", content_type="text/plain")
+    for name, (body, reason) in cases.items():
+        [result] = results_for(results, body["request_id"])
+        assert result["status"] == "failed" and result["final"] is True, name
+        assert reason in result["reason"], (name, result["reason"])
+        letter = dead.wait_for(body["request_id"])
+        assert json.loads(letter.body) == body
+    garbled = dead.wait_for("")
+    assert garbled.body == b"{not json"
+    assert garbled.headers["x-reason"].startswith("not JSON")
+    null_results = [r.body for r in results.snapshot() if r.body.get("request_id") is None]
+    assert any(r["reason"].startswith("not JSON") for r in null_results)
+
+    # The worker is alive and well.
+    body = command(tenant)
+    publish(settings.amqp_url, body)
+    [result] = results_for(results, body["request_id"])
+    assert result["status"] == "sent"
+    assert lab.count() == 1
+    assert sender.process.poll() is None
+    assert "Traceback" not in sender.log()
+
+
+def test_a_command_published_twice_arrives_once(
+    sender: ServiceProcess,
+    labs: tuple[SmtpLab, SmtpLab],
+    company: tuple[ApiClient, str],
+    results: rabbit.EventTap,
+    settings: Settings,
+) -> None:
+    lab, _ = labs
+    api, tenant = company
+    _server(api, sender, lab, "agent1@lab.test")
+    body = command(tenant)
+    publish(settings.amqp_url, body)
+    publish(settings.amqp_url, body)
+    results_for(results, body["request_id"])
+    time.sleep(1.0)
+    publish(settings.amqp_url, body)  # and once more, long after it was sent
+    time.sleep(1.0)
+    assert lab.count() == 1
+    sent = [r for r in results_for(results, body["request_id"]) if r["status"] == "sent"]
+    assert len(sent) == 1

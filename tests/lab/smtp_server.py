@@ -1,0 +1,309 @@
+"""A real SMTP server for tests and benchmarks: aiosmtpd in a separate process, on loopback.
+
+``SmtpLab`` starts ``python -m tests.lab.smtp_server CONFIG`` and serves two ports of
+127.0.0.1:
+
+- ``port``: plain SMTP offering STARTTLS (AUTH only after STARTTLS);
+- ``tls_port``: implicit TLS ("submissions").
+
+Both use the lab certificate for ``localhost``/127.0.0.1 (``tests.lab.certs``), require AUTH
+(PLAIN or LOGIN) against the lab's user table, and store every accepted mail in ``store/``:
+``<n>.eml`` (the bytes as received) plus ``<n>.json`` (envelope, port, login user).
+
+Replies can be scripted per recipient (``SmtpLab.script``): a list of replies used one per DATA,
+the last one repeating, e.g. ``["451 4.3.0 try later", "451 4.3.0 try later", "250"]`` or
+``["550 5.7.1 no"]``. A reply may carry a delay (``{"reply": "250", "delay": 3}``): the mail is
+stored first, the answer comes after the delay (a worker killed "right after DATA").
+
+Facts this relies on: a rejected login gets no reply at all unless the authenticator returns
+``AuthResult(success=False, handled=False)`` (then ``535 5.7.8``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email
+import email.policy
+import json
+import logging
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from email.message import EmailMessage
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from tests.lab.certs import LabCertificates
+
+HOST = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class ReceivedMail:
+    envelope_from: str
+    recipients: list[str]
+    raw: bytes
+    login: str | None
+    tls_port: bool
+    path: Path
+
+    @property
+    def message(self) -> EmailMessage:
+        parsed = email.message_from_bytes(self.raw, policy=email.policy.default)
+        assert isinstance(parsed, EmailMessage)
+        return parsed
+
+
+class SmtpLab:
+    """One aiosmtpd process; ``users`` maps login → password."""
+
+    def __init__(self, certs: LabCertificates, users: dict[str, str], name: str = "smtp") -> None:
+        self.certs = certs
+        self.users = dict(users)
+        self.directory = Path(tempfile.mkdtemp(prefix=f"mailroom-{name}-lab-"))
+        self.store = self.directory / "store"
+        self.store.mkdir()
+        self.script_file = self.directory / "script.json"
+        self.port = 0
+        self.tls_port = 0
+        self._process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> SmtpLab:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        config = {
+            "cert": str(self.certs.localhost.cert),
+            "key": str(self.certs.localhost.key),
+            "users": self.users,
+            "store": str(self.store),
+            "script": str(self.script_file),
+            "ready": str(self.directory / "ready.json"),
+        }
+        config_file = self.directory / "config.json"
+        config_file.write_text(json.dumps(config), encoding="utf-8")
+        config_file.chmod(0o600)
+        log = (self.directory / "server.log").open("wb")
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "tests.lab.smtp_server", str(config_file)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+        ready = self.directory / "ready.json"
+        deadline = time.monotonic() + 15
+        while not ready.exists():
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    "SMTP lab did not start: " + (self.directory / "server.log").read_text()
+                )
+            time.sleep(0.02)
+        ports = json.loads(ready.read_text())
+        self.port, self.tls_port = ports["port"], ports["tls_port"]
+
+    def stop(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGTERM)
+            try:
+                self._process.wait(5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait(5)
+
+    # --- scripting and inspection ------------------------------------------------------------
+
+    def script(self, rules: dict[str, list[Any]]) -> None:
+        """Replies per recipient address; ``{}`` = accept everything (the default)."""
+        temp = self.script_file.with_suffix(".tmp")
+        temp.write_text(json.dumps({"rules": rules, "version": time.time_ns()}))
+        temp.replace(self.script_file)
+
+    def clear(self) -> None:
+        self.script({})
+        for path in self.store.iterdir():
+            path.unlink()
+
+    def mails(self) -> list[ReceivedMail]:
+        found = []
+        for meta_path in sorted(self.store.glob("*.json"), key=lambda p: int(p.stem)):
+            meta = json.loads(meta_path.read_text())
+            eml = meta_path.with_suffix(".eml")
+            found.append(
+                ReceivedMail(
+                    envelope_from=meta["mail_from"],
+                    recipients=meta["rcpt_tos"],
+                    raw=eml.read_bytes(),
+                    login=meta["login"],
+                    tls_port=meta["tls_port"],
+                    path=eml,
+                )
+            )
+        return found
+
+    def count(self) -> int:
+        return len(list(self.store.glob("*.json")))
+
+    def wait_for(self, count: int = 1, timeout: float = 10.0) -> list[ReceivedMail]:
+        deadline = time.monotonic() + timeout
+        while self.count() < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return self.mails()
+
+
+# --- the server process ------------------------------------------------------------------------
+
+
+class _Script:
+    """The scripted replies and the mail counter, shared by both ports."""
+
+    def __init__(self, store: Path, script: Path) -> None:
+        self.store = store
+        self.script_path = script
+        self.sequence = 0
+        self.version: object = None
+        self.rules: dict[str, list[Any]] = {}
+        self.used: dict[str, int] = {}
+
+    def _load(self) -> None:
+        try:
+            data = json.loads(self.script_path.read_text())
+        except (OSError, ValueError):
+            data = {"rules": {}, "version": None}
+        if data.get("version") != self.version:
+            self.version = data.get("version")
+            self.rules = {k.lower(): v for k, v in data.get("rules", {}).items()}
+            self.used = {}
+
+    def reply_for(self, recipients: list[str]) -> tuple[str, float]:
+        self._load()
+        for recipient in recipients:
+            replies = self.rules.get(recipient.lower())
+            if replies:
+                index = self.used.get(recipient.lower(), 0)
+                self.used[recipient.lower()] = index + 1
+                entry = replies[min(index, len(replies) - 1)]
+                if isinstance(entry, dict):
+                    return str(entry["reply"]), float(entry.get("delay", 0))
+                return str(entry), 0.0
+        return "250 2.0.0 OK", 0.0
+
+
+class _Handler:
+    def __init__(self, script: _Script, implicit_tls: bool) -> None:
+        self.script = script
+        self.implicit_tls = implicit_tls
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        reply, delay = self.script.reply_for(list(envelope.rcpt_tos))
+        if reply.startswith("250"):
+            if reply.strip() == "250":
+                reply = "250 2.0.0 OK"
+            self.script.sequence += 1
+            number = self.script.sequence
+            store = self.script.store
+            (store / f"{number}.eml").write_bytes(envelope.original_content)
+            login = session.auth_data
+            meta = {
+                "mail_from": envelope.mail_from,
+                "rcpt_tos": list(envelope.rcpt_tos),
+                "login": login.decode() if isinstance(login, bytes) else login,
+                "tls_port": self.implicit_tls,
+            }
+            temp = store / f"{number}.tmp"
+            temp.write_text(json.dumps(meta))
+            temp.replace(store / f"{number}.json")
+        if delay:
+            await asyncio.sleep(delay)
+        return reply
+
+
+def _serve(config: dict[str, Any]) -> None:
+    from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
+
+    users: dict[str, str] = config["users"]
+
+    def authenticator(
+        server: Any, session: Any, envelope: Any, mechanism: str, auth_data: Any
+    ) -> Any:
+        if isinstance(auth_data, LoginPassword):
+            login = auth_data.login.decode("utf-8", "replace")
+            password = auth_data.password.decode("utf-8", "replace")
+            if users.get(login) == password:
+                return AuthResult(success=True, auth_data=login)
+        return AuthResult(success=False, handled=False)
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(config["cert"], config["key"])
+    script = _Script(Path(config["store"]), Path(config["script"]))
+
+    def factory(implicit: bool) -> Any:
+        def make() -> Any:
+            return SMTP(
+                _Handler(script, implicit),
+                hostname="smtp.lab.test",
+                tls_context=None if implicit else context,
+                require_starttls=not implicit,
+                authenticator=authenticator,
+                auth_required=True,
+                auth_require_tls=not implicit,
+                data_size_limit=50 * 1024 * 1024,
+                enable_SMTPUTF8=True,
+            )
+
+        return make
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        plain = await loop.create_server(factory(False), HOST, 0)
+        secure = await loop.create_server(factory(True), HOST, 0, ssl=context)
+        ports = {
+            "port": plain.sockets[0].getsockname()[1],
+            "tls_port": secure.sockets[0].getsockname()[1],
+        }
+        ready = Path(config["ready"])
+        ready.with_suffix(".tmp").write_text(json.dumps(ports))
+        ready.with_suffix(".tmp").replace(ready)
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        await stop.wait()
+        plain.close()
+        secure.close()
+
+    asyncio.run(main())
+
+
+def main(argv: list[str]) -> None:
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("mail.log").setLevel(logging.ERROR)
+    config = json.loads(Path(argv[1]).read_text(encoding="utf-8"))
+    with contextlib.suppress(KeyboardInterrupt):
+        _serve(config)
+    os._exit(0)
+
+
+@contextlib.contextmanager
+def running(certs: LabCertificates, users: dict[str, str], name: str = "smtp") -> Iterator[SmtpLab]:
+    with SmtpLab(certs, users, name) as lab:
+        yield lab
+
+
+if __name__ == "__main__":
+    main(sys.argv)

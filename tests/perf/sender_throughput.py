@@ -1,0 +1,238 @@
+"""Benchmark: send commands through the sender vs a bare smtplib loop, same sink, same run.
+
+``python -m tests.perf.sender_throughput`` (``make bench``). One aiosmtpd sink in its own
+process (STARTTLS + AUTH PLAIN, the lab's certificates) receives:
+
+1. the floor: a bare ``smtplib`` loop over one reused connection sending N ready-made mails;
+2. N JSON commands published to ``mailroom.send`` and delivered by one ``mailroom run sender``
+   process (one SMTP connection per server and process), timed from the first publish to the
+   last ``sent`` result;
+3. the same with two sender processes.
+
+Mails are ~2 KB. The database is ``mailroom_bench``, the vhost the test suite's. ``BENCH_MAILS``
+changes N (default 5,000).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import smtplib
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pika
+from cryptography.fernet import Fernet
+
+MAILS = int(os.environ.get("BENCH_MAILS", "5000"))
+ROOT = Path(__file__).resolve().parents[2]
+USER = "bench@lab.test"
+TENANT = "bench"
+
+
+def _environment() -> dict[str, str]:
+    from tests.support.environment import TEST_AMQP_URL
+
+    return {
+        "MAILROOM_AMQP_URL": TEST_AMQP_URL,
+        "MAILROOM_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/mailroom_bench",
+        "MAILROOM_REDIS_URL": "redis://127.0.0.1:6379/14",
+        "MAILROOM_SECRET_KEYS": Fernet.generate_key().decode(),
+        "MAILROOM_TOKEN_SIGNING_KEY": secrets.token_urlsafe(48),
+        "MAILROOM_LOG_LEVEL": "WARNING",
+        "MAILROOM_SENDER_CONNECTIONS_PER_SERVER": "1",
+        "MAILROOM_SENDER_THREADS": os.environ.get("BENCH_SENDER_THREADS", "8"),
+    }
+
+
+def command(number: int) -> dict[str, Any]:
+    return {
+        "request_id": f"bench-{uuid.uuid4()}",
+        "tenant_id": TENANT,
+        "kind": "agent",
+        "from": "Bench <bench@acme.com>",
+        "to": [f"customer{number % 50}@example.org"],
+        "subject": f"Your ticket #{number}",
+        "text": ("Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 30)[:1750],
+    }
+
+
+class SentCounter:
+    """Counts ``sent`` results on ``mailroom.send.results``."""
+
+    def __init__(self, amqp_url: str) -> None:
+        self.count = 0
+        self.last_at = 0.0
+        self._amqp_url = amqp_url
+        self._ready = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> SentCounter:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        conn = pika.BlockingConnection(pika.URLParameters(self._amqp_url))
+        channel = conn.channel()
+        channel.exchange_declare("mailroom.send.results", exchange_type="topic", durable=True)
+        queue = channel.queue_declare("", exclusive=True).method.queue
+        channel.queue_bind(queue, "mailroom.send.results", routing_key="sent")
+
+        def on_message(ch: Any, method: Any, props: Any, body: bytes) -> None:
+            self.count += 1
+            self.last_at = time.perf_counter()
+
+        channel.basic_consume(queue, on_message, auto_ack=True)
+        self._ready.set()
+        while not self._stop.is_set():
+            conn.process_data_events(time_limit=0.05)
+        conn.close()
+
+
+def bare_loop(port: int, password: str, ca: Path, mails: list[bytes]) -> float:
+    context = ssl.create_default_context(cafile=str(ca))
+    started = time.perf_counter()
+    client = smtplib.SMTP("127.0.0.1", port, timeout=30)
+    client.starttls(context=context)
+    client.login(USER, password)
+    for number, data in enumerate(mails):
+        client.sendmail("bench@acme.com", [f"customer{number % 50}@example.org"], data)
+    client.quit()
+    return len(mails) / (time.perf_counter() - started)
+
+
+def through_sender(
+    env: dict[str, str], processes: int, amqp_url: str, log_dir: Path
+) -> tuple[float, int]:
+    senders = []
+    for n in range(processes):
+        log = (log_dir / f"sender-{processes}-{n}.log").open("wb")
+        senders.append(
+            subprocess.Popen(
+                [str(ROOT / ".venv" / "bin" / "mailroom"), "run", "sender"],
+                env={**os.environ, **env, "MAILROOM_LOG_LEVEL": "INFO"},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        )
+    try:
+        for n in range(processes):
+            path = log_dir / f"sender-{processes}-{n}.log"
+            deadline = time.monotonic() + 30
+            while "delivery threads started" not in path.read_text(errors="replace"):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(path.read_text(errors="replace"))
+                time.sleep(0.05)
+        counter = SentCounter(amqp_url).start()
+        bodies = [json.dumps(command(n)).encode() for n in range(MAILS)]
+        conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+        channel = conn.channel()
+        channel.queue_declare("mailroom.send", durable=True)
+        started = time.perf_counter()
+        for body in bodies:
+            channel.basic_publish("", "mailroom.send", body, pika.BasicProperties(delivery_mode=2))
+        conn.close()
+        deadline = time.monotonic() + 600
+        while counter.count < MAILS and time.monotonic() < deadline:
+            time.sleep(0.05)
+        counter.stop()
+        elapsed = counter.last_at - started
+        return counter.count / elapsed, counter.count
+    finally:
+        for sender in senders:
+            sender.terminate()
+        for sender in senders:
+            sender.wait(30)
+
+
+def main() -> None:
+    env = _environment()
+    os.environ.update(env)
+    from services.sender.mime import build
+    from shared.contracts.send import SendCommand
+    from shared.db import email_servers
+    from shared.db.migrate import migrate
+    from shared.db.pool import make_pool
+    from shared.secrets import SecretBox
+    from shared.settings import Settings
+    from tests.lab.certs import issue
+    from tests.lab.smtp_server import SmtpLab
+    from tests.support.leaks import password
+    from tests.support.rabbit import ensure_vhost
+
+    ensure_vhost()
+    settings = Settings()
+    migrate(settings.database_url)
+    work = Path(tempfile.mkdtemp(prefix="mailroom-bench-sender-"))
+    certs = issue(work / "certs")
+    secret = password("bench")
+    with SmtpLab(certs, {USER: secret}, "bench") as lab:
+        pool = make_pool(settings, max_size=2)
+        with pool.connection() as conn:
+            conn.execute("TRUNCATE email_servers, send_requests RESTART IDENTITY CASCADE")
+            email_servers.insert(
+                conn,
+                TENANT,
+                {
+                    "type": "smtp",
+                    "name": "bench sink",
+                    "host": "127.0.0.1",
+                    "port": lab.port,
+                    "tls": False,
+                    "auth_type": "basic",
+                    "username": USER,
+                    "password_encrypted": SecretBox.from_settings(settings).encrypt(secret),
+                    "sender_addresses": ["bench@acme.com"],
+                    "enabled": True,
+                    "role": "agent",
+                },
+            )
+        pool.close()
+        from tests.support.sender import drain
+
+        for queue in ("mailroom.send", "mailroom.send.dead", "mailroom.status.reports"):
+            drain(settings.amqp_url, queue)
+        mails = [
+            build(SendCommand.model_validate(command(n)), "Bench <bench@acme.com>").data
+            for n in range(MAILS)
+        ]
+        size = sum(len(m) for m in mails) / len(mails)
+        bare = bare_loop(lab.port, secret, certs.ca, mails)
+        assert lab.count() == MAILS
+        lab.clear()
+        sender_env = {**env, "MAILROOM_CA_BUNDLE": str(certs.ca)}
+        one, sent_one = through_sender(sender_env, 1, settings.amqp_url, work)
+        arrived_one = lab.count()
+        lab.clear()
+        two, sent_two = through_sender(sender_env, 2, settings.amqp_url, work)
+        arrived_two = lab.count()
+    print(f"mails: {MAILS} of {size:.0f} bytes, aiosmtpd sink with STARTTLS + AUTH PLAIN")
+    print(f"bare smtplib loop, one reused connection: {bare:8.0f} mails/s")
+    print(
+        f"sender, 1 process (1 connection):        {one:8.0f} mails/s"
+        f"  = {one / bare:.0%} of the bare loop  ({sent_one} sent, {arrived_one} arrived)"
+    )
+    print(
+        f"sender, 2 processes (2 connections):     {two:8.0f} mails/s"
+        f"  = {two / bare:.0%} of the bare loop  ({sent_two} sent, {arrived_two} arrived)"
+    )
+    print(f"logs: {work}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,251 @@
+"""The sender's pure logic: command validation, MIME building, server resolution."""
+
+from __future__ import annotations
+
+import base64
+import email
+import email.policy
+import json
+import re
+from email.message import EmailMessage
+from typing import Any, cast
+
+import pytest
+
+from services.sender.mime import MimeError, build
+from services.sender.resolver import NoRoute, Resolver
+from shared.contracts.send import InvalidCommand, SendCommand, SendResult, parse_command
+from shared.email_servers import AuthType, EmailServer, Role, ServerType
+from shared.server_directory import ServerDirectory
+from shared.settings import Settings
+
+
+def cmd(**fields: Any) -> SendCommand:
+    body: dict[str, Any] = {"request_id": "r-1", "tenant_id": "acme", "to": ["a@example.org"]}
+    body.update(fields)
+    return SendCommand.model_validate(body)
+
+
+def parsed(data: bytes) -> EmailMessage:
+    message = email.message_from_bytes(data, policy=email.policy.default)
+    assert isinstance(message, EmailMessage)
+    return message
+
+
+# --- the contract --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (b"\xff\xfe", "not JSON"),
+        (b"[1, 2]", "not a JSON object"),
+        (b'{"tenant_id": "acme", "to": ["a@example.org"]}', "request_id: Field required"),
+        (b'{"request_id": "r", "tenant_id": "acme"}', "no recipient"),
+        (b'{"request_id": "r", "tenant_id": "acme", "to": ["not an address"]}', "to.0"),
+        (b'{"request_id": "r", "tenant_id": "acme", "to": ["a@x.org"], "kind": "x"}', "kind"),
+        (
+            b'{"request_id": "r", "tenant_id": "acme", "to": ["a@x.org"],'
+            b' "reply_to": "b@x.org\\n"}',
+            "reply_to: Value error, must not contain line breaks",
+        ),
+        (
+            b'{"request_id": "r", "tenant_id": "acme", "to": ["a@x.org"],'
+            b' "headers": {"X-A": "=?utf-8?b?YQ1iCg==?="}}',
+            "encoded line breaks",
+        ),
+        (
+            b'{"request_id": "r", "tenant_id": "acme", "to": ["a@x.org"],'
+            b' "headers": {"Bad Name": "v"}}',
+            "not a header field name",
+        ),
+        (
+            b'{"request_id": "r", "tenant_id": "acme", "to": ["a@x.org"],'
+            b' "attachments": [{"filename": "a", "data_base64": "abc"}]}',
+            "is not valid base64",
+        ),
+    ],
+)
+def test_invalid_commands_name_the_problem(body: bytes, problem: str) -> None:
+    with pytest.raises(InvalidCommand) as caught:
+        parse_command(body)
+    assert problem in caught.value.reason
+
+
+def test_the_contract_shape_parses_and_results_round_trip() -> None:
+    body: dict[str, Any] = {
+        "request_id": "r-9",
+        "tenant_id": "acme",
+        "kind": "template",
+        "from": None,
+        "to": ["A <a@example.org>"],
+        "cc": [],
+        "bcc": ["b@example.org", "A@example.org"],
+        "reply_to": None,
+        "subject": "s",
+        "text": "t",
+        "html": None,
+        "headers": {},
+        "attachments": [],
+        "in_reply_to": None,
+        "future_field": "ignored",
+    }
+    command = parse_command(json.dumps(body).encode())
+    assert command.kind == "template" and command.from_ is None
+    assert command.recipients == ["a@example.org", "b@example.org"]
+    result = SendResult(request_id="r-9", tenant_id="acme", status="sent", attempts=1)
+    again = SendResult.model_validate_json(result.model_dump_json())
+    assert again == result
+    wire = json.loads(result.model_dump_json())
+    for field in (
+        "request_id",
+        "tenant_id",
+        "status",
+        "email_server_id",
+        "smtp_code",
+        "smtp_response",
+        "attempts",
+        "final",
+    ):
+        assert field in wire
+
+
+# --- MIME ------------------------------------------------------------------------------------
+
+
+def test_mime_has_crlf_utf8_headers_alternative_and_attachment() -> None:
+    data = base64.b64encode(bytes(range(256))).decode()
+    mail = build(
+        cmd(
+            to=["Zoë Ærø <zoe@bücher.example>"],
+            bcc=["secret@example.org"],
+            subject="Ünïcödé ✓",
+            text="plain\nbody",
+            html="<b>html</b>",
+            attachments=[{"filename": "data.bin", "data_base64": data}],
+        ),
+        "Support <support@acme.com>",
+    )
+    assert b"\n" not in mail.data.replace(b"\r\n", b"")
+    assert mail.data.isascii()
+    message = parsed(mail.data)
+    assert message["Subject"] == "Ünïcödé ✓"
+    assert message["To"].addresses[0].display_name == "Zoë Ærø"
+    assert message["To"].addresses[0].domain == "xn--bcher-kva.example"
+    assert "Bcc" not in message and b"secret@" not in mail.data
+    assert mail.recipients == ["zoe@xn--bcher-kva.example", "secret@example.org"]
+    assert mail.envelope_from == "support@acme.com"
+    [attachment] = list(message.iter_attachments())
+    assert attachment.get_content() == bytes(range(256))
+    assert message.get_body(("html",)) is not None
+
+
+def test_message_id_is_stable_per_request_and_unique_across_requests() -> None:
+    one = build(cmd(), "a@acme.com").message_id
+    assert build(cmd(), "a@acme.com").message_id == one
+    assert build(cmd(request_id="r-2"), "a@acme.com").message_id != one
+    assert one.endswith("@acme.com>")
+
+
+def test_non_ascii_local_part_needs_smtputf8() -> None:
+    with pytest.raises(MimeError, match="SMTPUTF8"):
+        build(cmd(to=["jörg@example.org"]), "a@acme.com")
+    assert build(cmd(to=["jörg@example.org"]), "a@acme.com", allow_smtputf8=True).smtputf8
+
+
+# --- resolution ------------------------------------------------------------------------------
+
+
+def smtp(
+    name: str, username: str, *addresses: str, tenant: str = "acme", **fields: Any
+) -> EmailServer:
+    values: dict[str, Any] = {
+        "id": name,
+        "tenant_id": tenant,
+        "type": ServerType.SMTP,
+        "name": name,
+        "host": "smtp.example.org",
+        "tls": False,
+        "auth_type": AuthType.BASIC,
+        "enabled": True,
+        "version": 1,
+        "username": username,
+        "sender_addresses": addresses,
+        "role": Role.AGENT,
+    }
+    values.update(fields)
+    return EmailServer(**values)
+
+
+class FakeDirectory:
+    def __init__(self, *servers: EmailServer) -> None:
+        self.servers = list(servers)
+
+    def all(self) -> list[EmailServer]:
+        return self.servers
+
+
+def resolver(*servers: EmailServer, **settings: Any) -> Resolver:
+    return Resolver(
+        Settings(**settings),
+        cast(ServerDirectory, FakeDirectory(*servers)),
+        cast(Any, None),
+        cast(Any, None),
+    )
+
+
+SERVERS = (
+    smtp("a", "agent@acme.com", "support@acme.com"),
+    smtp("b", "login-b", "sales@acme.com", "support@shop.acme.com"),
+    smtp("c", "noreply@acme.com"),
+    smtp("d", "x@acme.com", "support@acme.com", tenant="globex"),
+    smtp("e", "off@acme.com", enabled=False),
+    smtp("t", "templates@acme.com", "alerts@acme.com", role=Role.TEMPLATE, is_template_server=True),
+)
+
+
+@pytest.mark.parametrize(
+    ("sender", "server"),
+    [
+        ("support@acme.com", "a"),
+        ("SUPPORT@Acme.Com", "a"),
+        ("Support Desk <support@acme.com>", "a"),
+        ("sales@acme.com", "b"),
+        ("support@shop.acme.com", "b"),
+        ("noreply@acme.com", "c"),
+        ("agent@acme.com", "a"),
+    ],
+)
+def test_from_picks_the_server_that_owns_the_address(sender: str, server: str) -> None:
+    assert resolver(*SERVERS).resolve(cmd(**{"from": sender})).server.id == server
+
+
+@pytest.mark.parametrize(
+    "sender", ["login-b@acme.com", "off@acme.com", "x@acme.com", "alerts@acme.com"]
+)
+def test_no_match_is_a_clear_failure(sender: str) -> None:
+    with pytest.raises(NoRoute, match=re.escape(f"no SMTP server for sender {sender}")):
+        resolver(*SERVERS).resolve(cmd(**{"from": sender}))
+
+
+def test_an_address_on_two_servers_is_ambiguous() -> None:
+    twice = (smtp("a", "a@acme.com", "x@acme.com"), smtp("b", "b@acme.com", "x@acme.com"))
+    with pytest.raises(NoRoute, match=r"several SMTP servers may send as x@acme\.com"):
+        resolver(*twice).resolve(cmd(**{"from": "x@acme.com"}))
+
+
+def test_template_uses_the_designated_server_or_the_default() -> None:
+    route = resolver(*SERVERS).resolve(cmd(kind="template"))
+    assert route.server.id == "t" and route.from_mailbox == "templates@acme.com"
+    route = resolver(*SERVERS).resolve(cmd(kind="template", **{"from": "alerts@acme.com"}))
+    assert route.from_mailbox == "alerts@acme.com"
+    with pytest.raises(NoRoute):
+        resolver(*SERVERS).resolve(cmd(kind="template", **{"from": "support@acme.com"}))
+    without = [s for s in SERVERS if s.id != "t"]
+    with pytest.raises(NoRoute, match="no system default SMTP server"):
+        resolver(*without).resolve(cmd(kind="template"))
+    route = resolver(
+        *without, default_smtp_host="mail.example.net", default_smtp_from="noreply@example.net"
+    ).resolve(cmd(kind="template"))
+    assert route.system_default and route.server_id is None
+    assert route.from_mailbox == "noreply@example.net"

@@ -24,7 +24,7 @@ return 0
 
 
 class Leases:
-    def __init__(self, client: redis.Redis[bytes], owner: str, ttl_seconds: float) -> None:
+    def __init__(self, client: redis.Redis, owner: str, ttl_seconds: float) -> None:
         self._client = client
         self.owner = owner
         self.ttl_ms = int(ttl_seconds * 1000)
@@ -47,4 +47,6 @@ class Leases:
 
     def holder(self, name: str) -> str | None:
         value = self._client.get(self.key(name))
-        return value.decode() if value is not None else None
+        if value is None:
+            return None
+        return value.decode() if isinstance(value, bytes) else str(value)

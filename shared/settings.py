@@ -119,7 +119,7 @@ class Settings(BaseSettings):
 
     # --- sender (issue 4) ------------------------------------------------------------------
     sender_threads: int = Field(
-        default=8, description="Delivery threads per sender process (dramatiq worker threads)."
+        default=8, description="Delivery threads per sender process (first attempts)."
     )
     sender_retry_deadline_seconds: float = Field(
         default=2 * 24 * 3600.0,
@@ -175,6 +175,39 @@ class Settings(BaseSettings):
     )
     default_smtp_from: str = Field(
         default="", description="Sender address of template mail sent through the default server."
+    )
+
+    # --- status (issue 5) ------------------------------------------------------------------
+    status_failures_before_failing: int = Field(
+        default=2,
+        ge=1,
+        description="Consecutive failed reports before a server counts as failing (and the "
+        "alert goes out); one failure alone does not flap the state.",
+    )
+    status_stale_factor: float = Field(
+        default=3.0,
+        gt=1.0,
+        description="An enabled inbound server is stale when no worker reported on it for "
+        "this many of its report intervals (a dead fetcher shows up by itself).",
+    )
+    status_heartbeat_seconds: float = Field(
+        default=60.0,
+        description="A fetcher reports on a healthy mailbox at least this often, also while "
+        "it waits in IDLE; the report interval of IMAP is min(imap poll, this).",
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1", description="Where the fetcher and sender serve /metrics."
+    )
+    fetcher_metrics_port: int = Field(
+        default=9101, description="The fetcher's /metrics port; 0 = no metrics endpoint."
+    )
+    sender_metrics_port: int = Field(
+        default=9102, description="The sender's /metrics port; 0 = no metrics endpoint."
+    )
+    sender_retry_threads: int = Field(
+        default=2,
+        description="Threads per sender process that make retries (dramatiq worker threads); "
+        "first attempts run in the MAILROOM_SENDER_THREADS delivery threads.",
     )
 
     @cached_property

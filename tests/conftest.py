@@ -22,6 +22,7 @@ from shared.db.migrate import migrate  # noqa: E402
 from shared.db.pool import DictConnection, make_pool  # noqa: E402
 from shared.preflight import problems  # noqa: E402
 from shared.settings import Settings  # noqa: E402
+from tests.lab.certs import LabCertificates  # noqa: E402
 from tests.lab.fixtures import (  # noqa: E402, F401 - fixtures for every test module
     dovecot,
     lab_user,
@@ -91,9 +92,16 @@ def clean_database(pool: ConnectionPool[DictConnection]) -> None:
 
 
 @pytest.fixture(scope="session")
-def client(infrastructure: None, settings: Settings) -> Iterator[TestClient]:
-    """The config API in-process, its outbox relay running against the test vhost."""
-    with TestClient(create_app(settings)) as test_client:
+def client(
+    infrastructure: None, settings: Settings, request: pytest.FixtureRequest
+) -> Iterator[TestClient]:
+    """The config API in-process, its outbox relay running against the test vhost.
+
+    Its connection test trusts the mail lab's CA, as an operator's MAILROOM_CA_BUNDLE would.
+    """
+    certs: LabCertificates = request.getfixturevalue("mail_lab_certs")
+    api_settings = settings.model_copy(update={"ca_bundle": certs.ca})
+    with TestClient(create_app(api_settings)) as test_client:
         yield test_client
 
 

@@ -18,6 +18,7 @@ from psycopg_pool import ConnectionPool
 
 from services.fetcher.handover import Handover
 from services.fetcher.publisher import BrokerUnavailable, InboundPublisher
+from shared import metrics
 from shared.contracts.status_reports import FailureCategory, StatusReport
 from shared.db.pool import DictConnection
 from shared.email_servers import EmailServer
@@ -59,6 +60,7 @@ class MailboxPoller(threading.Thread):
         self._predecessor = predecessor
         self._stopping = threading.Event()
         self._lease_renewed = 0.0
+        self._last_report = time.monotonic()
         self.mails_fetched = 0
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -123,6 +125,8 @@ class MailboxPoller(threading.Thread):
             if not self.context.leases.renew(self.server.id):
                 raise LeaseLost
             self._lease_renewed = time.monotonic()
+        if time.monotonic() - self._last_report >= self.context.settings.status_heartbeat_seconds:
+            self._report(ok=True, connected=True)  # heartbeat: alive, e.g. waiting in IDLE
         return True
 
     def pause(self, seconds: float) -> None:
@@ -145,13 +149,19 @@ class MailboxPoller(threading.Thread):
 
     def report_ok(self, fetched: int, duration: float) -> None:
         self.mails_fetched += fetched
+        metrics.MAILS_FETCHED.labels(self.server.type.value).inc(fetched)
+        metrics.POLLS.labels(self.server.type.value, "ok").inc()
+        metrics.POLL_SECONDS.labels(self.server.type.value).observe(duration)
         self._report(ok=True, connected=True, mails_fetched=fetched, duration_seconds=duration)
 
     def report_failure(self, category: FailureCategory, reason: str) -> None:
         log.warning("%s (%s): %s", self.name, self.server.host, reason)
+        metrics.POLLS.labels(self.server.type.value, "failed").inc()
+        metrics.POLL_FAILURES.labels(self.server.type.value, category.value).inc()
         self._report(ok=False, category=category, reason=reason)
 
     def _report(self, **fields: object) -> None:
+        self._last_report = time.monotonic()
         report = StatusReport(
             tenant_id=self.server.tenant_id,
             server_id=self.server.id,

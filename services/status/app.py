@@ -1,20 +1,28 @@
-"""The status service's HTTP side: health and metrics today; the status API comes next."""
+"""The status service's HTTP side: the status API and its stream, health and metrics."""
 
 from __future__ import annotations
 
 from fastapi import FastAPI
 
-from services.status.config_watch import StatusConfigWatch
+from services.status.api import status_router
+from services.status.worker import StatusWorker
 from shared.http_ops import ops_router
 from shared.settings import Settings
 
 
-def create_app(settings: Settings, watch: StatusConfigWatch) -> FastAPI:
+def create_app(settings: Settings, worker: StatusWorker) -> FastAPI:
     app = FastAPI(title="Mailroom status service", version="1")
     app.state.settings = settings
 
     def ready() -> str | None:
-        return None if watch.consuming else "not consuming config events from RabbitMQ"
+        if not worker.consuming:
+            return "not consuming config events and status reports from RabbitMQ"
+        try:
+            worker.store.redis.ping()
+        except Exception as exc:  # noqa: BLE001 - any failure means: cannot serve
+            return f"Redis unavailable: {exc}"
+        return None
 
     app.include_router(ops_router(ready))
+    app.include_router(status_router(worker.directory, worker.store, settings))
     return app

@@ -10,6 +10,7 @@ can act on.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -219,10 +220,25 @@ class ImapMailbox:
 class IdleWatch:
     def __init__(self, mailbox: ImapMailbox) -> None:
         self._mailbox = mailbox
+        self._quick_empty = 0
 
     def news(self, timeout: float) -> bool:
-        """True when the server announced a new or expunged mail within ``timeout`` seconds."""
+        """True when the server announced a new or expunged mail within ``timeout`` seconds.
+
+        Raises when the server said BYE or closed the connection: imapclient's ``idle_check``
+        swallows EOF and answers "nothing" at once, again and again, which would look like a
+        healthy, quiet mailbox.
+        """
+        started = time.monotonic()
         responses = self._mailbox._call(lambda c: c.idle_check(timeout=timeout))
+        mailbox = self._mailbox
+        where = f"{mailbox._host}:{mailbox._port}"
+        if any(response[:1] == (b"BYE",) for response in responses):
+            raise MailServerError(FailureCategory.NETWORK, f"{where} ended the session (BYE)")
+        quick = not responses and time.monotonic() - started < timeout / 2
+        self._quick_empty = self._quick_empty + 1 if quick else 0
+        if self._quick_empty >= 3:
+            raise MailServerError(FailureCategory.NETWORK, f"{where} closed the connection")
         return any(
             len(response) >= 2 and response[1] in (b"EXISTS", b"RECENT", b"EXPUNGE")
             for response in responses

@@ -8,34 +8,28 @@ from shared.db import email_servers
 from shared.db.pool import DictConnection
 from shared.secrets import SecretBox
 from shared.settings import Settings
+from tests.lab.fixtures import SMTP_LAB_USER
+from tests.lab.smtp_server import SmtpLab
 from tests.support.api import ApiClient
-from tests.support.leaks import password
-from tests.support.tcp import listening_port
-
-SETTINGS = {
-    "type": "smtp",
-    "description": "Antworten an Kunden",
-    "host": "127.0.0.1",
-    "tls": False,
-    "port": 2525,
-    "username": "agent@example.com",
-    "sender_addresses": ["noreply@example.com"],
-    "role": "agent",
-}
 
 
 def test_duplicate_copies_settings_and_secret_but_is_disabled(
-    api: ApiClient, pool: ConnectionPool[DictConnection], settings: Settings
+    api: ApiClient, pool: ConnectionPool[DictConnection], settings: Settings, smtp_lab: SmtpLab
 ) -> None:
-    secret = password("dup")
-    with listening_port() as port:
-        original = api.create(
-            name="Ausgang",
-            **{**SETTINGS, "port": port},
-            password=secret,
-            enabled=True,
-            is_template_server=True,
-        )
+    secret = smtp_lab.users[SMTP_LAB_USER]
+    settings_ = {
+        "type": "smtp",
+        "description": "Antworten an Kunden",
+        "host": "localhost",
+        "tls": False,
+        "port": smtp_lab.port,
+        "username": SMTP_LAB_USER,
+        "sender_addresses": ["noreply@lab.test"],
+        "role": "agent",
+    }
+    original = api.create(
+        name="Ausgang", **settings_, password=secret, enabled=True, is_template_server=True
+    )
     response = api.post(f"/email-servers/{original['id']}/duplicate")
     assert response.status_code == 201, response.text
     copy = response.json()
@@ -44,7 +38,7 @@ def test_duplicate_copies_settings_and_secret_but_is_disabled(
     assert copy["enabled"] is False
     assert copy["is_template_server"] is False
     assert copy["has_password"] is True
-    for field in (*SETTINGS, "effective_port"):
+    for field in (*settings_, "effective_port"):
         assert copy[field] == original[field], field
     with pool.connection() as conn:
         stored = email_servers.get(conn, copy["id"])

@@ -1,13 +1,15 @@
-"""SIGKILL the fetcher at random moments while 500 mails flow: every mail exactly once."""
+"""Fetchers die (SIGKILL) and scale out: every mail still arrives exactly once."""
 
 from __future__ import annotations
 
 import random
 import time
 
+import redis
 from psycopg_pool import ConnectionPool
 
 from shared.db.pool import DictConnection
+from shared.leases import Leases
 from shared.settings import Settings
 from tests.lab.certs import LabCertificates
 from tests.lab.clients import LabIMAP4_SSL, tls_context
@@ -77,3 +79,40 @@ def test_a_fetcher_killed_at_random_moments_hands_every_mail_over_exactly_once(
     assert set(ids) == {f"<crash-{n}@example.org>" for n in range(MAILS)}
     assert dovecot.unseen(lab_user.name) == 0
     assert kills_while_working >= 3, "the kills did not hit the fetcher while it worked"
+
+
+def test_two_fetchers_share_mailboxes_and_one_takes_over_when_the_other_dies(
+    api: ApiClient,
+    settings: Settings,
+    dovecot: DovecotLab,
+    lab_user: LabUser,
+    mail_lab_certs: LabCertificates,
+) -> None:
+    server = lab_mailbox(api, dovecot, lab_user)
+    queue = f"mailroom.inbound.{server['routing_plan_id']}"
+    wait_for_queue(settings.amqp_url, queue)
+    env = {
+        "MAILROOM_CA_BUNDLE": str(mail_lab_certs.ca),
+        "MAILROOM_MAILBOX_LEASE_SECONDS": "1.5",
+        "MAILROOM_LOG_LEVEL": "INFO",
+    }
+    fetchers = [ServiceProcess("run", "fetcher", env=env) for _ in range(2)]
+    try:
+        for fetcher in fetchers:
+            fetcher.wait_for_log("connected to RabbitMQ, consuming", timeout=20)
+        append_many(dovecot, lab_user, mail_lab_certs, 20, first=0)
+        assert len(take(settings.amqp_url, queue, 20)) == 20
+        leases = Leases(redis.Redis.from_url(settings.redis_url), "observer", 1)
+        holder = leases.holder(server["id"])
+        assert holder is not None
+        serving = [f for f in fetchers if holder.endswith(f".{f.process.pid}")]
+        assert len(serving) == 1, holder
+        serving[0].kill()
+        died = time.monotonic()
+        append_many(dovecot, lab_user, mail_lab_certs, 5, first=20)
+        assert len(take(settings.amqp_url, queue, 5, timeout=15)) == 5
+        assert time.monotonic() - died < 8  # the lease ran out and the other took over
+        assert take(settings.amqp_url, queue, 1, timeout=1) == []  # and nothing twice
+    finally:
+        for fetcher in fetchers:
+            fetcher.kill()

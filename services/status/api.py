@@ -1,0 +1,129 @@
+"""``GET /api/v1/status/email-servers`` and its live stream (CONTRACT.md, status API).
+
+Tenant-scoped like the config API: the token's tenant sees its own servers, nothing else; a
+server of another tenant answers 404, as if it did not exist. ``email_servers:read`` suffices.
+
+The stream (``/status/email-servers/stream``) is server-sent events: first one ``snapshot``
+event (the list, as the GET answers it), then a ``state`` event per state change of one of the
+tenant's servers (``{"tenant_id", "server_id", "state", "previous_state", "reason", "at"}``,
+the alert's JSON) and a ``removed`` event when a server is deleted; a comment line every 15 s
+keeps proxies from closing an idle stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import redis.asyncio
+from fastapi import APIRouter, Depends, HTTPException, Request, status
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict
+
+from services.status.state import configure, now
+from services.status.store import CHANGES_CHANNEL, StatusStore
+from shared.http_auth import require
+from shared.server_directory import ServerDirectory
+from shared.settings import Settings
+from shared.tokens import READ, Principal
+
+Reader = Annotated[Principal, Depends(require(READ))]
+KEEPALIVE_SECONDS = 15.0
+
+
+class ServerState(BaseModel):
+    """One server's status; fields beyond CONTRACT's may be added, never renamed."""
+
+    model_config = ConfigDict(extra="allow")
+
+    server_id: str
+    name: str
+    type: str
+    enabled: bool
+    state: str
+    reason: str | None
+    last_success_at: str | None
+    last_error_at: str | None
+    since: str
+    last_error: str | None
+    last_report_at: str | None
+    consecutive_failures: int
+    mails_fetched: int
+    mails_sent: int
+    mails_failed: int
+    last_poll_seconds: float | None
+    worker: str | None
+    category: str | None
+
+
+class ServerStates(BaseModel):
+    items: list[ServerState]
+
+
+def status_router(directory: ServerDirectory, store: StatusStore, settings: Settings) -> APIRouter:
+    router = APIRouter(prefix="/api/v1/status", tags=["status"])
+
+    def items_for(tenant_id: str) -> list[dict[str, Any]]:
+        servers = [s for s in directory.all() if s.tenant_id == tenant_id]
+        stored = store.many(s.id for s in servers)
+        items = []
+        for server in sorted(servers, key=lambda s: (s.name.casefold(), s.id)):
+            current = stored.get(server.id)
+            if current is None or current.version < server.version:
+                current = configure(current, server, now())  # not folded in yet: as it will be
+            item = current.public()
+            item.update(name=server.name, type=server.type.value, enabled=server.enabled)
+            items.append(item)
+        return items
+
+    @router.get("/email-servers", response_model=ServerStates)
+    def list_states(principal: Reader) -> dict[str, Any]:
+        return {"items": items_for(principal.tenant_id)}
+
+    @router.get("/email-servers/stream", response_class=StreamingResponse)
+    async def stream(principal: Reader, request: Request) -> StreamingResponse:
+        client = redis.asyncio.Redis.from_url(settings.redis_url)
+        pubsub = client.pubsub()
+        await pubsub.subscribe(CHANGES_CHANNEL)  # before the snapshot: no change falls between
+        tenant = principal.tenant_id
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                snapshot = await asyncio.to_thread(items_for, tenant)
+                yield _event("snapshot", {"items": snapshot})
+                while not await request.is_disconnected():
+                    message = await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=KEEPALIVE_SECONDS
+                    )
+                    if message is None:
+                        yield ": keep-alive\n\n"
+                        continue
+                    change = json.loads(message["data"])
+                    if change.get("tenant_id") != tenant:
+                        continue
+                    kind = "removed" if change.pop("removed", False) else "state"
+                    yield _event(kind, change)
+            finally:
+                await pubsub.aclose()  # stubs predate aclose
+                await client.aclose()
+
+        return StreamingResponse(
+            events(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    @router.get("/email-servers/{server_id}", response_model=ServerState)
+    def one_state(server_id: str, principal: Reader) -> dict[str, Any]:
+        for item in items_for(principal.tenant_id):
+            if item["server_id"] == server_id:
+                return item
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no such server")
+
+    return router
+
+
+def _event(kind: str, data: dict[str, Any]) -> str:
+    return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"

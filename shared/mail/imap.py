@@ -124,6 +124,7 @@ class ImapMailbox:
                     FailureCategory.FOLDER_MISSING, f"folder {self.folder!r} does not exist"
                 ) from exc
             raise
+        self._take_announcements()  # SELECT's own EXISTS/RECENT describe what we just read
         self.state = FolderState(
             uidvalidity=int(info[b"UIDVALIDITY"]),
             uidnext=int(info[b"UIDNEXT"]) if b"UIDNEXT" in info else None,
@@ -186,12 +187,24 @@ class ImapMailbox:
 
     @contextmanager
     def idling(self) -> Iterator[IdleWatch]:
-        """IDLE until the block ends; the server tells of new mail meanwhile (RFC 2177)."""
+        """IDLE until the block ends; the server tells of new mail meanwhile (RFC 2177).
+
+        A mail that arrived while other commands ran was announced with *their* answers, or
+        just before IDLE's go-ahead; imaplib files such announcements away, where idle_check
+        never looks. They count as news at once, or that mail would wait for the next renewal.
+        """
+        missed = self._take_announcements()
         self._call(lambda c: c.idle())
+        missed = self._take_announcements() or missed
         try:
-            yield IdleWatch(self)
+            yield IdleWatch(self, missed)
         finally:
             self._call(lambda c: c.idle_done())
+
+    def _take_announcements(self) -> bool:
+        untagged = self._require()._imap.untagged_responses  # noqa: SLF001 - imaplib's store
+        found = [untagged.pop(name, None) for name in ("EXISTS", "RECENT", "EXPUNGE")]
+        return any(found)
 
     # --- plumbing --------------------------------------------------------------------------
 
@@ -218,8 +231,9 @@ class ImapMailbox:
 
 
 class IdleWatch:
-    def __init__(self, mailbox: ImapMailbox) -> None:
+    def __init__(self, mailbox: ImapMailbox, missed: bool = False) -> None:
         self._mailbox = mailbox
+        self._missed = missed
         self._quick_empty = 0
 
     def news(self, timeout: float) -> bool:
@@ -229,6 +243,9 @@ class IdleWatch:
         swallows EOF and answers "nothing" at once, again and again, which would look like a
         healthy, quiet mailbox.
         """
+        if self._missed:
+            self._missed = False
+            return True
         started = time.monotonic()
         responses = self._mailbox._call(lambda c: c.idle_check(timeout=timeout))
         mailbox = self._mailbox

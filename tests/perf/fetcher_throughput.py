@@ -1,0 +1,356 @@
+"""Benchmark: the fetcher against bare protocol loops over the same mailboxes, in one run.
+
+``make bench`` runs it (``BENCH_MAILS`` sets the mailbox size, default 5,000 mails of ~4 KB).
+Everything runs on loopback against the project's own Dovecot lab:
+
+- IMAP throughput: a bare imapclient loop (SEARCH UNSEEN, FETCH in batches of 100, STORE
+  \\Seen, nothing published) vs the fetcher (the same, plus the exactly-once hand-over).
+- POP3 throughput: a bare poplib RETR+DELE loop vs the fetcher.
+- Latency with IDLE: APPEND -> message in the routing plan's queue, p50/p99.
+- Scale: N IMAP mailboxes (``BENCH_MAILBOXES``, default 500) on one fetcher process: RSS and
+  CPU while idle, and the time for a mail in any of them to arrive.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import statistics
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pika
+from cryptography.fernet import Fernet
+from imapclient import IMAPClient
+
+from shared.db import email_servers, routing_plans
+from shared.db.migrate import migrate
+from shared.db.pool import make_pool
+from shared.email_servers import ServerType
+from shared.secrets import SecretBox
+from shared.settings import Settings
+from shared.topology import STATUS_REPORTS_QUEUE_NAME
+from tests.lab.certs import LabCertificates, issue
+from tests.lab.clients import LabIMAP4_SSL, LabPOP3_SSL, tls_context
+from tests.lab.dovecot import DovecotLab, LabUser, ensure_installed
+from tests.support.environment import TEST_AMQP_URL
+from tests.support.rabbit import ensure_vhost
+
+MAILS = int(os.environ.get("BENCH_MAILS", "5000"))
+MAILBOXES = int(os.environ.get("BENCH_MAILBOXES", "500"))
+ROOT = Path(__file__).resolve().parents[2]
+DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/mailroom_bench_fetcher"
+
+
+def mail(n: int) -> bytes:
+    head = f"From: kunde{n}@example.org\r\nSubject: Bench {n}\r\nMessage-ID: <b{n}@x>\r\n\r\n"
+    return head.encode() + (b"Lorem ipsum dolor sit amet, consectetur adipiscing elit.\r\n" * 68)
+
+
+def fill(
+    lab: DovecotLab, user: LabUser, certs: LabCertificates, count: int, first: int = 0
+) -> None:
+    client = LabIMAP4_SSL("localhost", lab.imaps_port, tls_context(str(certs.ca)))
+    client.login(user.name, user.password)
+    for n in range(first, first + count):
+        client.append("INBOX", None, None, mail(n))
+    client.logout()
+
+
+def bare_imap(lab: DovecotLab, user: LabUser, certs: LabCertificates) -> float:
+    started = time.perf_counter()
+    client = IMAPClient("localhost", port=lab.imaps_port, ssl_context=tls_context(str(certs.ca)))
+    client.login(user.name, user.password)
+    client.select_folder("INBOX")
+    uids = client.search(["UNSEEN"])
+    for i in range(0, len(uids), 100):
+        chunk = uids[i : i + 100]
+        fetched = client.fetch(chunk, ["BODY.PEEK[]"])
+        assert len(fetched) == len(chunk)
+        client.add_flags(chunk, [b"\\Seen"], silent=True)
+    client.logout()
+    return len(uids) / (time.perf_counter() - started)
+
+
+def unsee_all(lab: DovecotLab, user: LabUser) -> None:
+    lab.doveadm("flags", "remove", "-u", user.name, "\\Seen", "mailbox", "INBOX", "all")
+
+
+def bare_pop3(lab: DovecotLab, user: LabUser, certs: LabCertificates) -> float:
+    started = time.perf_counter()
+    client = LabPOP3_SSL("localhost", lab.pop3s_port, tls_context(str(certs.ca)))
+    client.user(user.name)
+    client.pass_(user.password)
+    count = len(client.list()[1])
+    for number in range(1, count + 1):
+        client.retr(number)
+        client.dele(number)
+    client.quit()
+    return count / (time.perf_counter() - started)
+
+
+class QueueWatch:
+    """Counts (and timestamps, by Message-ID) what arrives in a queue; consumes it."""
+
+    def __init__(self, queue: str) -> None:
+        self.queue = queue
+        self.arrivals: dict[str, float] = {}
+        self.count = 0
+        self._stop = threading.Event()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        self._ready.wait(10)
+
+    def _run(self) -> None:
+        connection = pika.BlockingConnection(pika.URLParameters(TEST_AMQP_URL))
+        channel = connection.channel()
+        channel.basic_qos(prefetch_count=1000)
+
+        def on_message(ch: Any, method: Any, properties: Any, body: bytes) -> None:
+            self.count += 1
+            message_id = (properties.headers or {}).get("x-message-id")
+            if message_id:
+                self.arrivals[message_id] = time.perf_counter()
+            ch.basic_ack(method.delivery_tag)
+
+        channel.basic_consume(self.queue, on_message)
+        self._ready.set()
+        while not self._stop.is_set():
+            connection.process_data_events(time_limit=0.05)
+        connection.close()
+
+    def wait_for(self, count: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.count < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.count} of {count} arrived")
+            time.sleep(0.005)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+class Bench:
+    def __init__(self, lab: DovecotLab, certs: LabCertificates) -> None:
+        self.lab = lab
+        self.certs = certs
+        self.keys = Fernet.generate_key().decode()
+        self.env = {
+            **os.environ,
+            "MAILROOM_DATABASE_URL": DATABASE_URL,
+            "MAILROOM_AMQP_URL": TEST_AMQP_URL,
+            "MAILROOM_SECRET_KEYS": self.keys,
+            "MAILROOM_TOKEN_SIGNING_KEY": secrets.token_urlsafe(32),
+            "MAILROOM_CA_BUNDLE": str(certs.ca),
+            "MAILROOM_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
+        }
+        self.settings = Settings(
+            database_url=DATABASE_URL,
+            amqp_url=TEST_AMQP_URL,
+            secret_keys=self.keys,
+            token_signing_key="x" * 32,
+        )
+        self.pool = make_pool(self.settings, max_size=4)
+        self.box = SecretBox([self.keys])
+        with self.pool.connection() as conn:
+            conn.execute("TRUNCATE email_servers, routing_plans CASCADE")
+
+    def mailbox(self, user: LabUser, kind: ServerType) -> str:
+        """A server row and routing plan for ``user``; returns the plan's queue."""
+        with self.pool.connection() as conn, conn.transaction():
+            plan = routing_plans.create(conn, "bench", f"plan {user.name}")
+            email_servers.insert(
+                conn,
+                "bench",
+                {
+                    "type": kind,
+                    "name": user.name,
+                    "host": "localhost",
+                    "port": self.lab.imaps_port if kind is ServerType.IMAP else self.lab.pop3s_port,
+                    "tls": True,
+                    "auth_type": "basic",
+                    "username": user.name,
+                    "password_encrypted": self.box.encrypt(user.password),
+                    "inbox_folder": "INBOX" if kind is ServerType.IMAP else None,
+                    "routing_plan_id": plan.id,
+                    "enabled": True,
+                },
+            )
+        queue = f"mailroom.inbound.{plan.id}"
+        connection = pika.BlockingConnection(pika.URLParameters(TEST_AMQP_URL))
+        channel = connection.channel()
+        channel.exchange_declare("mailroom.inbound", exchange_type="direct", durable=True)
+        channel.queue_declare(queue, durable=True)
+        channel.queue_bind(queue, "mailroom.inbound", routing_key=plan.id)
+        connection.close()
+        return queue
+
+    def fetcher(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([str(ROOT / ".venv/bin/mailroom"), "run", "fetcher"], env=self.env)
+
+    def timed_fetch(self, queue: str, count: int) -> float:
+        watch = QueueWatch(queue)
+        started = time.perf_counter()
+        process = self.fetcher()
+        try:
+            watch.wait_for(count, timeout=600)
+            return count / (time.perf_counter() - started)
+        finally:
+            process.terminate()
+            process.wait(20)
+            watch.stop()
+
+
+def rss_and_cpu(pid: int, seconds: float) -> tuple[float, float]:
+    def cpu() -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    before = cpu()
+    time.sleep(seconds)
+    used = (cpu() - before) / seconds
+    status = Path(f"/proc/{pid}/status").read_text()
+    rss_kb = int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1])
+    return rss_kb / 1024, used * 100
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def say(report: list[str], line: str) -> None:
+    report.append(line)
+    print(line, flush=True)
+
+
+def main() -> int:
+    ensure_installed()
+    ensure_vhost()
+    migrate(DATABASE_URL)
+    certs = issue(Path(tempfile.mkdtemp(prefix="bench-certs-")))
+    with DovecotLab(certs) as lab:
+        bench = Bench(lab, certs)
+        report: list[str] = []
+        print("fetcher benchmark (loopback, Dovecot lab, 2 cores)", flush=True)
+
+        imap_user = lab.new_user("imap")
+        fill(lab, imap_user, certs, MAILS)
+        bare = bare_imap(lab, imap_user, certs)
+        unsee_all(lab, imap_user)
+        fetched = bench.timed_fetch(bench.mailbox(imap_user, ServerType.IMAP), MAILS)
+        say(
+            report,
+            f"IMAPS, {MAILS} mails of ~4 KB: bare imapclient loop {bare:,.0f}/s, "
+            f"fetcher {fetched:,.0f}/s = {fetched / bare:.0%} of the bare loop "
+            "(goal >= 50%)",
+        )
+
+        pop_user = lab.new_user("pop")
+        fill(lab, pop_user, certs, MAILS)
+        bare = bare_pop3(lab, pop_user, certs)
+        fill(lab, pop_user, certs, MAILS)
+        fetched = bench.timed_fetch(bench.mailbox(pop_user, ServerType.POP3), MAILS)
+        say(
+            report,
+            f"POP3S, {MAILS} mails: bare poplib RETR+DELE {bare:,.0f}/s, fetcher "
+            f"{fetched:,.0f}/s = {fetched / bare:.0%} of the bare loop",
+        )
+
+        say(report, latency(bench, lab, certs))
+        say(report, scale(bench, lab))
+
+    return 0
+
+
+def latency(bench: Bench, lab: DovecotLab, certs: LabCertificates, samples: int = 100) -> str:
+    user = lab.new_user("idle")
+    queue = bench.mailbox(user, ServerType.IMAP)
+    watch = QueueWatch(queue)
+    process = bench.fetcher()
+    try:
+        time.sleep(3)  # connected and idling
+        client = LabIMAP4_SSL("localhost", lab.imaps_port, tls_context(str(certs.ca)))
+        client.login(user.name, user.password)
+        delays = []
+        for n in range(samples):
+            started = time.perf_counter()
+            client.append("INBOX", None, None, mail(100_000 + n))
+            watch.wait_for(n + 1, timeout=30)
+            delays.append(watch.arrivals[f"<b{100_000 + n}@x>"] - started)
+        client.logout()
+    finally:
+        process.terminate()
+        process.wait(20)
+        watch.stop()
+    return (
+        f"IDLE latency APPEND -> queue over {samples} mails: p50 {percentile(delays, 0.5):.3f} s,"
+        f" p99 {percentile(delays, 0.99):.3f} s, max {max(delays):.3f} s "
+        "(goal p50 < 1 s, p99 < 2 s)"
+    )
+
+
+def reported_ok(seen: set[str], until: int, timeout: float) -> None:
+    """Wait until ``until`` mailboxes have reported a successful first poll."""
+    connection = pika.BlockingConnection(pika.URLParameters(TEST_AMQP_URL))
+    channel = connection.channel()
+    deadline = time.monotonic() + timeout
+    while len(seen) < until and time.monotonic() < deadline:
+        method, _, body = channel.basic_get(STATUS_REPORTS_QUEUE_NAME, auto_ack=True)
+        if method is None:
+            connection.sleep(0.1)
+            continue
+        report = json.loads(body)
+        if report["ok"]:
+            seen.add(report["server_id"])
+    connection.close()
+    if len(seen) < until:
+        raise TimeoutError(f"only {len(seen)} of {until} mailboxes reported")
+
+
+def purge_reports() -> None:
+    connection = pika.BlockingConnection(pika.URLParameters(TEST_AMQP_URL))
+    channel = connection.channel()
+    channel.queue_declare(STATUS_REPORTS_QUEUE_NAME, durable=True)
+    channel.queue_purge(STATUS_REPORTS_QUEUE_NAME)
+    connection.close()
+
+
+def scale(bench: Bench, lab: DovecotLab) -> str:
+    users = [lab.new_user("m") for _ in range(MAILBOXES)]
+    queues = [bench.mailbox(user, ServerType.IMAP) for user in users]
+    purge_reports()
+    started = time.perf_counter()
+    process = bench.fetcher()
+    try:
+        reported_ok(set(), until=MAILBOXES, timeout=300)
+        ready = time.perf_counter() - started
+        time.sleep(5)  # settle into IDLE
+        rss_mb, cpu_percent = rss_and_cpu(process.pid, 10)
+        delays = []
+        for index in range(0, MAILBOXES, max(1, MAILBOXES // 10)):
+            watch = QueueWatch(queues[index])
+            appended = time.perf_counter()
+            lab.append(users[index].name, mail(900_000 + index))
+            watch.wait_for(1, timeout=30)
+            delays.append(watch.arrivals[f"<b{900_000 + index}@x>"] - appended)
+            watch.stop()
+    finally:
+        process.terminate()
+        process.wait(30)
+    return (
+        f"{MAILBOXES} IMAP mailboxes on one fetcher: all logged in after {ready:.1f} s; idle "
+        f"RSS {rss_mb:.0f} MB, CPU {cpu_percent:.1f} % of a core; a mail in any of them "
+        f"arrived in p50 {statistics.median(delays):.2f} s, max {max(delays):.2f} s"
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -21,6 +21,7 @@ from shared.email_servers import DEFAULT_INBOX_FOLDER
 from shared.mail.imap import ImapMailbox
 
 IDLE_CHECK_SECONDS = 1.0
+RECHECK_SECONDS = 0.3
 
 
 class ImapPoller(MailboxPoller):
@@ -40,7 +41,10 @@ class ImapPoller(MailboxPoller):
                 fetched = self.fetch_new(mailbox)
                 self.report_ok(fetched, time.monotonic() - started)
                 if mailbox.supports_idle:
-                    self._idle(mailbox)
+                    # After a hand-over, look once more soon: a mail delivered while the last
+                    # one was handed over may not be announced in IDLE (Dovecot only re-checks
+                    # every 30 s when the delivery came just before its watch was set up).
+                    self._idle(mailbox, RECHECK_SECONDS if fetched else None)
                 else:
                     self.pause(settings.imap_poll_seconds)
         finally:
@@ -53,8 +57,9 @@ class ImapPoller(MailboxPoller):
                 mailbox.mark_seen([int(i["key"].removeprefix("uid:")) for i in batch.items])
             self.handover.finish(batch)
 
-    def _idle(self, mailbox: ImapMailbox) -> None:
-        deadline = time.monotonic() + self.context.settings.imap_idle_renew_seconds
+    def _idle(self, mailbox: ImapMailbox, seconds: float | None = None) -> None:
+        renew = self.context.settings.imap_idle_renew_seconds
+        deadline = time.monotonic() + (renew if seconds is None else seconds)
         with mailbox.idling() as watch:
             while self.keep_going() and time.monotonic() < deadline:
                 if watch.news(IDLE_CHECK_SECONDS):

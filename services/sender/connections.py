@@ -60,10 +60,15 @@ class SmtpConnections:
         recipients: list[str],
         data: bytes,
         *,
+        before_mail: Callable[[], None] | None = None,
         before_data: Callable[[], None] | None = None,
         smtputf8: bool = False,
     ) -> tuple[int, str]:
-        """One transaction on a pooled connection; raises :class:`SmtpError`."""
+        """One transaction on a pooled connection; raises :class:`SmtpError`.
+
+        ``before_mail`` runs before MAIL FROM (again if a stale connection is replaced),
+        ``before_data`` just before DATA.
+        """
         entry = self._entry(server)
         entry.slots.acquire()
         try:
@@ -91,6 +96,7 @@ class SmtpConnections:
                         envelope_from,
                         recipients,
                         data,
+                        before_mail=before_mail,
                         before_data=mark,
                         smtputf8=smtputf8,
                     )

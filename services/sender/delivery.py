@@ -1,61 +1,81 @@
-"""Delivering send commands: dramatiq executes and retries, PostgreSQL makes it happen once.
+"""Delivering send commands: PostgreSQL makes each happen at most once; dramatiq retries.
 
-**Why dramatiq, and how.** The public contract is plain JSON on ``mailroom.send`` (any AMQP
-client), which dramatiq cannot read: its messages are its own envelope. So a thin kombu
-consumer (:mod:`services.sender.supervisor`) validates each command, records it in
-``send_requests`` and enqueues a dramatiq message ``deliver(tenant_id, request_id)`` to the
-internal queue ``mailroom.sender.deliver`` (dramatiq's ``RabbitmqBroker``, publisher
-confirms) before acking the command. dramatiq's worker threads run :meth:`Sender.deliver`;
-its ``Retries`` middleware re-enqueues a temporarily failed delivery (raise
-``dramatiq.Retry``) with exponential backoff and jitter through the ``.DQ`` delay queue. The
-deadline (``MAILROOM_SENDER_RETRY_DEADLINE_SECONDS`` after the command arrived) is checked by
-the delivery itself, which turns the last temporary failure into a final one. Only
-``Retries`` and ``CurrentMessage`` are installed: dramatiq's default ``TimeLimit`` would
-interrupt a thread in the middle of an SMTP DATA.
+**Where an attempt runs, and why.** The public contract is plain JSON on ``mailroom.send``
+(any AMQP client), which dramatiq cannot read: its messages are its own envelope. So the
+sender's kombu consumer (:mod:`services.sender.supervisor`) validates each command and hands
+it to the intake's delivery threads (:mod:`services.sender.intake`), which make the **first
+attempt** themselves; the command is acked once that attempt is recorded and its result
+published. Only a command that must **wait and try again** goes to dramatiq: the attempt
+records the new owner, enqueues ``deliver(tenant_id, request_id)`` on the internal queue
+``mailroom.sender.deliver`` (``RabbitmqBroker``, publisher confirms) with a backoff delay
+(dramatiq's ``.DQ`` delay queue), and dramatiq's worker threads make every later attempt;
+its ``Retries`` middleware re-enqueues a temporarily failed one (``dramatiq.Retry``) with
+exponential backoff and jitter. The deadline (``MAILROOM_SENDER_RETRY_DEADLINE_SECONDS``
+after the command arrived) is checked by the delivery itself, which turns the last temporary
+failure into a final one. Only ``Retries`` and ``CurrentMessage`` are installed: dramatiq's
+default ``TimeLimit`` would interrupt a thread in the middle of an SMTP DATA.
 
-**Never twice (the state machine of a request).** ``received`` → ``sending`` → ``sent`` |
-``failed``, with ``retry_wait`` between attempts; each step is committed before the next
-network step:
+The first design sent every command through dramatiq. The benchmark
+(``tests/perf/sender_throughput.py``) measured it at 19-23% of a bare smtplib loop: per mail a
+second publish with its confirm, a second consume and ack (pika), six SQL round trips, and
+the one SMTP connection held during a seventh (the commit before DATA), all on a 2-core
+machine that also runs the SMTP server, RabbitMQ and PostgreSQL. Nearly every command is
+delivered at its first attempt, and dramatiq's queue only carried it to a thread of the same
+process. Now a mail costs three SQL round trips (lock and record; the commit before DATA,
+overlapped with MAIL and RCPT; finish and unlock), one confirmed publish (its result) and one
+ack; dramatiq keeps what it is good at, delayed retries that survive restarts.
 
-1. The consumer inserts the row (``received``) and names the dramatiq message that owns it.
-   The same ``request_id`` published again finds the row: if nobody has started on it yet the
-   new message becomes the owner (this heals a crash between insert and enqueue), else the
-   copy is dropped. A message that does not own its row does nothing.
-2. A delivery thread takes a PostgreSQL advisory lock on the request (held on its connection
-   for the whole attempt: if the process dies, PostgreSQL releases it) and claims the row
+**Never twice (the state machine of a request).** ``sending`` → ``sent`` | ``failed``, with
+``retry_wait`` between attempts (``received`` is only found in rows of older versions); each
+step is committed before the next network step:
+
+1. An intake thread takes a PostgreSQL advisory lock on the request (held on its connection
+   for the whole attempt: if the process dies, PostgreSQL releases it) and, in the same
+   statement, inserts the row already claimed (``sending``, attempt 1). A dramatiq attempt
+   takes the lock, checks that its message owns the row (``owner_message_id``) and claims it
    (``sending``, one more attempt).
-3. Just before the SMTP ``DATA`` command it commits ``data_started_at``.
-4. After the server's reply it commits ``sent`` / ``failed`` / ``retry_wait``, publishes the
-   result, and only then is the dramatiq message acked.
+2. Before MAIL FROM it sends ``data_started_at``; the commit happens while MAIL and RCPT are
+   exchanged, and DATA waits for it.
+3. After the server's reply it commits ``sent`` / ``failed`` / ``retry_wait`` (and releases
+   the lock), publishes the result, and only then is the command (or dramatiq message)
+   acked.
 
-After a crash the message is delivered again and finds the row ``sending``:
+After a crash the command (or the dramatiq message) is delivered again and finds the row
+``sending``:
 
 - without ``data_started_at``: nothing was handed over, the attempt is simply made again;
 - with it: the mail may have been accepted (the typical case: the worker died right after the
   server's 250). It is **not** sent again. The request is closed as ``failed``, final, with
   ``uncertain: true`` and a reason that says so, and kept in the dead-letter queue for a
-  human. The trade-off: a crash in that window (milliseconds per mail) can lose a mail that
-  was not accepted after all, but it can never deliver one twice, which is what the
-  contract's "at most once" demands. A connection that breaks after DATA without a reply is
-  treated the same way.
+  human. The trade-off: a crash in that window (MAIL, RCPT and DATA of one mail per
+  connection: milliseconds) can lose a mail that was not accepted after all, but it can never
+  deliver one twice, which is what the contract's "at most once" demands. A connection that
+  breaks after DATA without a reply is treated the same way.
 
-A request already ``sent``/``failed`` whose message comes again (a crash after the commit but
-before the ack) publishes its final result again: results are at least once, mails at most
-once.
+A command that comes again is told apart by AMQP's ``redelivered`` flag. A *redelivered*
+command is ours, back after a crash or a requeue: it heals its row (a final result is
+published again, a ``sending`` row is retried or closed as uncertain as above, a
+``retry_wait`` row gets a new dramatiq message as its owner). A *published again* command
+(same ``request_id``, e.g. a client's retry) changes nothing and is dropped: results are at
+least once, mails at most once.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import threading
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
 
 import dramatiq
 import psycopg
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
+from dramatiq.common import compute_backoff
 from dramatiq.middleware import CurrentMessage, Retries
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
@@ -80,6 +100,7 @@ log = logging.getLogger(__name__)
 
 ACTOR_NAME = "mailroom_sender_deliver"
 UNEXPECTED_ERROR_RETRIES = 5
+BUSY_RETRY_MILLISECONDS = 1000
 UNCERTAIN_REASON = (
     "delivery outcome unknown: the mail was handed to the SMTP server ({detail}) but its answer "
     "was not recorded; it is not sent again, so it arrived once or not at all"
@@ -91,6 +112,10 @@ def _retry_when(retries: int, exc: BaseException) -> bool:
     return isinstance(exc, dramatiq.Retry) or retries < UNEXPECTED_ERROR_RETRIES
 
 
+def _milliseconds(seconds: float) -> int:
+    return max(1, int(seconds * 1000))
+
+
 def make_broker(settings: Settings) -> RabbitmqBroker:
     return RabbitmqBroker(
         url=settings.amqp_url,
@@ -98,18 +123,37 @@ def make_broker(settings: Settings) -> RabbitmqBroker:
         middleware=[
             Retries(
                 retry_when=_retry_when,
-                min_backoff=max(1, int(settings.sender_retry_min_backoff_seconds * 1000)),
-                max_backoff=max(1, int(settings.sender_retry_max_backoff_seconds * 1000)),
+                min_backoff=_milliseconds(settings.sender_retry_min_backoff_seconds),
+                max_backoff=_milliseconds(settings.sender_retry_max_backoff_seconds),
             ),
             CurrentMessage(),
         ],
     )
 
 
-@dataclass(frozen=True)
-class Accepted:
-    enqueued: bool
-    state: str
+class Outcome(enum.Enum):
+    """What becomes of a command after its first attempt (the consumer acts on it)."""
+
+    ACK = "ack"
+    REQUEUE = "requeue"  # not handled now (a failure, or busy elsewhere): deliver it again
+
+
+@dataclass
+class _Work:
+    """One request in the hands of one thread, which holds the request's advisory lock."""
+
+    conn: DictConnection
+    tenant_id: str
+    request_id: str
+    row: repo.SendRequest | None
+    inline: bool  # the intake's first attempt (a retry is handed to dramatiq)
+    locked: bool = True
+    results: list[SendResult] = field(default_factory=list)  # inline: published by the intake
+
+    @property
+    def request(self) -> repo.SendRequest:
+        assert self.row is not None
+        return self.row
 
 
 class Sender:
@@ -122,7 +166,7 @@ class Sender:
         self.db: ConnectionPool[DictConnection] = ConnectionPool(
             settings.database_url,
             min_size=1,
-            max_size=settings.sender_threads + 2,
+            max_size=settings.sender_threads + settings.sender_retry_threads + 2,
             connection_class=cast(type[DictConnection], psycopg.Connection),
             kwargs={"row_factory": dict_row, "autocommit": True},
             open=False,
@@ -158,9 +202,10 @@ class Sender:
 
     def start_worker(self) -> None:
         if self._worker is None:
-            self._worker = dramatiq.Worker(self.broker, worker_threads=self.settings.sender_threads)
+            threads = self.settings.sender_retry_threads
+            self._worker = dramatiq.Worker(self.broker, worker_threads=threads)
             self._worker.start()
-            log.info("sender: %d delivery threads started", self.settings.sender_threads)
+            log.info("sender: %d retry threads (dramatiq) started", threads)
 
     def tick(self) -> None:
         self.connections.close_idle()
@@ -182,41 +227,16 @@ class Sender:
 
     # --- the consumer's side ---------------------------------------------------------------
 
-    def tenant_known(self, conn: DictConnection, tenant_id: str) -> bool:
+    def tenant_known(self, tenant_id: str) -> bool:
         if tenant_id in self._known_tenants:
             return True
         known = any(s.tenant_id == tenant_id for s in self.directory.all())
-        known = known or repo.tenant_known(conn, tenant_id)
+        if not known:
+            with self.db.connection() as conn:
+                known = repo.tenant_known(conn, tenant_id)
         if known:
             self._known_tenants.add(tenant_id)
         return known
-
-    def accept(self, command: SendCommand, raw: dict[str, Any]) -> Accepted:
-        """Record the command and hand it to a delivery thread (before the AMQP ack)."""
-        message = self.actor.message(command.tenant_id, command.request_id)
-        with self.db.connection() as conn:
-            if not self.tenant_known(conn, command.tenant_id):
-                raise InvalidCommand(
-                    f"unknown tenant {command.tenant_id!r}", command.request_id, command.tenant_id
-                )
-            enqueue, state = repo.record_received(
-                conn,
-                command.tenant_id,
-                command.request_id,
-                raw,
-                message.message_id,
-                self.settings.sender_retry_deadline_seconds,
-            )
-        if enqueue:
-            self.broker.enqueue(message)
-        else:
-            log.info(
-                "sender: request %s of %s seen before (%s); not sent again",
-                command.request_id,
-                command.tenant_id,
-                state,
-            )
-        return Accepted(enqueue, state)
 
     def reject_invalid(self, body: bytes, content_type: str | None, error: InvalidCommand) -> None:
         """An invalid command: kept in the dead-letter queue and answered ``failed``."""
@@ -239,7 +259,58 @@ class Sender:
             )
         )
 
-    # --- the delivery threads' side --------------------------------------------------------
+    # --- first attempts (intake threads) ---------------------------------------------------
+
+    def deliver_first(
+        self, command: SendCommand, raw: dict[str, Any], *, redelivered: bool
+    ) -> tuple[Outcome, list[SendResult]]:
+        """The first attempt of a validated command, and the results to publish before the
+        command is acked (the intake publishes them, :mod:`services.sender.results`)."""
+        tenant_id, request_id = command.tenant_id, command.request_id
+        with self.db.connection() as conn:
+            locked, row = repo.start_first_attempt(
+                conn, tenant_id, request_id, raw, self.settings.sender_retry_deadline_seconds
+            )
+            if not locked:
+                if redelivered:  # maybe our own earlier copy, still at work: look again later
+                    return Outcome.REQUEUE, []
+                log.info("sender: request %s is being delivered already; copy dropped", request_id)
+                return Outcome.ACK, []
+            with self._holding(conn, tenant_id, request_id, row, inline=True) as work:
+                if row is not None:
+                    self._resolve_and_attempt(work, command)
+                else:
+                    work.row = repo.get_locked(conn, tenant_id, request_id)
+                    self._seen_before(work, command, redelivered=redelivered)
+        return Outcome.ACK, work.results
+
+    def _seen_before(self, work: _Work, command: SendCommand, *, redelivered: bool) -> None:
+        row = work.row
+        if row is None:  # removed meanwhile (only an operator does that): nothing to do
+            log.warning("sender: request %s vanished while it was read", work.request_id)
+            return
+        if not redelivered:
+            log.info(
+                "sender: request %s of %s seen before (%s); not sent again",
+                row.request_id,
+                row.tenant_id,
+                row.state,
+            )
+            return
+        if row.state in ("sent", "failed"):
+            self._publish_final_again(work)
+        elif row.state == "sending" and row.data_started_at is not None:
+            self._close_uncertain(work, "the sender stopped before recording its answer")
+        elif row.state == "retry_wait":
+            # Its retry may never have been enqueued: a new dramatiq message owns it now.
+            message = self._retry_message(work)
+            repo.take_over(work.conn, row.tenant_id, row.request_id, message.message_id)
+            self.broker.enqueue(message, delay=self._first_backoff())
+        else:  # received, or sending without DATA: nothing was handed over, try now
+            work.row = repo.claim(work.conn, row.tenant_id, row.request_id, repo.INTAKE_OWNER)
+            self._resolve_and_attempt(work, command)
+
+    # --- retries (dramatiq threads) --------------------------------------------------------
 
     def _deliver_message(self, tenant_id: str, request_id: str) -> None:
         current = CurrentMessage.get_current_message()
@@ -251,15 +322,12 @@ class Sender:
             locked, row = repo.lock_and_get(conn, tenant_id, request_id)
             if not locked:
                 log.info("sender: request %s is being delivered by another thread", request_id)
-                return
-            try:
-                self._deliver_locked(conn, row, owner)
-            finally:
-                repo.unlock(conn, tenant_id, request_id)
+                raise dramatiq.Retry("busy", delay=BUSY_RETRY_MILLISECONDS)
+            with self._holding(conn, tenant_id, request_id, row, inline=False) as work:
+                self._deliver_locked(work, owner)
 
-    def _deliver_locked(
-        self, conn: DictConnection, row: repo.SendRequest | None, owner: str
-    ) -> None:
+    def _deliver_locked(self, work: _Work, owner: str) -> None:
+        row = work.row
         if row is None:
             log.warning("sender: a delivery for an unknown request; ignored")
             return
@@ -267,36 +335,67 @@ class Sender:
             log.debug("sender: request %s has a newer message; this copy ends", row.request_id)
             return
         if row.state in ("sent", "failed"):
-            self._publish_final_again(row)
+            self._publish_final_again(work)
             return
         if row.state == "sending" and row.data_started_at is not None:
-            self._close_uncertain(conn, row, "the sender stopped before recording its answer")
+            self._close_uncertain(work, "the sender stopped before recording its answer")
             return
         command = SendCommand.model_validate(row.command)
-        claimed = repo.claim(conn, row.tenant_id, row.request_id)
+        work.row = repo.claim(work.conn, row.tenant_id, row.request_id)
+        self._resolve_and_attempt(work, command)
+
+    # --- one attempt -----------------------------------------------------------------------
+
+    @contextmanager
+    def _holding(
+        self,
+        conn: DictConnection,
+        tenant_id: str,
+        request_id: str,
+        row: repo.SendRequest | None,
+        *,
+        inline: bool,
+    ) -> Iterator[_Work]:
+        """The request's lock is held on entry; released on exit unless a finish did it."""
+        work = _Work(conn, tenant_id, request_id, row, inline)
+        try:
+            yield work
+        finally:
+            if work.locked and not conn.closed:
+                repo.unlock(conn, tenant_id, request_id)
+
+    def _resolve_and_attempt(self, work: _Work, command: SendCommand) -> None:
         try:
             route = self.resolver.resolve(command)
         except NoRoute as exc:
-            self._fail(conn, claimed, None, exc.reason, category="no_route")
+            self._fail(work, None, exc.reason, category="no_route")
             return
         self.limiter.wait(route.server.id, self.stopping)
-        self._attempt(conn, claimed, command, route)
+        self._attempt(work, command, route)
 
-    def _attempt(
-        self, conn: DictConnection, row: repo.SendRequest, command: SendCommand, route: Route
-    ) -> None:
+    def _attempt(self, work: _Work, command: SendCommand, route: Route) -> None:
+        row = work.request
         try:
             mail = build(command, route.from_mailbox, allow_smtputf8=True)
         except MimeError as exc:
-            self._fail(conn, row, route, str(exc), category="invalid_command")
+            self._fail(work, route, str(exc), category="invalid_command")
             return
         handed_over = False
+        marking: repo.PendingStatement | None = None
+
+        def before_mail() -> None:
+            nonlocal marking
+            if marking is None:  # a replaced stale connection asks again: once is enough
+                marking = repo.begin_mark_data_started(
+                    work.conn, row.tenant_id, row.request_id, route.server_id, mail.message_id
+                )
 
         def before_data() -> None:
             nonlocal handed_over
-            repo.mark_data_started(
-                conn, row.tenant_id, row.request_id, route.server_id, mail.message_id
-            )
+            if marking is None:
+                before_mail()
+            assert marking is not None
+            marking.wait()
             handed_over = True
 
         try:
@@ -306,23 +405,28 @@ class Sender:
                 mail.envelope_from,
                 mail.recipients,
                 mail.data,
+                before_mail=before_mail,
                 before_data=before_data,
                 smtputf8=mail.smtputf8,
             )
         except SmtpError as exc:
-            self._smtp_failed(conn, row, route, exc, handed_over=handed_over)
+            if marking is not None:
+                marking.wait()  # the connection is free for the next statement
+            self._smtp_failed(work, route, exc, handed_over=handed_over)
             return
-        repo.finish(
-            conn,
-            row.tenant_id,
-            row.request_id,
+        finally:
+            if marking is not None and not handed_over:
+                marking.wait()
+        self._finish(
+            work,
             state="sent",
             server_id=route.server_id,
             smtp_code=code,
             smtp_response=text,
         )
         self.reporter.record(route.server, ok=True, sent=True)
-        self.publisher.result(
+        self._emit(
+            work,
             SendResult(
                 request_id=row.request_id,
                 tenant_id=row.tenant_id,
@@ -335,48 +439,80 @@ class Sender:
                 message_id=mail.message_id,
                 from_address=mail.envelope_from,
                 via_system_default=route.system_default,
-            )
+            ),
         )
-        log.info(
+        log.debug(
             "sender: request %s sent via %s (attempt %d)",
             row.request_id,
             route.server_id or "the system default server",
             row.attempts,
         )
 
+    def _finish(self, work: _Work, *, state: str, **fields: Any) -> None:
+        """Record the attempt's outcome; releases the lock in the same round trip."""
+        repo.finish(
+            work.conn, work.tenant_id, work.request_id, state=state, unlock=work.locked, **fields
+        )
+        work.locked = False
+
     def _smtp_failed(
         self,
-        conn: DictConnection,
-        row: repo.SendRequest,
+        work: _Work,
         route: Route,
         exc: SmtpError,
         *,
         handed_over: bool,
     ) -> None:
+        row = work.request
         no_reply = exc.code is None or exc.code < 0
         server_fault = no_reply or exc.category is not FailureCategory.PROTOCOL
         self.reporter.record(
             route.server, ok=not server_fault, sent=False, reason=exc.reason, category=exc.category
         )
         if handed_over and no_reply:
-            self._close_uncertain(conn, row, exc.reason, route=route)
+            self._close_uncertain(work, exc.reason, route=route)
             return
         if exc.temporary and datetime.now(UTC) < row.deadline_at:
-            repo.finish(
-                conn,
-                row.tenant_id,
-                row.request_id,
-                state="retry_wait",
-                server_id=route.server_id,
-                smtp_code=exc.code,
-                smtp_response=exc.response,
-                reason=exc.reason,
-            )
-            self.publisher.result(self._result(row, route, exc.reason, exc, final=False))
-            log.info("sender: request %s: %s; will retry", row.request_id, exc.reason)
-            raise dramatiq.Retry(exc.reason)
+            self._retry_later(work, route, exc)
+            return
         reason = f"{exc.reason} (retried until the deadline)" if exc.temporary else exc.reason
-        self._fail(conn, row, route, reason, error=exc)
+        self._fail(work, route, reason, error=exc)
+
+    def _retry_later(self, work: _Work, route: Route, exc: SmtpError) -> None:
+        """``retry_wait``, a result that says so, and the next attempt to dramatiq."""
+        row = work.request
+        fields: dict[str, Any] = {
+            "server_id": route.server_id,
+            "smtp_code": exc.code,
+            "smtp_response": exc.response,
+            "reason": exc.reason,
+        }
+        log.info("sender: request %s: %s; will retry", row.request_id, exc.reason)
+        if not work.inline:
+            self._finish(work, state="retry_wait", **fields)
+            self._emit(work, self._result(row, route, exc.reason, exc, final=False))
+            raise dramatiq.Retry(exc.reason)  # Retries re-enqueues this message, with backoff
+        message = self._retry_message(work)
+        delay = self._first_backoff()
+        self._finish(work, state="retry_wait", owner_message_id=message.message_id, **fields)
+        self._emit(
+            work,
+            self._result(row, route, exc.reason, exc, final=False, next_attempt_in=delay / 1000),
+        )
+        self.broker.enqueue(message, delay=delay)
+
+    def _retry_message(self, work: _Work) -> dramatiq.Message[Any]:
+        # retries=1: dramatiq's backoff continues where the intake's first one left off.
+        return self.actor.message_with_options(args=(work.tenant_id, work.request_id), retries=1)
+
+    def _first_backoff(self) -> int:
+        """Milliseconds before the first retry: dramatiq's backoff for retry 0, with jitter."""
+        _, delay = compute_backoff(
+            0,
+            factor=_milliseconds(self.settings.sender_retry_min_backoff_seconds),
+            max_backoff=_milliseconds(self.settings.sender_retry_max_backoff_seconds),
+        )
+        return int(delay)
 
     def _result(
         self,
@@ -388,6 +524,7 @@ class Sender:
         final: bool,
         uncertain: bool = False,
         category: str | None = None,
+        next_attempt_in: float | None = None,
     ) -> SendResult:
         return SendResult(
             request_id=row.request_id,
@@ -402,12 +539,12 @@ class Sender:
             category=category or (exc.category.value if exc else None),
             via_system_default=route.system_default if route else False,
             uncertain=uncertain,
+            next_attempt_in_seconds=next_attempt_in,
         )
 
     def _fail(
         self,
-        conn: DictConnection,
-        row: repo.SendRequest,
+        work: _Work,
         route: Route | None,
         reason: str,
         *,
@@ -415,10 +552,9 @@ class Sender:
         category: str | None = None,
         uncertain: bool = False,
     ) -> None:
-        repo.finish(
-            conn,
-            row.tenant_id,
-            row.request_id,
+        row = work.request
+        self._finish(
+            work,
             state="failed",
             server_id=route.server_id if route else None,
             smtp_code=error.code if error else None,
@@ -435,27 +571,34 @@ class Sender:
             smtp_response=error.response if error else None,
             attempts=row.attempts,
         )
-        self.publisher.result(
+        self._emit(
+            work,
             self._result(
                 row, route, reason, error, final=True, uncertain=uncertain, category=category
-            )
+            ),
         )
         log.warning("sender: request %s failed: %s", row.request_id, reason)
 
-    def _close_uncertain(
-        self, conn: DictConnection, row: repo.SendRequest, detail: str, route: Route | None = None
-    ) -> None:
+    def _close_uncertain(self, work: _Work, detail: str, route: Route | None = None) -> None:
         self._fail(
-            conn,
-            row,
+            work,
             route,
             UNCERTAIN_REASON.format(detail=detail),
             category="uncertain",
             uncertain=True,
         )
 
-    def _publish_final_again(self, row: repo.SendRequest) -> None:
-        self.publisher.result(
+    def _emit(self, work: _Work, result: SendResult) -> None:
+        """A first attempt's result goes out with its command's ack; a retry's at once."""
+        if work.inline:
+            work.results.append(result)
+        else:
+            self.publisher.result(result)
+
+    def _publish_final_again(self, work: _Work) -> None:
+        row = work.request
+        self._emit(
+            work,
             SendResult(
                 request_id=row.request_id,
                 tenant_id=row.tenant_id,
@@ -470,5 +613,5 @@ class Sender:
                 reason=row.reason,
                 message_id=row.message_id,
                 uncertain=row.uncertain,
-            )
+            ),
         )

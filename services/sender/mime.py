@@ -15,9 +15,10 @@
 from __future__ import annotations
 
 import email.policy
+import functools
 import uuid
 from dataclasses import dataclass
-from email.headerregistry import Address
+from email.headerregistry import Address, BaseHeader, HeaderRegistry
 from email.message import EmailMessage
 from email.utils import formatdate, parseaddr
 
@@ -30,6 +31,36 @@ MESSAGE_ID_NAMESPACE = uuid.UUID("6d61696c-726f-6f6d-7365-6e6465720000")
 
 class MimeError(ValueError):
     """The command's content cannot become a mail (a final failure)."""
+
+
+class _HeaderClasses(HeaderRegistry):
+    """The standard header registry, keeping the classes it makes.
+
+    ``HeaderRegistry`` builds a new class for every header it is asked for, which was an
+    eighth of the time a mail took to build. Same classes, same rules, made once.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._made: dict[str, type[BaseHeader]] = {}
+
+    def __getitem__(self, name: str) -> type[BaseHeader]:
+        key = name.lower()
+        made = self._made.get(key)
+        if made is None:
+            made = self._made[key] = super().__getitem__(name)
+        return made
+
+
+_HEADERS = _HeaderClasses()
+SMTP_POLICY = email.policy.SMTP.clone(header_factory=_HEADERS)
+SMTPUTF8_POLICY = email.policy.SMTPUTF8.clone(header_factory=_HEADERS)
+
+
+@functools.lru_cache(maxsize=4096)
+def _ascii_domain(domain: str) -> str:
+    """IDNA is slow and mails go to the same few domains: remembered (errors are not)."""
+    return to_ascii(domain)
 
 
 @dataclass(frozen=True)
@@ -46,7 +77,7 @@ def to_address(mailbox: str) -> Address:
     name, address = parseaddr(mailbox)
     local, _, domain = address.rpartition("@")
     try:
-        ascii_domain = to_ascii(domain)
+        ascii_domain = _ascii_domain(domain)
     except ValueError as exc:
         raise MimeError(f"{address!r}: the domain is not a valid host name") from exc
     return Address(display_name=name, username=local, domain=ascii_domain)
@@ -71,7 +102,7 @@ def build(command: SendCommand, from_mailbox: str, *, allow_smtputf8: bool = Fal
     smtputf8 = any(not bare(a).isascii() for a in every)
     if smtputf8 and not allow_smtputf8:
         raise MimeError("an address has a non-ASCII local part and the server lacks SMTPUTF8")
-    policy = email.policy.SMTPUTF8 if smtputf8 else email.policy.SMTP
+    policy = SMTPUTF8_POLICY if smtputf8 else SMTP_POLICY
     message_id = message_id_for(command.tenant_id, command.request_id, sender.domain)
     msg = EmailMessage(policy=policy)
     try:

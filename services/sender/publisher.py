@@ -22,6 +22,7 @@ from typing import Any
 
 from kombu import Connection, Producer
 
+from shared import metrics
 from shared.contracts.send import SendResult
 from shared.contracts.status_reports import FailureCategory, StatusReport
 from shared.email_servers import EmailServer, ServerType
@@ -170,6 +171,10 @@ class StatusReporter:
         reason: str | None = None,
         category: FailureCategory | None = None,
     ) -> None:
+        if sent:
+            metrics.MAILS_SENT.inc()
+        else:
+            metrics.SEND_FAILURES.labels((category or FailureCategory.INTERNAL).value).inc()
         if not server.tenant_id:
             return
         with self._lock:

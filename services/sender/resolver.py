@@ -98,6 +98,9 @@ class Resolver:
         self._directory = directory
         self._pool = pool
         self._secrets = secrets
+        # Decrypting a password (Fernet) for every mail is needless work: kept per server
+        # version, as the pooled connections logged in with it are.
+        self._passwords: dict[tuple[str, int], tuple[bytes, str]] = {}
 
     def resolve(self, command: SendCommand) -> Route:
         servers = [
@@ -191,9 +194,18 @@ class Resolver:
         return Route(default, from_mailbox, password, system_default=True)
 
     def _route(self, server: EmailServer, from_mailbox: str) -> Route:
-        password = (
-            self._secrets.decrypt(server.password_encrypted)
-            if server.password_encrypted is not None
-            else None
-        )
-        return Route(server, from_mailbox, password)
+        return Route(server, from_mailbox, self._password(server))
+
+    def _password(self, server: EmailServer) -> str | None:
+        encrypted = server.password_encrypted
+        if encrypted is None:
+            return None
+        key = (server.id, server.version)
+        known = self._passwords.get(key)
+        if known is not None and known[0] == encrypted:
+            return known[1]
+        password = self._secrets.decrypt(encrypted)
+        if len(self._passwords) > 1000:
+            self._passwords.clear()
+        self._passwords[key] = (encrypted, password)
+        return password

@@ -23,7 +23,7 @@ from imapclient.exceptions import IMAPClientError, LoginError
 from shared.contracts.status_reports import FailureCategory
 from shared.email_servers import DEFAULT_INBOX_FOLDER, EmailServer
 from shared.mail.errors import MailServerError, describe
-from shared.mail.imap_compress import enable_deflate
+from shared.mail.imap_compress import DeflateStream, enable_deflate
 from shared.mail.tls import NamedContext, client_context, connect_address, tls_server_name
 
 SEEN = b"\\Seen"
@@ -55,6 +55,7 @@ class ImapMailbox:
         self._client: IMAPClient | None = None
         self.capabilities: frozenset[str] = frozenset()
         self.compressed = False
+        self._deflate: DeflateStream | None = None
         self.state: FolderState | None = None
         self._host, self._port = connect_address(server)
 
@@ -202,7 +203,7 @@ class ImapMailbox:
             self._call(lambda c: c.idle_done())
 
     def _take_announcements(self) -> bool:
-        untagged = self._require()._imap.untagged_responses  # noqa: SLF001 - imaplib's store
+        untagged = self._require()._imap.untagged_responses
         found = [untagged.pop(name, None) for name in ("EXISTS", "RECENT", "EXPUNGE")]
         return any(found)
 
@@ -245,6 +246,11 @@ class IdleWatch:
         """
         if self._missed:
             self._missed = False
+            return True
+        deflate = self._mailbox._deflate
+        if deflate is not None and deflate.pending:
+            # The server's lines came in one compressed block with IDLE's go-ahead: they are
+            # inflated already, and polling the socket would wait for the next renewal.
             return True
         started = time.monotonic()
         responses = self._mailbox._call(lambda c: c.idle_check(timeout=timeout))

@@ -16,12 +16,17 @@ _CHUNK = 65536
 _MAX_LINE = 1_000_000  # imaplib's own limit for one line
 
 
-class _DeflateStream:
+class DeflateStream:
     def __init__(self, imap: imaplib.IMAP4) -> None:
         self._imap = imap
         self._compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -15)
         self._decompressor = zlib.decompressobj(-15)
         self._buffer = bytearray()
+
+    @property
+    def pending(self) -> bool:
+        """Inflated input not read yet: a poll of the socket would not show it."""
+        return bool(self._buffer)
 
     def send(self, data: bytes) -> None:
         packed = self._compressor.compress(bytes(data)) + self._compressor.flush(zlib.Z_SYNC_FLUSH)
@@ -50,12 +55,13 @@ class _DeflateStream:
         return line
 
 
-def enable_deflate(imap: imaplib.IMAP4) -> None:
+def enable_deflate(imap: imaplib.IMAP4) -> DeflateStream:
     """Ask for COMPRESS DEFLATE and, on OK, switch the connection's I/O to deflate."""
     typ, data = imap.xatom("COMPRESS", "DEFLATE")
     if typ != "OK":
         raise imaplib.IMAP4.error(f"COMPRESS DEFLATE refused: {data!r}")
-    stream = _DeflateStream(imap)
+    stream = DeflateStream(imap)
     imap.send = MethodType(lambda self, data: stream.send(data), imap)  # type: ignore[method-assign]
     imap.read = MethodType(lambda self, size: stream.read(size), imap)  # type: ignore[method-assign]
     imap.readline = MethodType(lambda self: stream.readline(), imap)  # type: ignore[method-assign]
+    return stream

@@ -12,7 +12,9 @@
   connections) or not (5xx).
 
 :func:`send_transaction` runs MAIL/RCPT/DATA itself (not ``sendmail``) so that the caller can
-record its intent just before DATA (``before_data``): that is what makes "never twice" work.
+record its intent before DATA: ``before_mail`` may start that record (it is committed while
+MAIL and RCPT go back and forth) and ``before_data`` waits for it. That is what makes "never
+twice" work without a database round trip between RCPT and DATA.
 :func:`smtp_probe` is the connection test for SMTP servers (connect, EHLO, STARTTLS, AUTH,
 NOOP; it never sends mail).
 """
@@ -218,10 +220,12 @@ def send_transaction(
     recipients: list[str],
     data: bytes,
     *,
+    before_mail: Callable[[], None] | None = None,
     before_data: Callable[[], None] | None = None,
     smtputf8: bool = False,
 ) -> tuple[int, str]:
-    """MAIL, RCPT (all or nothing), ``before_data()``, DATA; the final reply ``(code, text)``.
+    """``before_mail()``, MAIL, RCPT (all or nothing), ``before_data()``, DATA; the final
+    reply ``(code, text)``.
 
     Any refused recipient aborts the transaction (RSET) before DATA, so a retry can never
     deliver twice to the recipients that were accepted.
@@ -231,6 +235,8 @@ def send_transaction(
     if client.has_extn("size"):
         options.append(f"SIZE={len(data)}")
     step = "MAIL FROM"
+    if before_mail is not None:
+        before_mail()
     try:
         code, message = client.mail(envelope_from, options)
         if code != 250:

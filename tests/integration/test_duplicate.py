@@ -24,7 +24,7 @@ def test_duplicate_copies_settings_and_secret_but_is_disabled(
         "tls": False,
         "port": smtp_lab.port,
         "username": SMTP_LAB_USER,
-        "sender_addresses": ["noreply@lab.test"],
+        "sender_addresses": ["noreply@example.com"],
         "role": "agent",
     }
     original = api.create(

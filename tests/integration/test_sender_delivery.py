@@ -17,8 +17,10 @@ import pytest
 from fastapi.testclient import TestClient
 from psycopg_pool import ConnectionPool
 
-from shared.db import inbound_messages
+from shared.contracts.config_events import ConfigEvent
+from shared.db import email_servers, inbound_messages, outbox
 from shared.db.pool import DictConnection
+from shared.secrets import SecretBox
 from shared.settings import Settings
 from tests.lab.certs import LabCertificates
 from tests.lab.fixtures import SMTP_LAB_USER
@@ -440,19 +442,43 @@ def test_550_fails_at_once_and_lands_in_the_dead_letter_queue(
     assert lab.count() == 0
 
 
+def _password_changed_at_the_provider(
+    pool: ConnectionPool[DictConnection], settings: Settings, server: dict[str, Any]
+) -> dict[str, Any]:
+    """The stored password stops working after the save (the API tests it on save): the row
+    gets another one, with the config event an admin's edit would send."""
+    from tests.support.leaks import password
+
+    wrong = SecretBox.from_settings(settings).encrypt(password("wrong"))
+    with pool.connection() as conn, conn.transaction():
+        changed = email_servers.update(conn, server["id"], {"password_encrypted": wrong})
+        event = ConfigEvent(
+            change="updated",
+            tenant_id=changed.tenant_id,
+            server_id=changed.id,
+            server_type=changed.type,
+            version=changed.version,
+            enabled=changed.enabled,
+            changed_fields=("password",),
+        )
+        outbox.enqueue(conn, event.routing_key, event)
+    return {**server, "version": changed.version}
+
+
 def test_wrong_password_is_a_final_failure_reported_to_the_status_service(
     sender: ServiceProcess,
     labs: tuple[SmtpLab, SmtpLab],
     company: tuple[ApiClient, str],
     results: rabbit.EventTap,
     settings: Settings,
+    pool: ConnectionPool[DictConnection],
 ) -> None:
-    from tests.support.leaks import password
-
     lab, _ = labs
     api, tenant = company
     drain(settings.amqp_url, REPORTS_QUEUE)
-    server = _server(api, sender, lab, "agent1@lab.test", password=password("wrong"))
+    server = _server(api, sender, lab, "agent1@lab.test")
+    server = _password_changed_at_the_provider(pool, settings, server)
+    wait_known(sender, server)
     body = command(tenant)
     publish(settings.amqp_url, body)
     [result] = results_for(results, body["request_id"])

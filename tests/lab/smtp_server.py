@@ -160,6 +160,12 @@ class SmtpLab:
     def count(self) -> int:
         return len(list(self.store.glob("*.json")))
 
+    @property
+    def pid(self) -> int:
+        """The server process (the benchmark reads its CPU time)."""
+        assert self._process is not None
+        return self._process.pid
+
     def wait_for(self, count: int = 1, timeout: float = 10.0) -> list[ReceivedMail]:
         deadline = time.monotonic() + timeout
         while self.count() < count and time.monotonic() < deadline:

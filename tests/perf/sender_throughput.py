@@ -10,7 +10,12 @@ process (STARTTLS + AUTH PLAIN, the lab's certificates) receives:
 3. the same with two sender processes.
 
 Mails are ~2 KB. The database is ``mailroom_bench``, the vhost the test suite's. ``BENCH_MAILS``
-changes N (default 5,000).
+changes N (default 5,000); ``BENCH_PROCESSES`` which sender runs are made (default ``1,2``);
+``BENCH_CONNECTIONS`` the SMTP connections per sender process (default 1, as the bare loop);
+``BENCH_SENDER_TREE`` runs the sender from another checkout, for a before/after comparison.
+Each run also prints the CPU time the sender processes and the sink spent per mail (from
+``/proc``): on a 2-core machine the sink, the sender, PostgreSQL and RabbitMQ share the CPU,
+so the sender's CPU per mail is what decides its rate.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import pika
 from cryptography.fernet import Fernet
 
 MAILS = int(os.environ.get("BENCH_MAILS", "5000"))
+PROCESSES = [int(n) for n in os.environ.get("BENCH_PROCESSES", "1,2").split(",") if n.strip()]
 ROOT = Path(__file__).resolve().parents[2]
 USER = "bench@lab.test"
 TENANT = "bench"
@@ -48,9 +54,16 @@ def _environment() -> dict[str, str]:
         "MAILROOM_SECRET_KEYS": Fernet.generate_key().decode(),
         "MAILROOM_TOKEN_SIGNING_KEY": secrets.token_urlsafe(48),
         "MAILROOM_LOG_LEVEL": "WARNING",
-        "MAILROOM_SENDER_CONNECTIONS_PER_SERVER": "1",
+        "MAILROOM_SENDER_CONNECTIONS_PER_SERVER": os.environ.get("BENCH_CONNECTIONS", "1"),
         "MAILROOM_SENDER_THREADS": os.environ.get("BENCH_SENDER_THREADS", "8"),
     }
+
+
+def _sender_tree() -> dict[str, str]:
+    """``BENCH_SENDER_TREE``: run the sender from another checkout (A/B against a commit,
+    e.g. ``git archive HEAD | tar -x -C /tmp/before``), in the same run conditions."""
+    tree = os.environ.get("BENCH_SENDER_TREE")
+    return {"PYTHONPATH": tree} if tree else {}
 
 
 def command(number: int) -> dict[str, Any]:
@@ -103,6 +116,24 @@ class SentCounter:
         conn.close()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux ``/proc``)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy() -> tuple[float, float]:
+    """``(busy, total)`` CPU seconds of the whole machine so far (Linux ``/proc/stat``)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    total = sum(fields[:8])
+    tick = os.sysconf("SC_CLK_TCK")
+    return (total - idle) / tick, total / tick
+
+
 def bare_loop(port: int, password: str, ca: Path, mails: list[bytes]) -> float:
     context = ssl.create_default_context(cafile=str(ca))
     started = time.perf_counter()
@@ -116,15 +147,16 @@ def bare_loop(port: int, password: str, ca: Path, mails: list[bytes]) -> float:
 
 
 def through_sender(
-    env: dict[str, str], processes: int, amqp_url: str, log_dir: Path
-) -> tuple[float, int]:
+    env: dict[str, str], processes: int, amqp_url: str, log_dir: Path, sink_pid: int
+) -> tuple[float, int, float, float, float]:
+    """``(mails/s, sent, sender CPU ms per mail, sink CPU ms per mail, machine busy share)``."""
     senders = []
     for n in range(processes):
         log = (log_dir / f"sender-{processes}-{n}.log").open("wb")
         senders.append(
             subprocess.Popen(
                 [str(ROOT / ".venv" / "bin" / "mailroom"), "run", "sender"],
-                env={**os.environ, **env, "MAILROOM_LOG_LEVEL": "INFO"},
+                env={**os.environ, **env, "MAILROOM_LOG_LEVEL": "INFO", **_sender_tree()},
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -142,6 +174,9 @@ def through_sender(
         conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
         channel = conn.channel()
         channel.queue_declare("mailroom.send", durable=True)
+        pids = [sender.pid for sender in senders]
+        cpu_before = sum(cpu_seconds(pid) for pid in pids), cpu_seconds(sink_pid)
+        machine_before = machine_busy()
         started = time.perf_counter()
         for body in bodies:
             channel.basic_publish("", "mailroom.send", body, pika.BasicProperties(delivery_mode=2))
@@ -150,8 +185,21 @@ def through_sender(
         while counter.count < MAILS and time.monotonic() < deadline:
             time.sleep(0.05)
         counter.stop()
+        sender_cpu = sum(cpu_seconds(pid) for pid in pids) - cpu_before[0]
+        sink_cpu = cpu_seconds(sink_pid) - cpu_before[1]
+        machine_after = machine_busy()
+        busy = (machine_after[0] - machine_before[0]) / max(
+            1e-9, machine_after[1] - machine_before[1]
+        )
         elapsed = counter.last_at - started
-        return counter.count / elapsed, counter.count
+        per_mail = 1000 / max(1, counter.count)
+        return (
+            counter.count / elapsed,
+            counter.count,
+            sender_cpu * per_mail,
+            sink_cpu * per_mail,
+            busy,
+        )
     finally:
         for sender in senders:
             sender.terminate()
@@ -211,25 +259,33 @@ def main() -> None:
             for n in range(MAILS)
         ]
         size = sum(len(m) for m in mails) / len(mails)
+        sink_before, machine_before = cpu_seconds(lab.pid), machine_busy()
         bare = bare_loop(lab.port, secret, certs.ca, mails)
+        bare_sink_cpu = (cpu_seconds(lab.pid) - sink_before) * 1000 / MAILS
+        machine_after = machine_busy()
+        bare_busy = (machine_after[0] - machine_before[0]) / (machine_after[1] - machine_before[1])
         assert lab.count() == MAILS
         lab.clear()
         sender_env = {**env, "MAILROOM_CA_BUNDLE": str(certs.ca)}
-        one, sent_one = through_sender(sender_env, 1, settings.amqp_url, work)
-        arrived_one = lab.count()
-        lab.clear()
-        two, sent_two = through_sender(sender_env, 2, settings.amqp_url, work)
-        arrived_two = lab.count()
+        runs = []
+        for processes in PROCESSES:
+            rate, sent, sender_cpu, sink_cpu, busy = through_sender(
+                sender_env, processes, settings.amqp_url, work, lab.pid
+            )
+            runs.append((processes, rate, sent, lab.count(), sender_cpu, sink_cpu, busy))
+            lab.clear()
     print(f"mails: {MAILS} of {size:.0f} bytes, aiosmtpd sink with STARTTLS + AUTH PLAIN")
-    print(f"bare smtplib loop, one reused connection: {bare:8.0f} mails/s")
     print(
-        f"sender, 1 process (1 connection):        {one:8.0f} mails/s"
-        f"  = {one / bare:.0%} of the bare loop  ({sent_one} sent, {arrived_one} arrived)"
+        f"bare smtplib loop, one reused connection: {bare:8.0f} mails/s"
+        f"  (CPU per mail: sink {bare_sink_cpu:.2f} ms; machine {bare_busy:.0%} busy)"
     )
-    print(
-        f"sender, 2 processes (2 connections):     {two:8.0f} mails/s"
-        f"  = {two / bare:.0%} of the bare loop  ({sent_two} sent, {arrived_two} arrived)"
-    )
+    for processes, rate, sent, arrived, sender_cpu, sink_cpu, busy in runs:
+        label = f"sender, {processes} process{'es' if processes > 1 else ''} ({processes} conn.):"
+        print(
+            f"{label:<42}{rate:8.0f} mails/s  = {rate / bare:.0%} of the bare loop"
+            f"  ({sent} sent, {arrived} arrived; CPU per mail: sender {sender_cpu:.2f} ms,"
+            f" sink {sink_cpu:.2f} ms; machine {busy:.0%} busy)"
+        )
     print(f"logs: {work}")
     sys.stdout.flush()
 

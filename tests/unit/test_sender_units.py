@@ -12,8 +12,10 @@ from typing import Any, cast
 
 import pytest
 
+from services.sender import mime
 from services.sender.mime import MimeError, build
 from services.sender.resolver import NoRoute, Resolver
+from services.sender.results import ResultStream
 from shared.contracts.send import InvalidCommand, SendCommand, SendResult, parse_command
 from shared.email_servers import AuthType, EmailServer, Role, ServerType
 from shared.server_directory import ServerDirectory
@@ -145,6 +147,36 @@ def test_message_id_is_stable_per_request_and_unique_across_requests() -> None:
     assert build(cmd(), "a@acme.com").message_id == one
     assert build(cmd(request_id="r-2"), "a@acme.com").message_id != one
     assert one.endswith("@acme.com>")
+
+
+def test_remembered_header_classes_build_the_same_mail_as_the_standard_policy() -> None:
+    command = cmd(
+        to=["Zoë <zoe@bücher.example>", "b@example.org"],
+        cc=["c@example.org"],
+        subject="Ünïcödé ✓ " * 12,
+        text="plain\nbody",
+        html="<b>html</b>",
+    )
+    mail = build(command, "Support <support@acme.com>")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mime, "SMTP_POLICY", email.policy.SMTP)
+        standard = build(command, "Support <support@acme.com>")
+    date = re.compile(rb"^Date: .*$", re.MULTILINE)
+    boundary = re.compile(rb"=+[0-9]+==")
+    assert boundary.sub(b"", date.sub(b"", mail.data)) == boundary.sub(
+        b"", date.sub(b"", standard.data)
+    )
+
+
+def test_results_count_as_confirmed_only_without_gaps() -> None:
+    stream = ResultStream("amqp://unused", lambda tokens: None)
+    # The broker's confirm callbacks, called as the channel would.
+    stream._on_ack(2, False)
+    assert stream._confirmed == 0
+    stream._on_ack(1, False)
+    assert stream._confirmed == 2
+    stream._on_ack(5, True)
+    assert stream._confirmed == 5
 
 
 def test_non_ascii_local_part_needs_smtputf8() -> None:

@@ -1,0 +1,151 @@
+"""The sender's intake: first attempts in delivery threads, acks in the consumer's thread.
+
+The kombu consumer (:mod:`services.sender.supervisor`) reads up to ``COMMAND_PREFETCH``
+commands ahead and :meth:`Intake.submit` queues each validated one for
+``MAILROOM_SENDER_THREADS`` delivery threads (:meth:`Sender.deliver_first
+<services.sender.delivery.Sender.deliver_first>`). A channel belongs to the thread that
+consumes from it, so a thread that is done does not ack: it puts the command on the
+``settled`` list, and the consumer's thread acks (or requeues) it in :meth:`Intake.settle`,
+which it calls on every turn of its loop. While commands are in the threads' hands the
+consumer waits for the broker at most ``SETTLE_SECONDS`` at a time, so an ack is late by a
+few milliseconds at most.
+
+A command is acked only after its attempt was recorded and its result confirmed by the
+broker: the threads hand results to one publishing thread (:mod:`services.sender.results`),
+which confirms them in batches and then settles their commands. One that
+could not be handled (the database or the broker failed, or another thread still holds a
+redelivered command) is requeued after ``REQUEUE_PAUSE_SECONDS``, never dropped. When the
+consumer stops or loses its channel, commands not started yet are let go (the broker
+delivers them again); on a stop the ones in the threads' hands are finished and acked first.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from kombu import Message
+
+from services.sender.delivery import Outcome
+from services.sender.results import ResultStream
+from shared.contracts.send import SendCommand, SendResult
+
+log = logging.getLogger(__name__)
+
+SETTLE_SECONDS = 0.005
+REQUEUE_PAUSE_SECONDS = 0.5
+
+Deliver = Callable[[SendCommand, dict[str, Any], bool], tuple[Outcome, list[SendResult]]]
+
+
+@dataclass(frozen=True)
+class _Job:
+    message: Message
+    command: SendCommand
+    raw: dict[str, Any]
+    redelivered: bool
+
+
+class Intake:
+    def __init__(self, deliver: Deliver, threads: int, amqp_url: str) -> None:
+        self._deliver = deliver
+        self._threads_wanted = max(1, threads)
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._settled: deque[tuple[Message, Outcome]] = deque()
+        self._threads: list[threading.Thread] = []
+        self.results = ResultStream(amqp_url, self._confirmed)
+        self.pending = 0  # submitted and not settled yet (the consumer's thread only)
+
+    @property
+    def busy(self) -> bool:
+        return self.pending > 0
+
+    def start(self) -> None:
+        if self._threads:
+            return
+        self.results.start()
+        for number in range(self._threads_wanted):
+            thread = threading.Thread(
+                target=self._run, name=f"mailroom-sender-delivery-{number}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+        log.info("sender: %d delivery threads started", self._threads_wanted)
+
+    # --- the consumer's thread -------------------------------------------------------------
+
+    def submit(self, message: Message, command: SendCommand, raw: dict[str, Any]) -> None:
+        redelivered = bool(message.delivery_info.get("redelivered"))
+        self.pending += 1
+        self._jobs.put(_Job(message, command, raw, redelivered))
+
+    def settle(self) -> None:
+        """Ack (or requeue) the commands whose first attempt is over."""
+        while self._settled:
+            message, outcome = self._settled.popleft()
+            self.pending -= 1
+            try:
+                if outcome is Outcome.ACK:
+                    message.ack()
+                else:
+                    message.requeue()
+            except Exception as exc:  # noqa: BLE001 - its channel is gone: the broker redelivers
+                log.info("sender: command not settled (%s); the broker delivers it again", exc)
+
+    def let_go(self) -> None:
+        """Forget the commands not started yet (they are not acked: the broker redelivers)."""
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                self.pending -= 1
+
+    def drain(self, timeout: float) -> None:
+        """On a stop: let the waiting commands go, finish and settle those in hand."""
+        self.let_go()
+        deadline = time.monotonic() + timeout
+        while self.pending > 0 and time.monotonic() < deadline:
+            time.sleep(SETTLE_SECONDS)
+            self.settle()
+
+    def stop(self) -> None:
+        self.let_go()
+        for _ in self._threads:
+            self._jobs.put(None)
+        for thread in self._threads:
+            thread.join(30)
+        self._threads = []
+        self.results.stop()
+
+    # --- the delivery threads --------------------------------------------------------------
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                outcome, results = self._deliver(job.command, job.raw, job.redelivered)
+            except Exception:
+                log.exception(
+                    "sender: could not deliver request %s now; the command is requeued",
+                    job.command.request_id,
+                )
+                outcome, results = Outcome.REQUEUE, []
+            if outcome is Outcome.REQUEUE:
+                time.sleep(REQUEUE_PAUSE_SECONDS)
+            if not results:
+                self._settled.append((job.message, outcome))
+                continue
+            # In order: the last result's confirm covers the ones before it.
+            for result in results[:-1]:
+                self.results.publish(result, None)
+            self.results.publish(results[-1], (job.message, outcome))
+
+    def _confirmed(self, tokens: list[Any]) -> None:
+        self._settled.extend(token for token in tokens if token is not None)

@@ -93,7 +93,9 @@ class Settings(BaseSettings):
         description="IDLE is ended and started again after this long (servers drop it after "
         "29 minutes, RFC 2177); mail is also fetched then.",
     )
-    fetch_batch_mails: int = Field(default=100, description="Mails per published batch.")
+    fetch_batch_mails: int = Field(
+        default=250, description="Mails per published batch (one AMQP transaction each)."
+    )
     fetch_batch_bytes: int = Field(
         default=16 * 1024 * 1024, description="Bytes per published batch (at least one mail)."
     )

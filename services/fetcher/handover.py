@@ -113,7 +113,8 @@ class Handover:
         return batch
 
     def finish(self, batch: Batch) -> None:
-        with self._pool.connection() as conn:
+        with self._pool.connection() as conn, conn.transaction():
+            fetch_state.without_waiting_for_disk(conn)
             fetch_state.close_batch(conn, batch.id)
 
     def message_id(self, mail: FetchedMail, uidvalidity: int | None) -> str:
@@ -125,19 +126,23 @@ class Handover:
     def _commit(self, batch: Batch) -> None:
         server = self.server
         with self._pool.connection() as conn, conn.transaction():
+            fetch_state.without_waiting_for_disk(conn)
             fetch_state.mark_committed(conn, batch.id)
-            for item in batch.items:
-                if item.get("message_id") and server.routing_plan_id:
-                    inbound_messages.record(
-                        conn,
+            if server.routing_plan_id:
+                inbound_messages.record(
+                    conn,
+                    [
                         inbound_messages.InboundMessage(
                             tenant_id=server.tenant_id,
                             message_id=str(item["message_id"]),
                             server_id=server.id,
                             mailbox=server.username,
                             routing_plan_id=server.routing_plan_id,
-                        ),
-                    )
+                        )
+                        for item in batch.items
+                        if item.get("message_id")
+                    ],
+                )
             if server.type is ServerType.IMAP:
                 assert batch.uidvalidity is not None
                 folder = server.inbox_folder or DEFAULT_INBOX_FOLDER

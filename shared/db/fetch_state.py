@@ -61,6 +61,16 @@ def open_batch(
     return batch
 
 
+def without_waiting_for_disk(conn: DictConnection) -> None:
+    """This transaction's commit need not wait for the disk (``synchronous_commit = off``).
+
+    For steps whose loss after a crash the hand-over repairs by itself: a lost "committed"
+    leaves the batch pending, and the broker's marker then commits it again; a lost "closed"
+    only repeats the flagging. The pending record itself is always written durably.
+    """
+    conn.execute("SET LOCAL synchronous_commit TO OFF")
+
+
 def mark_committed(conn: DictConnection, batch_id: str) -> None:
     conn.execute("UPDATE fetch_batches SET state = 'committed' WHERE id = %s", (batch_id,))
 

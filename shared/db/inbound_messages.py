@@ -21,16 +21,20 @@ def normalise_message_id(value: str) -> str:
     return value.strip().strip("<>").strip()
 
 
-def record(conn: DictConnection, message: InboundMessage) -> None:
+def record(conn: DictConnection, messages: list[InboundMessage]) -> None:
+    """Remember many at once: one statement, not one round trip per mail."""
+    if not messages:
+        return
     conn.execute(
         "INSERT INTO inbound_messages (tenant_id, message_id, server_id, mailbox, routing_plan_id)"
-        " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (tenant_id, message_id) DO NOTHING",
+        " SELECT * FROM unnest(%s::text[], %s::text[], %s::uuid[], %s::text[], %s::text[])"
+        " ON CONFLICT (tenant_id, message_id) DO NOTHING",
         (
-            message.tenant_id,
-            normalise_message_id(message.message_id),
-            message.server_id,
-            message.mailbox,
-            message.routing_plan_id,
+            [m.tenant_id for m in messages],
+            [normalise_message_id(m.message_id) for m in messages],
+            [m.server_id for m in messages],
+            [m.mailbox for m in messages],
+            [m.routing_plan_id for m in messages],
         ),
     )
 

@@ -312,13 +312,15 @@ def test_reply_without_from_leaves_from_the_address_the_mail_was_sent_to(
     with pool.connection() as conn:
         inbound_messages.record(
             conn,
-            inbound_messages.InboundMessage(
-                tenant_id=tenant,
-                message_id="<customer-question-7@example.org>",
-                server_id=str(owner["id"]),  # the fetching server (any id will do here)
-                mailbox="help@acme.com",
-                routing_plan_id="plan-1",
-            ),
+            [
+                inbound_messages.InboundMessage(
+                    tenant_id=tenant,
+                    message_id="<customer-question-7@example.org>",
+                    server_id=str(owner["id"]),  # the fetching server (any id will do here)
+                    mailbox="help@acme.com",
+                    routing_plan_id="plan-1",
+                )
+            ],
         )
     body = command(tenant, in_reply_to="customer-question-7@example.org")
     publish(settings.amqp_url, body)

@@ -195,13 +195,16 @@ class Bench:
     def fetcher(self) -> subprocess.Popen[bytes]:
         return subprocess.Popen([str(ROOT / ".venv/bin/mailroom"), "run", "fetcher"], env=self.env)
 
-    def timed_fetch(self, queue: str, count: int) -> float:
+    def timed_fetch(self, queue: str, count: int) -> tuple[float, float]:
+        """(rate from process start, rate from the first mail to the last in the queue)."""
         watch = QueueWatch(queue)
         started = time.perf_counter()
         process = self.fetcher()
         try:
             watch.wait_for(count, timeout=600)
-            return count / (time.perf_counter() - started)
+            total = count / (time.perf_counter() - started)
+            arrivals = watch.arrivals.values()
+            return total, (count - 1) / max(1e-9, max(arrivals) - min(arrivals))
         finally:
             process.terminate()
             process.wait(20)
@@ -245,23 +248,24 @@ def main() -> int:
         fill(lab, imap_user, certs, MAILS)
         bare = bare_imap(lab, imap_user, certs)
         unsee_all(lab, imap_user)
-        fetched = bench.timed_fetch(bench.mailbox(imap_user, ServerType.IMAP), MAILS)
+        started, fetched = bench.timed_fetch(bench.mailbox(imap_user, ServerType.IMAP), MAILS)
         say(
             report,
             f"IMAPS, {MAILS} mails of ~4 KB: bare imapclient loop {bare:,.0f}/s, "
             f"fetcher {fetched:,.0f}/s = {fetched / bare:.0%} of the bare loop "
-            "(goal >= 50%)",
+            f"(goal >= 50%); {started:,.0f}/s counting the process start",
         )
 
         pop_user = lab.new_user("pop")
         fill(lab, pop_user, certs, MAILS)
         bare = bare_pop3(lab, pop_user, certs)
         fill(lab, pop_user, certs, MAILS)
-        fetched = bench.timed_fetch(bench.mailbox(pop_user, ServerType.POP3), MAILS)
+        started, fetched = bench.timed_fetch(bench.mailbox(pop_user, ServerType.POP3), MAILS)
         say(
             report,
             f"POP3S, {MAILS} mails: bare poplib RETR+DELE {bare:,.0f}/s, fetcher "
-            f"{fetched:,.0f}/s = {fetched / bare:.0%} of the bare loop",
+            f"{fetched:,.0f}/s = {fetched / bare:.0%} of the bare loop; {started:,.0f}/s counting "
+            "the process start",
         )
 
         say(report, latency(bench, lab, certs))

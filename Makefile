@@ -39,6 +39,7 @@ services:
 
 bench: $(STAMP) services
 	$(BIN)/python -m tests.perf.config_event_latency
+	$(BIN)/python -m tests.perf.fetcher_throughput
 	$(BIN)/python -m tests.perf.sender_throughput
 
 clean:

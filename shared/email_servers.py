@@ -46,6 +46,22 @@ DEFAULT_PORTS: dict[tuple[ServerType, bool], int] = {
 
 DEFAULT_INBOX_FOLDER = "INBOX"
 
+# The settings that decide whether and how a connection to the server works (columns; the
+# password is kept apart as ``password_encrypted``). The config API tests a change to any of
+# them before saving an enabled server; the status service starts over at ``connecting``.
+CONNECTION_SETTINGS: tuple[str, ...] = (
+    "host",
+    "port",
+    "tls",
+    "auth_type",
+    "username",
+    "inbox_folder",
+    "sni_hostname",
+    "disable_compression",
+    "routing_plan_id",
+    "oauth_provider",
+)
+
 
 def effective_port(server_type: ServerType, tls: bool, port: int | None) -> int:
     return port if port is not None else DEFAULT_PORTS[(server_type, tls)]

@@ -34,28 +34,12 @@ from shared.contracts import ConfigEvent, EmailServerChange
 from shared.db import audit, outbox, routing_plans
 from shared.db import email_servers as repo
 from shared.db.pool import DictConnection
-from shared.email_servers import EmailServer, ServerType
+from shared.email_servers import CONNECTION_SETTINGS, EmailServer, ServerType
 from shared.probe import Probe, ProbeResult
 from shared.secrets import SecretBox, SecretDecryptError
 from shared.tokens import Principal
 
-# Settings that decide whether the connection works. A change to any of them (or to the
-# password) on an enabled server is tested before it is saved.
-CONNECTION_COLUMNS = frozenset(
-    {
-        "host",
-        "port",
-        "tls",
-        "auth_type",
-        "username",
-        "inbox_folder",
-        "sni_hostname",
-        "disable_compression",
-        "routing_plan_id",
-        "enabled",
-        "oauth_provider",
-    }
-)
+CONNECTION_COLUMNS = frozenset({*CONNECTION_SETTINGS, "enabled"})
 CONNECTION_FIELDS = CONNECTION_COLUMNS | {"password"}
 COPY_SUFFIX = " (copy)"
 

@@ -24,7 +24,7 @@ from enum import StrEnum
 from typing import Any
 
 from shared.contracts.status_reports import FailureCategory, StatusReport
-from shared.email_servers import EmailServer, ServerType
+from shared.email_servers import CONNECTION_SETTINGS, EmailServer, ServerType
 from shared.settings import Settings
 
 
@@ -39,24 +39,11 @@ class State(StrEnum):
 
 ALERTING = frozenset({State.FAILING, State.REAUTH_REQUIRED, State.STALE})
 
-# Settings that change how a worker connects: a change restarts the state at ``connecting``.
-_CONNECTION_FIELDS = (
-    "host",
-    "port",
-    "tls",
-    "auth_type",
-    "username",
-    "password_encrypted",
-    "inbox_folder",
-    "sni_hostname",
-    "disable_compression",
-    "routing_plan_id",
-    "oauth_provider",
-)
-
 
 def fingerprint(server: EmailServer) -> str:
-    values = [repr(getattr(server, name)) for name in _CONNECTION_FIELDS]
+    """Changes when a connection setting or the password changes."""
+    names = (*CONNECTION_SETTINGS, "password_encrypted")
+    values = [repr(getattr(server, name)) for name in names]
     return hashlib.sha256("\x00".join(values).encode()).hexdigest()[:16]
 
 

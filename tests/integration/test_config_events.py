@@ -69,27 +69,26 @@ def test_moving_the_template_server_announces_both_servers(
 
 
 def test_creating_a_routing_plan_declares_its_queue(api: ApiClient, settings: Settings) -> None:
+    """A mail published to ``mailroom.inbound`` with the plan's id lands in the plan's queue."""
     plan = api.routing_plan("Rechnungen")
+    queue = f"mailroom.inbound.{plan}"
     connection = pika.BlockingConnection(pika.URLParameters(settings.amqp_url))
     try:
+        channel = connection.channel()
+        channel.confirm_delivery()
         deadline = time.monotonic() + 5
-        while True:
-            channel = connection.channel()
+        while True:  # the relay declares the queue, then binds it, within milliseconds
             try:
-                channel.queue_declare(f"mailroom.inbound.{plan}", passive=True)
+                channel.basic_publish("mailroom.inbound", plan, b"probe", mandatory=True)
                 break
-            except pika.exceptions.ChannelClosedByBroker:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        channel.basic_publish("mailroom.inbound", plan, b"probe")  # the binding routes by plan id
-        ok = channel.queue_declare(f"mailroom.inbound.{plan}", passive=True)
-        deadline = time.monotonic() + 5
-        while ok.method.message_count < 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
-            ok = channel.queue_declare(f"mailroom.inbound.{plan}", passive=True)
-        assert ok.method.message_count == 1
-        channel.queue_delete(f"mailroom.inbound.{plan}")
+            except (pika.exceptions.UnroutableError, pika.exceptions.ChannelClosedByBroker):
+                assert time.monotonic() < deadline, "the plan's queue never got its binding"
+                if channel.is_closed:  # the exchange itself did not exist yet
+                    channel = connection.channel()
+                    channel.confirm_delivery()
+                time.sleep(0.02)
+        assert channel.queue_declare(queue, passive=True).method.message_count == 1
+        channel.queue_delete(queue)
     finally:
         connection.close()
 

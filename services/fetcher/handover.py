@@ -84,7 +84,9 @@ class Handover:
                 to_flag.append(batch)
         return to_flag
 
-    def deliver(self, mails: list[FetchedMail], uidvalidity: int | None = None) -> Batch:
+    def deliver(
+        self, mails: list[FetchedMail], folder: str | None = None, uidvalidity: int | None = None
+    ) -> Batch:
         """Publish ``mails``; on return they are committed and must be flagged or deleted."""
         items = [
             {
@@ -95,7 +97,7 @@ class Handover:
             for m in mails
         ]
         with self._pool.connection() as conn:
-            batch = fetch_state.open_batch(conn, self.server.id, uidvalidity, items)
+            batch = fetch_state.open_batch(conn, self.server.id, folder, uidvalidity, items)
         messages = [
             to_message(self.server, mail, self.message_id(mail, uidvalidity)) for mail in mails
         ]
@@ -145,7 +147,7 @@ class Handover:
                 )
             if server.type is ServerType.IMAP:
                 assert batch.uidvalidity is not None
-                folder = server.inbox_folder or DEFAULT_INBOX_FOLDER
+                folder = batch.folder or server.inbox_folder or DEFAULT_INBOX_FOLDER
                 current = fetch_state.checkpoint(conn, server.id)
                 same_folder = current is not None and (current.folder, current.uidvalidity) == (
                     folder,

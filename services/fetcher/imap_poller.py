@@ -53,7 +53,8 @@ class ImapPoller(MailboxPoller):
     def _finish_earlier_batches(self, mailbox: ImapMailbox) -> None:
         state = mailbox.state
         for batch in self.handover.recover():
-            if state is not None and batch.uidvalidity == state.uidvalidity:
+            here = (mailbox.folder, state.uidvalidity) if state is not None else None
+            if (batch.folder, batch.uidvalidity) == here:
                 mailbox.mark_seen([int(i["key"].removeprefix("uid:")) for i in batch.items])
             self.handover.finish(batch)
 
@@ -84,7 +85,8 @@ class ImapPoller(MailboxPoller):
             if not self.keep_going():
                 break
             mails = self._read(mailbox, batch)
-            committed = self.handover.deliver(mails, state.uidvalidity)
+            self.confirm_lease()
+            committed = self.handover.deliver(mails, folder, state.uidvalidity)
             mailbox.mark_seen([uid for uid, _ in batch])
             mailbox.mark_flagged([uid for uid, size in batch if self._too_large(size)])
             self.handover.finish(committed)

@@ -129,6 +129,13 @@ class MailboxPoller(threading.Thread):
             self._report(ok=True, connected=True)  # heartbeat: alive, e.g. waiting in IDLE
         return True
 
+    def confirm_lease(self) -> None:
+        """Renew the lease now, right before a hand-over: a fetcher that lost its mailbox to
+        another (it was too slow) must not publish what the other may publish too."""
+        if not self.context.leases.renew(self.server.id):
+            raise LeaseLost
+        self._lease_renewed = time.monotonic()
+
     def pause(self, seconds: float) -> None:
         """Wait between polls, renewing the lease, ending early when asked to stop."""
         deadline = time.monotonic() + seconds

@@ -49,6 +49,7 @@ class Pop3Poller(MailboxPoller):
                 if not self.keep_going():
                     break
                 mails = [self._read(mailbox, message) for message in batch]
+                self.confirm_lease()
                 self.handover.deliver(mails)
                 for message, mail in zip(batch, mails, strict=True):
                     if mail.quarantine_reason is None:

@@ -18,6 +18,7 @@ import queue
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,6 +118,13 @@ class InboundPublisher:
             tx.tx_commit()
             # Returns arrive before Commit-Ok; pika hands them to the callback only here.
             tx.connection.process_data_events(time_limit=0)
+            if channels.returned:
+                # The marker went through although the mails did not: void it at once, so that
+                # a crash now cannot make recovery count the returned mails as handed over.
+                tx.basic_publish(
+                    "", marker_queue(server_id), b"void:" + batch_id.encode(), _PERSISTENT
+                )
+                tx.tx_commit()
             return BatchOutcome(returned=len(channels.returned))
 
         outcome: BatchOutcome = self._submit(run, timeout)
@@ -166,9 +174,20 @@ class InboundPublisher:
         self._requests.put(_Request(run))
 
     def _submit(self, run: Callable[[_Channels], Any], timeout: float) -> Any:
+        """Run ``run`` on a publishing thread and wait for its outcome.
+
+        A request still waiting when the time is up is withdrawn; one already running is
+        waited for to the end. Abandoning a running batch would let it commit after the
+        mailbox's next session had decided, from the marker, that it never reached RabbitMQ.
+        """
         request = _Request(run)
         self._requests.put(request)
-        return request.result.result(timeout=timeout)
+        try:
+            return request.result.result(timeout=timeout)
+        except FutureTimeout:
+            if request.result.cancel():
+                raise BrokerUnavailable(f"no publishing thread free within {timeout:g} s") from None
+            return request.result.result()
 
     # --- the publishing threads -------------------------------------------------------------
 
@@ -179,6 +198,8 @@ class InboundPublisher:
             request = self._requests.get()
             if request is None:
                 break
+            if not request.result.set_running_or_notify_cancel():
+                continue  # withdrawn by the poller that asked
             try:
                 if connection is None or not connection.is_open or channels is None:
                     connection, channels = self._connect()
@@ -193,6 +214,14 @@ class InboundPublisher:
                 connection = None
                 request.result.set_exception(BrokerUnavailable(f"RabbitMQ: {exc!r}"))
             except Exception as exc:  # noqa: BLE001 - handed to the poller that asked
+                # Whatever was published on the transaction channel must not be committed by
+                # the next request: dropping the connection discards it.
+                if connection is not None and connection.is_open:
+                    try:
+                        connection.close()
+                    except (AMQPError, OSError):
+                        log.debug("closing the broker connection failed", exc_info=True)
+                connection, channels = None, None
                 request.result.set_exception(exc)
         if connection is not None and connection.is_open:
             connection.close()

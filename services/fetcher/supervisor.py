@@ -40,6 +40,9 @@ class FetcherSupervisor(ConfigFollower):
 
     def __init__(self, settings: Settings, pool: ConnectionPool[DictConnection]) -> None:
         self.pollers: dict[str, MailboxPoller] = {}
+        # Stopped pollers that may still be finishing a batch: a new poller of the same
+        # mailbox waits for them, also after a disable and a quick re-enable.
+        self._retiring: dict[str, MailboxPoller] = {}
         self._lock = threading.Lock()
         worker = instance_id(self.service_name)
         publisher = InboundPublisher(settings.amqp_url, settings.fetch_publisher_threads)
@@ -65,8 +68,11 @@ class FetcherSupervisor(ConfigFollower):
             running = self.pollers.pop(server_id, None)
             if running is not None:
                 running.stop()
+                self._retiring[server_id] = running
+            self._retiring = {k: p for k, p in self._retiring.items() if p.is_alive()}
             if after is not None and after.enabled and after.routing_plan_id:
-                poller = POLLERS[after.type](after, self.context, predecessor=running)
+                predecessor = self._retiring.pop(server_id, None)
+                poller = POLLERS[after.type](after, self.context, predecessor=predecessor)
                 self.pollers[server_id] = poller
                 poller.start()
                 log.info(

@@ -26,6 +26,7 @@ class Checkpoint:
 class Batch:
     id: str
     server_id: str
+    folder: str | None
     uidvalidity: int | None
     items: list[dict[str, Any]]
     state: str
@@ -50,13 +51,17 @@ def set_checkpoint(conn: DictConnection, server_id: str, point: Checkpoint) -> N
 
 
 def open_batch(
-    conn: DictConnection, server_id: str, uidvalidity: int | None, items: list[dict[str, Any]]
+    conn: DictConnection,
+    server_id: str,
+    folder: str | None,
+    uidvalidity: int | None,
+    items: list[dict[str, Any]],
 ) -> Batch:
-    batch = Batch(str(uuid.uuid4()), server_id, uidvalidity, items, "pending")
+    batch = Batch(str(uuid.uuid4()), server_id, folder, uidvalidity, items, "pending")
     conn.execute(
-        "INSERT INTO fetch_batches (id, server_id, uidvalidity, items, state)"
-        " VALUES (%s, %s, %s, %s, 'pending')",
-        (batch.id, server_id, uidvalidity, Jsonb(items)),
+        "INSERT INTO fetch_batches (id, server_id, folder, uidvalidity, items, state)"
+        " VALUES (%s, %s, %s, %s, %s, 'pending')",
+        (batch.id, server_id, folder, uidvalidity, Jsonb(items)),
     )
     return batch
 
@@ -81,7 +86,7 @@ def close_batch(conn: DictConnection, batch_id: str) -> None:
 
 def open_batches(conn: DictConnection, server_id: str) -> list[Batch]:
     rows = conn.execute(
-        "SELECT id::text AS id, server_id::text AS server_id, uidvalidity, items, state"
+        "SELECT id::text AS id, server_id::text AS server_id, folder, uidvalidity, items, state"
         " FROM fetch_batches WHERE server_id = %s ORDER BY created_at",
         (server_id,),
     ).fetchall()

@@ -19,12 +19,14 @@ twice, as long as RabbitMQ itself keeps what it committed.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 from psycopg_pool import ConnectionPool
 
 from services.fetcher.inbound_mail import FetchedMail, to_message
-from services.fetcher.publisher import InboundPublisher
+from services.fetcher.publisher import BatchOutcome, InboundPublisher
 from shared.contracts.status_reports import FailureCategory
 from shared.db import fetch_state, inbound_messages
 from shared.db.fetch_state import Batch, Checkpoint
@@ -34,6 +36,14 @@ from shared.mail.errors import MailServerError
 from shared.topology import inbound_queue
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InFlight:
+    """A batch written as pending whose publish is under way."""
+
+    batch: Batch
+    outcome: Future[BatchOutcome]
 
 
 def uid_of(item: dict[str, Any]) -> int:
@@ -88,6 +98,12 @@ class Handover:
         self, mails: list[FetchedMail], folder: str | None = None, uidvalidity: int | None = None
     ) -> Batch:
         """Publish ``mails``; on return they are committed and must be flagged or deleted."""
+        return self.complete(self.start(mails, folder, uidvalidity))
+
+    def start(
+        self, mails: list[FetchedMail], folder: str | None = None, uidvalidity: int | None = None
+    ) -> InFlight:
+        """Steps 1 and 2 without waiting for the broker; :meth:`complete` must follow."""
         items = [
             {
                 "key": m.key,
@@ -101,7 +117,12 @@ class Handover:
         messages = [
             to_message(self.server, mail, self.message_id(mail, uidvalidity)) for mail in mails
         ]
-        outcome = self._publisher.publish_batch(self.server.id, batch.id, messages)
+        return InFlight(batch, self._publisher.start_batch(self.server.id, batch.id, messages))
+
+    def complete(self, in_flight: InFlight) -> Batch:
+        """Wait for the broker, then step 3; the mails are then committed."""
+        batch = in_flight.batch
+        outcome = self._publisher.outcome(in_flight.outcome)
         if outcome.returned:
             with self._pool.connection() as conn:
                 fetch_state.close_batch(conn, batch.id)
@@ -113,6 +134,14 @@ class Handover:
             )
         self._commit(batch)
         return batch
+
+    def settle_quietly(self, in_flight: InFlight) -> None:
+        """On the way out after a failure: let an in-flight publish end before the session
+        does, whatever its outcome, so that recovery later sees what really happened."""
+        try:
+            self.complete(in_flight)
+        except Exception:
+            log.debug("server %s: an in-flight batch ended badly", self.server.id, exc_info=True)
 
     def finish(self, batch: Batch) -> None:
         with self._pool.connection() as conn, conn.transaction():

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 
 from services.fetcher.batching import in_batches
+from services.fetcher.handover import InFlight
 from services.fetcher.inbound_mail import FetchedMail
 from services.fetcher.mailbox_poller import MailboxPoller
 from shared.db import fetch_state
@@ -81,17 +82,35 @@ class ImapPoller(MailboxPoller):
         handed_over = 0
         sizes = mailbox.sizes(uids) if uids else {}
         pairs = sorted(sizes.items())
-        for batch in in_batches(pairs, lambda pair: pair[1], self.context.settings):
-            if not self.keep_going():
-                break
-            mails = self._read(mailbox, batch)
-            self.confirm_lease()
-            committed = self.handover.deliver(mails, folder, state.uidvalidity)
-            mailbox.mark_seen([uid for uid, _ in batch])
-            mailbox.mark_flagged([uid for uid, size in batch if self._too_large(size)])
-            self.handover.finish(committed)
-            handed_over += len(mails)
+        # While RabbitMQ commits one batch, the next is read from the server. Only one batch
+        # is ever pending: the next is written (and published) after the last is settled.
+        in_flight: tuple[InFlight, list[tuple[int, int]]] | None = None
+        try:
+            for batch in in_batches(pairs, lambda pair: pair[1], self.context.settings):
+                if not self.keep_going():
+                    break
+                mails = self._read(mailbox, batch)
+                if in_flight is not None:
+                    settling, in_flight = in_flight, None  # _settle ends the publish
+                    handed_over += self._settle(mailbox, *settling)
+                self.confirm_lease()
+                in_flight = (self.handover.start(mails, folder, state.uidvalidity), batch)
+            if in_flight is not None:
+                settling, in_flight = in_flight, None
+                handed_over += self._settle(mailbox, *settling)
+        finally:
+            if in_flight is not None:
+                self.handover.settle_quietly(in_flight[0])
         return handed_over
+
+    def _settle(
+        self, mailbox: ImapMailbox, in_flight: InFlight, batch: list[tuple[int, int]]
+    ) -> int:
+        committed = self.handover.complete(in_flight)
+        mailbox.mark_seen([uid for uid, _ in batch])
+        mailbox.mark_flagged([uid for uid, size in batch if self._too_large(size)])
+        self.handover.finish(committed)
+        return len(committed.items)
 
     def _start_checkpoint(self, folder: str, uidvalidity: int, last_uid: int) -> None:
         with self.context.pool.connection() as conn:

@@ -99,6 +99,13 @@ class InboundPublisher:
         self, server_id: str, batch_id: str, mails: list[OutgoingMail], timeout: float = 60.0
     ) -> BatchOutcome:
         """Publish ``mails`` and the batch's marker in one transaction; raise when uncertain."""
+        return self.outcome(self.start_batch(server_id, batch_id, mails), timeout)
+
+    def start_batch(
+        self, server_id: str, batch_id: str, mails: list[OutgoingMail]
+    ) -> Future[BatchOutcome]:
+        """Like :meth:`publish_batch`, without waiting: the caller reads the next mails
+        meanwhile, and must collect the outcome with :meth:`outcome` before anything else."""
 
         def run(channels: _Channels) -> BatchOutcome:
             tx = channels.tx
@@ -127,8 +134,13 @@ class InboundPublisher:
                 tx.tx_commit()
             return BatchOutcome(returned=len(channels.returned))
 
-        outcome: BatchOutcome = self._submit(run, timeout)
-        return outcome
+        request = _Request(run)
+        self._requests.put(request)
+        return request.result
+
+    def outcome(self, pending: Future[BatchOutcome], timeout: float = 60.0) -> BatchOutcome:
+        result: BatchOutcome = self._await(pending, timeout)
+        return result
 
     @staticmethod
     def _queue_exists(channels: _Channels, name: str) -> bool:
@@ -174,20 +186,22 @@ class InboundPublisher:
         self._requests.put(_Request(run))
 
     def _submit(self, run: Callable[[_Channels], Any], timeout: float) -> Any:
-        """Run ``run`` on a publishing thread and wait for its outcome.
-
-        A request still waiting when the time is up is withdrawn; one already running is
-        waited for to the end. Abandoning a running batch would let it commit after the
-        mailbox's next session had decided, from the marker, that it never reached RabbitMQ.
-        """
+        """Run ``run`` on a publishing thread and wait for its outcome (see :meth:`_await`)."""
         request = _Request(run)
         self._requests.put(request)
+        return self._await(request.result, timeout)
+
+    @staticmethod
+    def _await(result: Future[Any], timeout: float) -> Any:
+        """A request still waiting when the time is up is withdrawn; one already running is
+        waited for to the end. Abandoning a running batch would let it commit after the
+        mailbox's next session had decided, from the marker, that it never reached RabbitMQ."""
         try:
-            return request.result.result(timeout=timeout)
+            return result.result(timeout=timeout)
         except FutureTimeout:
-            if request.result.cancel():
+            if result.cancel():
                 raise BrokerUnavailable(f"no publishing thread free within {timeout:g} s") from None
-            return request.result.result()
+            return result.result()
 
     # --- the publishing threads -------------------------------------------------------------
 

@@ -75,8 +75,9 @@ class _Request:
 
 
 class InboundPublisher:
-    def __init__(self, amqp_url: str, threads: int = 2) -> None:
+    def __init__(self, amqp_url: str, threads: int = 2, heartbeat_seconds: int = 30) -> None:
         self._amqp_url = amqp_url
+        self._heartbeat = heartbeat_seconds
         self._requests: queue.Queue[_Request | None] = queue.Queue()
         self._threads = [
             threading.Thread(target=self._serve, name=f"publisher-{n}", daemon=True)
@@ -209,7 +210,17 @@ class InboundPublisher:
         connection: pika.BlockingConnection | None = None
         channels: _Channels | None = None
         while True:
-            request = self._requests.get()
+            try:
+                request = self._requests.get(timeout=_HEARTBEAT_SERVICE_SECONDS)
+            except queue.Empty:
+                # A BlockingConnection answers heartbeats only when called: an idle publisher
+                # would otherwise be dropped by the broker after two missed heartbeats.
+                if connection is not None and connection.is_open:
+                    try:
+                        connection.process_data_events(time_limit=0)
+                    except (AMQPError, OSError):
+                        connection, channels = None, None
+                continue
             if request is None:
                 break
             if not request.result.set_running_or_notify_cancel():
@@ -242,7 +253,7 @@ class InboundPublisher:
 
     def _connect(self) -> tuple[pika.BlockingConnection, _Channels]:
         parameters = pika.URLParameters(self._amqp_url)
-        parameters.heartbeat = 30
+        parameters.heartbeat = self._heartbeat
         parameters.blocked_connection_timeout = 60
         connection = pika.BlockingConnection(parameters)
         tx = connection.channel()
@@ -257,5 +268,6 @@ class InboundPublisher:
         return connection, channels
 
 
+_HEARTBEAT_SERVICE_SECONDS = 1.0
 _MARKER_ARGS = {"x-max-length": 1, "x-overflow": "drop-head"}
 _PERSISTENT = pika.BasicProperties(delivery_mode=2)

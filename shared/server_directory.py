@@ -46,7 +46,6 @@ class ServerDirectory:
         self._lock = threading.Lock()
         self._resync_due = True
         self._last_resync = 0.0
-        self.events_applied = 0
 
     # --- reads -----------------------------------------------------------------------------
 
@@ -88,7 +87,6 @@ class ServerDirectory:
             self.resync_soon()
             return
         self._replace(event.server_id, current)
-        self.events_applied += 1
 
     def resync_soon(self) -> None:
         self._resync_due = True

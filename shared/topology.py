@@ -24,7 +24,6 @@ STATUS_REPORTS_QUEUE_NAME = "mailroom.status.reports"  # workers -> status servi
 ROUTING_PLAN_CREATED = "routing_plan.created"
 
 EMAIL_SERVER_EVENTS = "email_server.#"
-ROUTING_PLAN_EVENTS = "routing_plan.#"
 
 
 def inbound_queue(routing_plan_id: str) -> Queue:

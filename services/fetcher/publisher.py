@@ -31,6 +31,7 @@ from shared.topology import (
     INBOUND_EXCHANGE,
     INBOUND_QUARANTINE_QUEUE_NAME,
     STATUS_REPORTS_QUEUE_NAME,
+    inbound_queue,
 )
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ class InboundPublisher:
             tx = channels.tx
             channels.returned.clear()
             plans = {mail.routing_key for mail in mails if not mail.quarantine}
-            if any(not self._queue_exists(channels, f"mailroom.inbound.{plan}") for plan in plans):
+            if any(not self._queue_exists(channels, inbound_queue(plan).name) for plan in plans):
                 return BatchOutcome(returned=len(mails))  # publish nothing: see module doc
             tx.queue_declare(marker_queue(server_id), durable=True, arguments=_MARKER_ARGS)
             for mail in mails:

@@ -66,6 +66,7 @@ import enum
 import json
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -85,6 +86,7 @@ from services.sender.mime import MimeError, build
 from services.sender.publisher import Publisher, StatusReporter
 from services.sender.rate_limit import RateLimiter
 from services.sender.resolver import NoRoute, Resolver, Route
+from shared import metrics
 from shared.contracts.send import InvalidCommand, SendCommand, SendResult
 from shared.contracts.status_reports import FailureCategory
 from shared.db import send_requests as repo
@@ -398,6 +400,7 @@ class Sender:
             marking.wait()
             handed_over = True
 
+        started = time.monotonic()
         try:
             code, text = self.connections.send(
                 route.server,
@@ -417,6 +420,7 @@ class Sender:
         finally:
             if marking is not None and not handed_over:
                 marking.wait()
+        metrics.SEND_SECONDS.observe(time.monotonic() - started)
         self._finish(
             work,
             state="sent",

@@ -25,7 +25,6 @@ from psycopg.types.json import Jsonb
 
 from shared.db.pool import DictConnection
 
-OPEN_STATES = ("received", "sending", "retry_wait")
 # ``owner_message_id`` of a request whose first attempt the intake makes itself; a dramatiq
 # message owns the request only from its first retry on.
 INTAKE_OWNER = "intake"
@@ -196,13 +195,6 @@ def begin_mark_data_started(
         " updated_at = now() WHERE tenant_id = $3 AND request_id = $4",
         [server_id, message_id, tenant_id, request_id],
     )
-
-
-def mark_data_started(
-    conn: DictConnection, tenant_id: str, request_id: str, server_id: str | None, message_id: str
-) -> None:
-    """:func:`begin_mark_data_started`, waiting for the commit."""
-    begin_mark_data_started(conn, tenant_id, request_id, server_id, message_id).wait()
 
 
 def finish(

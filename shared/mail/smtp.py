@@ -135,13 +135,6 @@ class SmtpSession:
     def smtputf8(self) -> bool:
         return bool(self.client.has_extn("smtputf8"))
 
-    def noop_ok(self) -> bool:
-        try:
-            code, _ = self.client.noop()
-        except (smtplib.SMTPException, OSError):
-            return False
-        return code == 250
-
     def close(self) -> None:
         try:
             self.client.quit()

@@ -15,7 +15,7 @@ from tests.lab.certs import LabCertificates
 from tests.lab.clients import LabIMAP4_SSL, tls_context
 from tests.lab.dovecot import DovecotLab, LabUser
 from tests.support.api import ApiClient
-from tests.support.fetching import lab_mailbox, take, wait_for_queue
+from tests.support.fetching import lab_mailbox_and_queue, take
 from tests.support.processes import ServiceProcess
 
 MAILS = 500
@@ -42,9 +42,7 @@ def test_a_fetcher_killed_at_random_moments_hands_every_mail_over_exactly_once(
     lab_user: LabUser,
     mail_lab_certs: LabCertificates,
 ) -> None:
-    server = lab_mailbox(api, dovecot, lab_user)
-    queue = f"mailroom.inbound.{server['routing_plan_id']}"
-    wait_for_queue(settings.amqp_url, queue)
+    _server, queue = lab_mailbox_and_queue(api, dovecot, lab_user, settings.amqp_url)
     env = {
         "MAILROOM_CA_BUNDLE": str(mail_lab_certs.ca),
         "MAILROOM_FETCH_BATCH_MAILS": "5",  # many batches: kills land inside hand-overs
@@ -88,9 +86,7 @@ def test_two_fetchers_share_mailboxes_and_one_takes_over_when_the_other_dies(
     lab_user: LabUser,
     mail_lab_certs: LabCertificates,
 ) -> None:
-    server = lab_mailbox(api, dovecot, lab_user)
-    queue = f"mailroom.inbound.{server['routing_plan_id']}"
-    wait_for_queue(settings.amqp_url, queue)
+    server, queue = lab_mailbox_and_queue(api, dovecot, lab_user, settings.amqp_url)
     env = {
         "MAILROOM_CA_BUNDLE": str(mail_lab_certs.ca),
         "MAILROOM_MAILBOX_LEASE_SECONDS": "1.5",

@@ -15,6 +15,7 @@ from tests.support.api import ApiClient
 from tests.support.fetching import (
     fetcher_settings,
     lab_mailbox,
+    lab_mailbox_and_queue,
     running_fetcher,
     take,
     wait_for_queue,
@@ -80,9 +81,7 @@ def test_with_idle_a_new_mail_is_in_the_queue_within_two_seconds(
     lab_user: LabUser,
     mail_lab_certs: LabCertificates,
 ) -> None:
-    server = lab_mailbox(api, dovecot, lab_user)
-    queue = f"mailroom.inbound.{server['routing_plan_id']}"
-    wait_for_queue(settings.amqp_url, queue)
+    server, queue = lab_mailbox_and_queue(api, dovecot, lab_user, settings.amqp_url)
     slow_polls = fetcher_settings(settings, mail_lab_certs, imap_poll_seconds=600)
     with running_fetcher(slow_polls, pool) as fetcher:
         deadline = time.monotonic() + 10
@@ -106,9 +105,7 @@ def test_mail_read_by_a_person_before_the_fetch_is_still_handed_over(
     lab_user: LabUser,
     mail_lab_certs: LabCertificates,
 ) -> None:
-    server = lab_mailbox(api, dovecot, lab_user)
-    queue = f"mailroom.inbound.{server['routing_plan_id']}"
-    wait_for_queue(settings.amqp_url, queue)
+    _server, queue = lab_mailbox_and_queue(api, dovecot, lab_user, settings.amqp_url)
     with running_fetcher(fetcher_settings(settings, mail_lab_certs), pool):
         dovecot.append(lab_user.name, sample(1))
         assert len(take(settings.amqp_url, queue, 1)) == 1

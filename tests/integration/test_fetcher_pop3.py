@@ -17,10 +17,9 @@ from tests.lab.dovecot import DovecotLab, LabUser
 from tests.support.api import ApiClient
 from tests.support.fetching import (
     fetcher_settings,
-    lab_mailbox,
+    lab_mailbox_and_queue,
     running_fetcher,
     take,
-    wait_for_queue,
 )
 
 
@@ -42,9 +41,9 @@ def test_pop3_mails_arrive_once_and_the_mailbox_is_emptied(
     mails = [sample(n) for n in range(1, 11)]
     for mail in mails:
         dovecot.append(lab_user.name, mail)
-    server = lab_mailbox(api, dovecot, lab_user, "pop3", tls=tls)
-    queue = f"mailroom.inbound.{server['routing_plan_id']}"
-    wait_for_queue(settings.amqp_url, queue)
+    _server, queue = lab_mailbox_and_queue(
+        api, dovecot, lab_user, settings.amqp_url, "pop3", tls=tls
+    )
     with running_fetcher(fetcher_settings(settings, mail_lab_certs), pool):
         delivered = take(settings.amqp_url, queue, len(mails))
         deadline = time.monotonic() + 5
@@ -66,13 +65,13 @@ def test_mail_whose_deletion_was_lost_is_deleted_without_a_second_hand_over(
 ) -> None:
     """A session that dropped before QUIT: the mail is still there, but was handed over."""
     dovecot.append(lab_user.name, sample(1))
-    server = lab_mailbox(api, dovecot, lab_user, "pop3", enabled=False)
+    server, queue = lab_mailbox_and_queue(
+        api, dovecot, lab_user, settings.amqp_url, "pop3", enabled=False
+    )
     uidl = dovecot_uidl(dovecot, lab_user)
     with pool.connection() as conn:
         fetch_state.add_delivered_uidls(conn, server["id"], [uidl], [False])
     api.patch(f"/email-servers/{server['id']}", {"enabled": True})
-    queue = f"mailroom.inbound.{server['routing_plan_id']}"
-    wait_for_queue(settings.amqp_url, queue)
     with running_fetcher(fetcher_settings(settings, mail_lab_certs), pool):
         deadline = time.monotonic() + 5
         while dovecot.count(lab_user.name) and time.monotonic() < deadline:

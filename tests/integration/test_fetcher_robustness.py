@@ -16,10 +16,10 @@ from tests.support.api import ApiClient
 from tests.support.fetching import (
     fetcher_settings,
     lab_mailbox,
+    lab_mailbox_and_queue,
     reports_for,
     running_fetcher,
     take,
-    wait_for_queue,
 )
 from tests.support.leaks import password
 
@@ -55,9 +55,7 @@ def test_bad_mail_is_delivered_raw(
     mails = BAD_MAILS
     for mail in mails.values():
         dovecot.append(lab_user.name, mail)
-    server = lab_mailbox(api, dovecot, lab_user)
-    queue = f"mailroom.inbound.{server['routing_plan_id']}"
-    wait_for_queue(settings.amqp_url, queue)
+    _server, queue = lab_mailbox_and_queue(api, dovecot, lab_user, settings.amqp_url)
     with running_fetcher(fetcher_settings(settings, mail_lab_certs), pool):
         delivered = take(settings.amqp_url, queue, len(mails), timeout=30)
     assert len(delivered) == len(mails)
@@ -79,9 +77,7 @@ def test_mail_above_the_size_limit_is_quarantined_and_kept_on_the_server(
     large = b"Subject: large\r\nMessage-ID: <big@example.org>\r\n\r\n" + b"x" * 20_000 + b"\r\n"
     dovecot.append(lab_user.name, large)
     dovecot.append(lab_user.name, small)
-    server = lab_mailbox(api, dovecot, lab_user)
-    queue = f"mailroom.inbound.{server['routing_plan_id']}"
-    wait_for_queue(settings.amqp_url, queue)
+    server, queue = lab_mailbox_and_queue(api, dovecot, lab_user, settings.amqp_url)
     _purge(settings.amqp_url, INBOUND_QUARANTINE_QUEUE_NAME)
     with running_fetcher(fetcher_settings(settings, mail_lab_certs, max_mail_bytes=10_000), pool):
         assert [d.body for d in take(settings.amqp_url, queue, 1)] == [small]
@@ -107,9 +103,7 @@ def test_unroutable_mail_stays_unread_and_the_reason_is_reported(
     lab_user: LabUser,
     mail_lab_certs: LabCertificates,
 ) -> None:
-    server = lab_mailbox(api, dovecot, lab_user)
-    queue = f"mailroom.inbound.{server['routing_plan_id']}"
-    wait_for_queue(settings.amqp_url, queue)
+    server, queue = lab_mailbox_and_queue(api, dovecot, lab_user, settings.amqp_url)
     _delete_queue(settings.amqp_url, queue)
     dovecot.append(lab_user.name, b"Subject: lost?\r\n\r\nno\r\n")
     with running_fetcher(fetcher_settings(settings, mail_lab_certs), pool):
@@ -133,9 +127,7 @@ def test_a_broken_account_does_not_stall_the_others(
     # The password changes on the mail server after the save (its test passed then).
     dovecot.add_user(bad.name, password("changed by the account owner"))
     time.sleep(1.1)  # Dovecot re-reads a changed passwd-file at most once a second
-    server = lab_mailbox(api, dovecot, good)
-    queue = f"mailroom.inbound.{server['routing_plan_id']}"
-    wait_for_queue(settings.amqp_url, queue)
+    _server, queue = lab_mailbox_and_queue(api, dovecot, good, settings.amqp_url)
     dovecot.append(good.name, b"Subject: fine\r\n\r\nok\r\n")
     with running_fetcher(fetcher_settings(settings, mail_lab_certs), pool):
         assert len(take(settings.amqp_url, queue, 1)) == 1

@@ -85,6 +85,16 @@ def lab_mailbox(
     return api.create(**body)
 
 
+def lab_mailbox_and_queue(
+    api: ApiClient, lab: DovecotLab, user: LabUser, amqp_url: str, *args: Any, **fields: Any
+) -> tuple[dict[str, Any], str]:
+    """:func:`lab_mailbox`, and the name of its routing plan's queue once RabbitMQ has it."""
+    server = lab_mailbox(api, lab, user, *args, **fields)
+    queue = f"mailroom.inbound.{server['routing_plan_id']}"
+    wait_for_queue(amqp_url, queue)
+    return server, queue
+
+
 def wait_for_queue(amqp_url: str, queue: str, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while True:

@@ -81,6 +81,19 @@ def _rotate_keys(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _encrypt_secret(args: argparse.Namespace, settings: Settings) -> int:
+    """For ``client_secret_encrypted`` in MAILROOM_OAUTH_PROVIDERS: the plaintext is read from
+    standard input (never a command-line argument, which other users can see)."""
+    from shared.secrets import SecretBox
+
+    plaintext = sys.stdin.readline().rstrip("\r\n")
+    if not plaintext:
+        print("mailroom: give the secret on standard input", file=sys.stderr)
+        return 2
+    print(SecretBox.from_settings(settings).encrypt(plaintext).decode())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mailroom", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -110,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     rotate = commands.add_parser("rotate-keys", help="re-encrypt secrets under the newest key")
     rotate.set_defaults(handler=_rotate_keys)
+
+    encrypt = commands.add_parser(
+        "encrypt-secret",
+        help="encrypt a secret read from stdin with the installation's key (for an OAuth2 "
+        "provider's client_secret_encrypted)",
+    )
+    encrypt.set_defaults(handler=_encrypt_secret)
     return parser
 
 
@@ -119,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     settings = get_settings()
-    if args.command != "token":
+    if args.command not in ("token", "encrypt-secret"):
         configure_logging(settings.log_level)
     try:
         return int(args.handler(args, settings))

@@ -39,6 +39,11 @@ SEND_SECONDS = Histogram(
     "Duration of one SMTP transaction (MAIL FROM to the final reply).",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
+OAUTH_REFRESHES = Counter(
+    "mailroom_oauth_refreshes_total",
+    "OAuth2 access-token refreshes, by result (ok, refused = consent ended, failed).",
+    ["result"],
+)
 
 
 def serve_metrics(host: str, port: int, service: str) -> None:

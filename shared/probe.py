@@ -44,10 +44,7 @@ from shared.settings import Settings
 log = logging.getLogger(__name__)
 
 NO_ROUTING_PLAN = "no routing plan linked"
-OAUTH2_NOT_YET = (
-    "OAuth2 login cannot be tested yet: it comes with OAuth2 support; "
-    "save the server inactive until then"
-)
+NO_ACCESS_TOKEN = "no OAuth2 access token: the provider's consent is needed first"  # noqa: S105 - a message
 # Extensions an admin may care about; the rest of a capability list is noise.
 _SHOWN_IMAP = ("IDLE", "COMPRESS=", "STARTTLS", "AUTH=", "UTF8=", "MOVE")
 _SHOWN_POP3 = ("STLS", "UIDL", "TOP", "SASL", "UTF8")
@@ -75,7 +72,7 @@ class ProbeResult:
         return data
 
 
-# (server as it would be saved, its plaintext password) -> result
+# (server as it would be saved, its plaintext password or OAuth2 access token) -> result
 Probe = Callable[[EmailServer, "str | None"], ProbeResult]
 
 # A thread per running test; the config API bounds how many run at once (probe_concurrency).
@@ -97,14 +94,15 @@ class ConnectionProbe:
         )
 
     def __call__(self, server: EmailServer, password: str | None) -> ProbeResult:
-        """Test ``server`` with these settings; ``password`` is the plaintext, never kept."""
+        """Test ``server`` with these settings; ``password`` is the plaintext password, or the
+        access token of an OAuth2 server, never kept."""
         if server.type.inbound and not server.routing_plan_id:
             return ProbeResult(False, NO_ROUTING_PLAN, FailureCategory.NO_ROUTING_PLAN)
         started = datetime.now(UTC)
         try:
             self.policy.resolve(server.host, server.effective_port)
-            if server.auth_type is AuthType.OAUTH2:
-                return ProbeResult(False, OAUTH2_NOT_YET, FailureCategory.REAUTH_REQUIRED)
+            if server.auth_type is AuthType.OAUTH2 and not password:
+                return ProbeResult(False, NO_ACCESS_TOKEN, FailureCategory.REAUTH_REQUIRED)
             future = _EXECUTOR.submit(self._talk, server, password)
             try:
                 # Every network step has ``timeout``; a server that answers each step slowly

@@ -14,11 +14,12 @@ import secrets
 import time
 from functools import cached_property
 from pathlib import Path
-from typing import Any
 
 from cryptography.fernet import Fernet
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.oauth.providers import OAuthProvider, parse_providers
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,26 @@ class Settings(BaseSettings):
     default_token_ttl_seconds: int = 24 * 3600
 
     oauth_providers: str = Field(
-        default="", description="JSON list of OAuth2 providers, or the path of a JSON file."
+        default="",
+        description="JSON list of OAuth2 providers, or the path of a JSON file "
+        "(shared/oauth/providers.py says what an entry holds).",
+    )
+    oauth_redirect_url: str = Field(
+        default="",
+        description="Where the provider sends the admin's browser after consent: the config "
+        "API's /api/v1/oauth/callback as the browser reaches it (default: on api_host:api_port).",
+    )
+    oauth_refresh_margin_seconds: float = Field(
+        default=300.0,
+        description="An access token is refreshed this long before it expires (at most half "
+        "its lifetime before).",
+    )
+    oauth_consent_seconds: float = Field(
+        default=1800.0, description="How long an authorization URL stays usable."
+    )
+    oauth_warning_days: int = Field(
+        default=14,
+        description="Warn this many days before a refresh token or a client secret expires.",
     )
     log_level: str = "INFO"
 
@@ -238,15 +258,20 @@ class Settings(BaseSettings):
         return self.token_signing_key or self._dev_keys["token_signing_key"]
 
     @property
+    def oauth_provider_table(self) -> dict[str, OAuthProvider]:
+        """The presets merged with the operator's ``MAILROOM_OAUTH_PROVIDERS``."""
+        return parse_providers(self.oauth_providers)
+
+    @property
     def oauth_provider_names(self) -> set[str]:
         """Names an OAuth2 server may refer to: the built-in presets and the operator's own."""
-        names = {"microsoft365", "google"}
-        raw = self.oauth_providers.strip()
-        if raw:
-            text = raw if raw.startswith("[") else Path(raw).read_text(encoding="utf-8")
-            providers: list[dict[str, Any]] = json.loads(text)
-            names.update(str(p["name"]) for p in providers)
-        return names
+        return set(self.oauth_provider_table)
+
+    @property
+    def oauth_callback_url(self) -> str:
+        return self.oauth_redirect_url or (
+            f"http://{self.api_host}:{self.api_port}/api/v1/oauth/callback"
+        )
 
 
 def _load_or_create_dev_keys(path: Path) -> dict[str, str]:

@@ -33,6 +33,12 @@ from tests.lab.fixtures import (  # noqa: E402, F401 - fixtures for every test m
 from tests.support import rabbit  # noqa: E402
 from tests.support.api import RESPONSES, ApiClient, admin  # noqa: E402
 from tests.support.leaks import LeakWatch  # noqa: E402
+from tests.support.oauth import (  # noqa: E402, F401 - fixtures for every test module
+    oauth_admin,
+    oauth_client,
+    oauth_tenant,
+    settings_with_lab,
+)
 from tests.support.processes import LOG_FILES  # noqa: E402
 
 

@@ -11,11 +11,14 @@ from fastapi import FastAPI
 
 from services.config_api.email_server_service import EmailServerService
 from services.config_api.errors import install_handlers
+from services.config_api.oauth_consent import OAuthConsents
 from services.config_api.outbox_relay import OutboxRelay
-from services.config_api.routers import email_servers, routing_plans, template_server
+from services.config_api.routers import email_servers, oauth, routing_plans, template_server
 from services.config_api.routing_plan_service import RoutingPlanService
 from shared.db.pool import make_pool
 from shared.http_ops import ops_router
+from shared.oauth.health import OAuthHealth
+from shared.oauth.tokens import OAuthTokens
 from shared.probe import ConnectionProbe, Probe
 from shared.secrets import SecretBox
 from shared.settings import Settings
@@ -32,11 +35,21 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool = make_pool(settings)
         app.state.pool = pool
+        secret_box = SecretBox.from_settings(settings)
+        providers = settings.oauth_provider_table
+        consents = OAuthConsents(
+            pool,
+            secret_box,
+            OAuthTokens.from_settings(settings, pool, secret_box),
+            consent_seconds=settings.oauth_consent_seconds,
+        )
         app.state.email_servers = EmailServerService(
             pool=pool,
-            secret_box=SecretBox.from_settings(settings),
+            secret_box=secret_box,
             probe=probe or ConnectionProbe.from_settings(settings),
-            oauth_provider_names=settings.oauth_provider_names,
+            oauth_provider_names=set(providers),
+            consents=consents,
+            oauth_health=OAuthHealth(pool, providers, settings.oauth_warning_days),
             probe_slots=threading.BoundedSemaphore(settings.probe_concurrency),
         )
         app.state.routing_plans = RoutingPlanService(pool)
@@ -59,7 +72,8 @@ def create_app(
     )
     app.state.settings = settings
     install_handlers(app)
-    for router in (email_servers.router, template_server.router, routing_plans.router):
+    routers = (email_servers.router, template_server.router, routing_plans.router, oauth.router)
+    for router in routers:
         app.include_router(router, prefix=API_PREFIX)
 
     def ready() -> str | None:

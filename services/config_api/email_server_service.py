@@ -22,6 +22,12 @@ from services.config_api.errors import (
     NotFound,
     PreconditionFailed,
 )
+from services.config_api.oauth_consent import (
+    CONSENT_FIELD,
+    ConsentOutcome,
+    ConsentUnavailable,
+    OAuthConsents,
+)
 from services.config_api.schemas import NAME_MAX_LENGTH, ServerCreate, ServerPatch
 from services.config_api.server_rules import (
     FieldError,
@@ -34,7 +40,8 @@ from shared.contracts import ConfigEvent, EmailServerChange
 from shared.db import audit, outbox, routing_plans
 from shared.db import email_servers as repo
 from shared.db.pool import DictConnection
-from shared.email_servers import CONNECTION_SETTINGS, EmailServer, ServerType
+from shared.email_servers import CONNECTION_SETTINGS, AuthType, EmailServer, ServerType
+from shared.oauth.health import OAuthHealth
 from shared.probe import Probe, ProbeResult
 from shared.secrets import SecretBox, SecretDecryptError
 from shared.tokens import Principal
@@ -57,12 +64,23 @@ def _candidate(tenant_id: str, columns: dict[str, Any], server_id: str = "") -> 
     return EmailServer(id=server_id, tenant_id=tenant_id, version=0, **values)
 
 
+@dataclass(frozen=True)
+class SavedServer:
+    """A saved server, and for an OAuth2 server that needs consent, where to give it."""
+
+    server: EmailServer
+    authorization_url: str | None = None
+    notes: tuple[str, ...] = ()
+
+
 @dataclass
 class EmailServerService:
     pool: ConnectionPool[DictConnection]
     secret_box: SecretBox
     probe: Probe
     oauth_provider_names: set[str]
+    consents: OAuthConsents
+    oauth_health: OAuthHealth
     probe_slots: threading.BoundedSemaphore = field(
         default_factory=lambda: threading.BoundedSemaphore(8)
     )
@@ -118,10 +136,12 @@ class EmailServerService:
 
     # --- writes ----------------------------------------------------------------------------
 
-    def create(self, principal: Principal, body: ServerCreate) -> EmailServer:
+    def create(self, principal: Principal, body: ServerCreate) -> SavedServer:
         merged = self._merge(None, body, body.type)
         self._check_routing_plan(principal, merged.columns.get("routing_plan_id"))
-        if merged.columns["enabled"]:
+        oauth2 = merged.columns["auth_type"] is AuthType.OAUTH2
+        # A new OAuth2 server has no tokens to test with: the consent's callback tests it.
+        if merged.columns["enabled"] and not oauth2:
             self._test_before_save(principal, merged, merged.new_password)
         with self.pool.connection() as conn, conn.transaction():
             if merged.columns["is_template_server"]:
@@ -129,20 +149,24 @@ class EmailServerService:
                 self._clear_template_server(conn, principal)
             server = repo.insert(conn, principal.tenant_id, merged.columns)
             self._record(conn, principal, "create", server, "created", merged.changed_fields)
-        return server
+        return self._with_consent(principal, server, needed=oauth2)
 
     def patch(
         self, principal: Principal, server_id: str, body: ServerPatch, if_match: int | None
-    ) -> EmailServer:
+    ) -> SavedServer:
         current = self.get(principal, server_id)
         if if_match is not None and current.version != if_match:
             raise PreconditionFailed(current.version)  # before a connection test, not after
         merged = self._merge(current, body, current.type)
         self._check_routing_plan(principal, merged.changes.get("routing_plan_id"))
-        tested = self._needs_test(body, merged)
+        candidate = _candidate(principal.tenant_id, merged.columns, server_id)
+        consent = self.consents.needs_consent(candidate, current)
+        tested = self._needs_test(body, merged) and not consent
         if tested:
             password = merged.new_password
-            if password is None and merged.columns["password_encrypted"] is not None:
+            if candidate.auth_type is AuthType.OAUTH2:
+                password = self.consents.access_token_for_test(candidate)
+            elif password is None and merged.columns["password_encrypted"] is not None:
                 password = self._decrypt_stored(merged.columns["password_encrypted"])
             self._test_before_save(principal, merged, password, server_id)
         with self.pool.connection() as conn, conn.transaction():
@@ -158,7 +182,49 @@ class EmailServerService:
                 self._clear_template_server(conn, principal, keep=server_id)
             server = repo.update(conn, server_id, merged.changes)
             self._record(conn, principal, "update", server, "updated", merged.changed_fields)
-        return server
+        return self._with_consent(principal, server, needed=consent)
+
+    def _with_consent(self, principal: Principal, server: EmailServer, needed: bool) -> SavedServer:
+        if not needed:
+            return SavedServer(server)
+        try:
+            return SavedServer(server, self.consents.start(principal.subject, server))
+        except ConsentUnavailable as exc:
+            return SavedServer(server, None, (f"Consent cannot start: {exc.reason}",))
+
+    def start_consent(self, principal: Principal, server_id: str) -> str:
+        """A new authorization URL for an OAuth2 server (the last one expired, or the provider
+        asks for consent again)."""
+        server = self.get(principal, server_id)
+        if server.auth_type is not AuthType.OAUTH2:
+            raise FieldsInvalid([FieldError("auth_type", "consent applies to OAuth2 servers only")])
+        try:
+            return self.consents.start(principal.subject, server)
+        except ConsentUnavailable as exc:
+            raise FieldsInvalid([FieldError("oauth_provider", exc.reason)]) from exc
+
+    def finish_consent(
+        self, state: str, code: str | None, error: str | None, error_description: str | None
+    ) -> ConsentOutcome:
+        """The provider's callback: tokens stored, connection tested, workers told."""
+        consent, server, outcome = self.consents.finish(state, code, error, error_description)
+        if not outcome.ok or consent is None or server is None:
+            return outcome
+        result = self._run_probe(server, self.consents.access_token_for_test(server))
+        admin = Principal(
+            subject=consent.admin, tenant_id=consent.tenant_id, permissions=frozenset()
+        )
+        with self.pool.connection() as conn, conn.transaction():
+            locked = repo.get(conn, server.id, tenant_id=consent.tenant_id, for_update=True)
+            if locked is None:
+                return ConsentOutcome(False, "The mail server was deleted meanwhile.", server.id)
+            saved = repo.update(conn, server.id, {"last_connection": result.as_json()})
+            self._record(conn, admin, "oauth_consent", saved, "updated", {CONSENT_FIELD})
+        if result.ok:
+            message = "Access granted, and the connection test passed."
+        else:
+            message = f"Access granted, but the connection test failed: {result.reason}"
+        return ConsentOutcome(result.ok, message, server.id, result)
 
     def _needs_test(self, body: ServerPatch, merged: MergedServer) -> bool:
         enabling = body.enabled is True and "enabled" in body.model_fields_set

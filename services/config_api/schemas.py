@@ -117,6 +117,22 @@ class ConnectionResult(BaseModel):
     checked_at: datetime | None = None
 
 
+class OAuthStatus(BaseModel):
+    """An OAuth2 server's consent, as the admin sees it; never a token."""
+
+    state: str = Field(description="consent_needed, ok or reauth_required")
+    reason: str | None = None
+    consented_at: datetime | None = None
+    access_token_expires_at: datetime | None = None
+    refresh_token_age_days: float | None = None
+    refresh_token_expires_at: datetime | None = None
+    client_secret_expires_at: datetime | None = None
+
+
+class AuthorizationLink(BaseModel):
+    authorization_url: str
+
+
 class ServerOut(BaseModel):
     id: str
     type: ServerType
@@ -141,12 +157,24 @@ class ServerOut(BaseModel):
     oauth_provider: str | None
     version: int
     connection: ConnectionResult | None = None
+    oauth: OAuthStatus | None = None
+    authorization_url: str | None = Field(
+        default=None,
+        description="OAuth2: open this in the admin's browser to give the provider's consent "
+        "(in the answer to a save that needs it).",
+    )
     warnings: list[str] = []
     created_at: datetime | None
     updated_at: datetime | None
 
     @classmethod
-    def from_server(cls, server: EmailServer, warnings: list[str] | None = None) -> ServerOut:
+    def from_server(
+        cls,
+        server: EmailServer,
+        warnings: list[str] | None = None,
+        oauth: OAuthStatus | None = None,
+        authorization_url: str | None = None,
+    ) -> ServerOut:
         return cls(
             id=server.id,
             type=server.type,
@@ -175,6 +203,8 @@ class ServerOut(BaseModel):
                 if server.last_connection
                 else None
             ),
+            oauth=oauth,
+            authorization_url=authorization_url,
             warnings=warnings or [],
             created_at=server.created_at,
             updated_at=server.updated_at,

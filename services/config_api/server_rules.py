@@ -220,14 +220,6 @@ def _check_basic(given: dict[str, Any], columns: dict[str, Any], errors: list[Fi
 def _check_whole_server(
     columns: dict[str, Any], server_type: ServerType, errors: list[FieldError]
 ) -> None:
-    if columns["auth_type"] is AuthType.OAUTH2 and columns["enabled"]:
-        errors.append(
-            FieldError(
-                "enabled",
-                "an OAuth2 server can be enabled once the provider's consent is given; OAuth2 "
-                "consent is not available yet, so save it disabled",
-            )
-        )
     if (
         server_type is ServerType.IMAP
         and is_ip_literal(columns["host"])

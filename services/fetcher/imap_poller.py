@@ -30,7 +30,7 @@ class ImapPoller(MailboxPoller):
         settings = self.context.settings
         mailbox = ImapMailbox(
             self.server,
-            self.password(),
+            self.login_secret(),
             ca_bundle=settings.ca_bundle,
             timeout=settings.mail_server_timeout_seconds,
         )

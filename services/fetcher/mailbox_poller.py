@@ -23,8 +23,8 @@ from shared.contracts.status_reports import FailureCategory, StatusReport
 from shared.db.pool import DictConnection
 from shared.email_servers import EmailServer
 from shared.leases import Leases
+from shared.login_secrets import LoginSecrets
 from shared.mail.errors import MailServerError
-from shared.secrets import SecretBox, SecretDecryptError
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class FetcherContext:
     settings: Settings
     pool: ConnectionPool[DictConnection]
     publisher: InboundPublisher
-    secret_box: SecretBox
+    login_secrets: LoginSecrets
     leases: Leases
     worker: str
 
@@ -92,6 +92,8 @@ class MailboxPoller(threading.Thread):
                     continue
                 except MailServerError as error:
                     failures += 1
+                    if error.category is FailureCategory.AUTHENTICATION:
+                        self.context.login_secrets.login_refused(self.server)
                     self.report_failure(error.category, error.reason)
                 except BrokerUnavailable as error:
                     failures += 1
@@ -142,17 +144,10 @@ class MailboxPoller(threading.Thread):
         while self.keep_going() and (left := deadline - time.monotonic()) > 0:
             self._stopping.wait(min(1.0, left))
 
-    def password(self) -> str | None:
-        token = self.server.password_encrypted
-        if token is None:
-            return None
-        try:
-            return self.context.secret_box.decrypt(token)
-        except SecretDecryptError as exc:
-            raise MailServerError(
-                FailureCategory.AUTHENTICATION,
-                "the stored password cannot be decrypted with the configured keys; enter it again",
-            ) from exc
+    def login_secret(self) -> str | None:
+        """The password, or for an OAuth2 server a fresh access token: asked for at every
+        login, so a refreshed token is used as soon as it exists."""
+        return self.context.login_secrets.for_server(self.server)
 
     def report_ok(self, fetched: int, duration: float) -> None:
         self.mails_fetched += fetched

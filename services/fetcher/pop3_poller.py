@@ -29,7 +29,7 @@ class Pop3Poller(MailboxPoller):
         settings = self.context.settings
         mailbox = Pop3Mailbox(
             self.server,
-            self.password(),
+            self.login_secret(),
             ca_bundle=settings.ca_bundle,
             timeout=settings.mail_server_timeout_seconds,
         )

@@ -22,6 +22,8 @@ from shared.config_follower import ConfigFollower
 from shared.db.pool import DictConnection
 from shared.email_servers import EmailServer, ServerType
 from shared.leases import Leases
+from shared.login_secrets import LoginSecrets
+from shared.oauth.tokens import OAuthTokens
 from shared.secrets import SecretBox
 from shared.settings import Settings
 from shared.topology import instance_id
@@ -47,11 +49,14 @@ class FetcherSupervisor(ConfigFollower):
         worker = instance_id(self.service_name)
         publisher = InboundPublisher(settings.amqp_url, settings.fetch_publisher_threads)
         publisher.start()
+        secret_box = SecretBox.from_settings(settings)
         self.context = FetcherContext(
             settings=settings,
             pool=pool,
             publisher=publisher,
-            secret_box=SecretBox.from_settings(settings),
+            login_secrets=LoginSecrets(
+                secret_box, OAuthTokens.from_settings(settings, pool, secret_box)
+            ),
             leases=Leases(
                 redis.Redis.from_url(settings.redis_url), worker, settings.mailbox_lease_seconds
             ),

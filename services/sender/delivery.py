@@ -69,7 +69,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -91,8 +91,11 @@ from shared.contracts.send import InvalidCommand, SendCommand, SendResult
 from shared.contracts.status_reports import FailureCategory
 from shared.db import send_requests as repo
 from shared.db.pool import DictConnection
-from shared.email_servers import EmailServer
+from shared.email_servers import AuthType, EmailServer
+from shared.login_secrets import LoginSecrets
+from shared.mail.errors import MailServerError
 from shared.mail.smtp import SmtpError
+from shared.oauth.tokens import OAuthTokens
 from shared.secrets import SecretBox
 from shared.server_directory import ServerDirectory
 from shared.settings import Settings
@@ -186,7 +189,11 @@ class Sender:
         self.limiter = RateLimiter(
             settings.redis_url, settings.sender_rate_per_minute, settings.sender_rate_burst
         )
-        self.resolver = Resolver(settings, directory, self.db, SecretBox.from_settings(settings))
+        secret_box = SecretBox.from_settings(settings)
+        self.resolver = Resolver(settings, directory, self.db, secret_box)
+        self.login_secrets = LoginSecrets(
+            secret_box, OAuthTokens.from_settings(settings, self.db, secret_box)
+        )
         self.broker = make_broker(settings)
         self.actor: dramatiq.Actor[Any, Any] = dramatiq.Actor(
             self._deliver_message,
@@ -372,6 +379,20 @@ class Sender:
         except NoRoute as exc:
             self._fail(work, None, exc.reason, category="no_route")
             return
+        if route.server.auth_type is AuthType.OAUTH2:
+            # A fresh access token per attempt; pooled connections stay logged in with theirs.
+            try:
+                route = replace(route, password=self.login_secrets.for_server(route.server))
+            except MailServerError as exc:
+                # Consent missing or the provider away: retried until the deadline, so mail
+                # waits for the admin instead of failing at once.
+                self._smtp_failed(
+                    work,
+                    route,
+                    SmtpError(exc.category, exc.reason, temporary=True),
+                    handed_over=False,
+                )
+                return
         self.limiter.wait(route.server.id, self.stopping)
         self._attempt(work, command, route)
 
@@ -468,6 +489,14 @@ class Sender:
         handed_over: bool,
     ) -> None:
         row = work.request
+        if route.server.auth_type is AuthType.OAUTH2 and exc.category is (
+            FailureCategory.AUTHENTICATION
+        ):
+            # A refused token (revoked early?) is not the mail's fault: refresh, try again.
+            self.login_secrets.login_refused(route.server)
+            exc = SmtpError(
+                exc.category, exc.reason, temporary=True, code=exc.code, response=exc.response
+            )
         no_reply = exc.code is None or exc.code < 0
         server_fault = no_reply or exc.category is not FailureCategory.PROTOCOL
         self.reporter.record(

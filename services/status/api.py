@@ -19,12 +19,14 @@ from typing import Annotated, Any
 
 import redis.asyncio
 from fastapi import APIRouter, Depends, HTTPException, Request, status
+from fastapi.encoders import jsonable_encoder
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
 from services.status.state import configure, now
 from services.status.store import CHANGES_CHANNEL, StatusStore
 from shared.http_auth import require
+from shared.oauth.health import OAuthHealth
 from shared.server_directory import ServerDirectory
 from shared.settings import Settings
 from shared.tokens import READ, Principal
@@ -62,12 +64,19 @@ class ServerStates(BaseModel):
     items: list[ServerState]
 
 
-def status_router(directory: ServerDirectory, store: StatusStore, settings: Settings) -> APIRouter:
+def status_router(
+    directory: ServerDirectory,
+    store: StatusStore,
+    settings: Settings,
+    oauth_health: OAuthHealth | None = None,
+) -> APIRouter:
     router = APIRouter(prefix="/api/v1/status", tags=["status"])
 
     def items_for(tenant_id: str) -> list[dict[str, Any]]:
         servers = [s for s in directory.all() if s.tenant_id == tenant_id]
         stored = store.many(s.id for s in servers)
+        # OAuth2 servers also show how their consent is doing, before it breaks.
+        oauth = oauth_health.summaries(servers) if oauth_health else {}
         items = []
         for server in sorted(servers, key=lambda s: (s.name.casefold(), s.id)):
             current = stored.get(server.id)
@@ -75,6 +84,11 @@ def status_router(directory: ServerDirectory, store: StatusStore, settings: Sett
                 current = configure(current, server, now())  # not folded in yet: as it will be
             item = current.public()
             item.update(name=server.name, type=server.type.value, enabled=server.enabled)
+            summary = oauth.get(server.id)
+            if summary is not None:
+                item.update(
+                    oauth=jsonable_encoder(summary.public()), oauth_warnings=summary.warnings
+                )
             items.append(item)
         return items
 

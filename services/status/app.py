@@ -24,5 +24,5 @@ def create_app(settings: Settings, worker: StatusWorker) -> FastAPI:
         return None
 
     app.include_router(ops_router(ready))
-    app.include_router(status_router(worker.directory, worker.store, settings))
+    app.include_router(status_router(worker.directory, worker.store, settings, worker.oauth_health))
     return app

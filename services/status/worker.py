@@ -36,6 +36,7 @@ from shared.contracts.status_reports import StatusReport
 from shared.db import email_servers as repo
 from shared.db.pool import DictConnection
 from shared.email_servers import EmailServer
+from shared.oauth.health import OAuthHealth
 from shared.settings import Settings
 from shared.topology import status_reports_queue
 from shared.worker import PermanentMessageError, Subscription
@@ -59,6 +60,9 @@ class StatusWorker(ConfigFollower):
         self.rules = Rules.from_settings(settings)
         self.alerts = AlertRelay(self.store.redis, settings.amqp_url)
         self._pool = pool
+        self.oauth_health = OAuthHealth(
+            pool, settings.oauth_provider_table, settings.oauth_warning_days
+        )
         self._gauge_refreshed = 0.0
         self._cleaned = time.monotonic()
         self.reports_applied = 0

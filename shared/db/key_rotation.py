@@ -11,8 +11,14 @@ from psycopg import sql
 from shared.db.pool import DictConnection
 from shared.secrets import SecretBox
 
-# Every column that holds a Fernet token, as (table, column). Add new secret columns here.
-ENCRYPTED_COLUMNS: tuple[tuple[str, str], ...] = (("email_servers", "password_encrypted"),)
+# Every column that holds a Fernet token, as (table, key column, column). Add new secret
+# columns here.
+ENCRYPTED_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("email_servers", "id", "password_encrypted"),
+    ("oauth_tokens", "server_id", "access_token_encrypted"),
+    ("oauth_tokens", "server_id", "refresh_token_encrypted"),
+    ("oauth_consents", "state", "code_verifier_encrypted"),
+)
 
 
 def rotate_all(conn: DictConnection, box: SecretBox) -> int:
@@ -22,18 +28,22 @@ def rotate_all(conn: DictConnection, box: SecretBox) -> int:
     """
     count = 0
     with conn.transaction():
-        for table, column in ENCRYPTED_COLUMNS:
+        for table, key, column in ENCRYPTED_COLUMNS:
+            names = {
+                "col": sql.Identifier(column),
+                "table": sql.Identifier(table),
+                "key": sql.Identifier(key),
+            }
             rows = conn.execute(
                 sql.SQL(
-                    "SELECT id, {col} AS token FROM {table} WHERE {col} IS NOT NULL FOR UPDATE"
-                ).format(col=sql.Identifier(column), table=sql.Identifier(table))
+                    "SELECT {key} AS key, {col} AS token FROM {table}"
+                    " WHERE {col} IS NOT NULL FOR UPDATE"
+                ).format(**names)
             ).fetchall()
             for row in rows:
                 conn.execute(
-                    sql.SQL("UPDATE {table} SET {col} = %s WHERE id = %s").format(
-                        col=sql.Identifier(column), table=sql.Identifier(table)
-                    ),
-                    (box.rotate(bytes(row["token"])), row["id"]),
+                    sql.SQL("UPDATE {table} SET {col} = %s WHERE {key} = %s").format(**names),
+                    (box.rotate(bytes(row["token"])), row["key"]),
                 )
                 count += 1
     return count

@@ -21,7 +21,8 @@ from imapclient import IMAPClient, SocketTimeout
 from imapclient.exceptions import IMAPClientError, LoginError
 
 from shared.contracts.status_reports import FailureCategory
-from shared.email_servers import DEFAULT_INBOX_FOLDER, EmailServer
+from shared.email_servers import DEFAULT_INBOX_FOLDER, AuthType, EmailServer
+from shared.mail import sasl
 from shared.mail.errors import MailServerError, describe
 from shared.mail.imap_compress import DeflateStream, enable_deflate
 from shared.mail.tls import NamedContext, client_context, connect_address, tls_server_name
@@ -42,14 +43,14 @@ class ImapMailbox:
     def __init__(
         self,
         server: EmailServer,
-        password: str | None,
+        secret: str | None,
         *,
         ca_bundle: Path | None = None,
         timeout: float = 30.0,
     ) -> None:
         self.server = server
         self.folder = server.inbox_folder or DEFAULT_INBOX_FOLDER
-        self._password = password
+        self._secret = secret  # the password (Basic) or an access token (OAuth2)
         self._ca_bundle = ca_bundle
         self._timeout = timeout
         self._client: IMAPClient | None = None
@@ -100,10 +101,20 @@ class ImapMailbox:
     def _login(self, client: IMAPClient) -> None:
         """AUTHENTICATE PLAIN when offered: it carries UTF-8, where LOGIN allows only ASCII.
 
-        REQUIREMENTS allow any Unicode in user names and passwords.
+        REQUIREMENTS allow any Unicode in user names and passwords. OAuth2 servers get the
+        access token through OAUTHBEARER or XOAUTH2 (``shared.mail.sasl``).
         """
-        username, password = self.server.username, self._password or ""
-        if client.has_capability("AUTH=PLAIN"):
+        username, password = self.server.username, self._secret or ""
+        if self.server.auth_type is AuthType.OAUTH2:
+            offered = (c.decode().upper() for c in client.capabilities())
+            mechanism = sasl.choose_mechanism(
+                name.removeprefix("AUTH=") for name in offered if name.startswith("AUTH=")
+            )
+            if mechanism == sasl.OAUTHBEARER:
+                client.oauthbearer_login(username, password)
+            else:
+                client.oauth2_login(username, password)
+        elif client.has_capability("AUTH=PLAIN"):
             client.plain_login(username, password)
         elif (username + password).isascii():
             client.login(username, password)

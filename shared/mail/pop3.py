@@ -6,6 +6,7 @@ take effect at QUIT (RFC 1939 UPDATE state): a session that drops before QUIT de
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import poplib
 from dataclasses import dataclass
@@ -13,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from shared.contracts.status_reports import FailureCategory
-from shared.email_servers import EmailServer
+from shared.email_servers import AuthType, EmailServer
+from shared.mail import sasl
 from shared.mail.errors import MailServerError, describe
 from shared.mail.tls import NamedContext, client_context, connect_address, tls_server_name
 
@@ -29,13 +31,13 @@ class Pop3Mailbox:
     def __init__(
         self,
         server: EmailServer,
-        password: str | None,
+        secret: str | None,
         *,
         ca_bundle: Path | None = None,
         timeout: float = 30.0,
     ) -> None:
         self.server = server
-        self._password = password
+        self._secret = secret  # the password (Basic) or an access token (OAuth2)
         self._ca_bundle = ca_bundle
         self._timeout = timeout
         self._client: poplib.POP3 | None = None
@@ -66,8 +68,11 @@ class Pop3Mailbox:
             client.stls(context)
             self.capabilities = frozenset(_capabilities(client))
         try:
-            client.user(self.server.username)
-            client.pass_(self._password or "")
+            if self.server.auth_type is AuthType.OAUTH2:
+                _sasl_login(client, self.server.username, self._secret or "")
+            else:
+                client.user(self.server.username)
+                client.pass_(self._secret or "")
         except poplib.error_proto as exc:
             raise MailServerError(
                 FailureCategory.AUTHENTICATION, f"authentication failed: server said {_text(exc)}"
@@ -142,6 +147,27 @@ class Pop3Mailbox:
                 f"POP3 server {self._host}:{self._port} answered: {_text(exc)}",
             )
         return describe(exc, self._host, self._port, tls_server_name(self.server))
+
+
+def _sasl_login(client: poplib.POP3, user: str, access_token: str) -> None:
+    """``AUTH <mechanism> <initial response>`` (RFC 5034); poplib has no AUTH command.
+
+    A refused token comes back as a ``+ <challenge>`` carrying the error; the client answers
+    with an empty line and the server then sends ``-ERR`` (raised as ``error_proto``).
+    """
+    try:
+        offered = client.capa().get("SASL", [])
+    except poplib.error_proto:
+        offered = []
+    mechanism = sasl.choose_mechanism(offered)
+    message = sasl.initial_response(mechanism, user, access_token)
+    # poplib's own line reader and writer (not in typeshed): they keep its debug and limits.
+    client._putcmd(f"AUTH {mechanism} {base64.b64encode(message.encode()).decode()}")  # type: ignore[attr-defined]
+    answer: bytes = client._getresp()  # type: ignore[attr-defined] # raises error_proto on -ERR
+    if not answer.startswith(b"+OK"):
+        client._putcmd("")  # type: ignore[attr-defined]
+        client._getresp()  # type: ignore[attr-defined]
+        raise poplib.error_proto(b"-ERR the server refused the access token")
 
 
 def _capabilities(client: poplib.POP3) -> list[str]:

@@ -5,7 +5,9 @@
   :func:`shared.mail.tls.client_context` (system store + ``MAILROOM_CA_BUNDLE``) against
   :func:`shared.mail.tls.tls_server_name` (the SNI name, else the host).
 - **AUTH** PLAIN/LOGIN with the plaintext password handed in by the caller (decrypted by
-  ``SecretBox``); it is never logged, and no reason built here quotes what was sent.
+  ``SecretBox``), or OAUTHBEARER/XOAUTH2 with an OAuth2 access token
+  (``shared.oauth.tokens``); neither is ever logged, and no reason built here quotes what was
+  sent.
 - **Timeouts** on every socket operation (``timeout`` applies to connect and each reply).
 - **Failures** are :class:`SmtpError` (a :class:`~shared.mail.errors.MailServerError`): the
   server's code and text, and whether trying again later may help (4xx, timeouts, dropped
@@ -31,6 +33,7 @@ from typing import Any
 
 from shared.contracts.status_reports import FailureCategory
 from shared.email_servers import AuthType, EmailServer
+from shared.mail import sasl
 from shared.mail.errors import MailServerError, describe
 from shared.mail.tls import client_context, connect_address, tls_server_name
 
@@ -144,7 +147,7 @@ class SmtpSession:
 
 def open_session(
     server: EmailServer,
-    password: str | None,
+    secret: str | None,
     *,
     timeout: float,
     ca_bundle: Path | None = None,
@@ -178,13 +181,7 @@ def open_session(
             client.ehlo()
             secure = True
         authenticated = False
-        if server.auth_type is AuthType.OAUTH2:
-            raise SmtpError(
-                FailureCategory.REAUTH_REQUIRED,
-                "OAuth2 (XOAUTH2) sending is not available yet for this server",
-                temporary=False,
-            )
-        if server.username and password:
+        if server.username and secret:
             step = "AUTH"
             if not client.has_extn("auth"):
                 raise SmtpError(
@@ -193,7 +190,10 @@ def open_session(
                     + ("" if secure else " without TLS (and no STARTTLS)"),
                     temporary=False,
                 )
-            client.login(server.username, password)
+            if server.auth_type is AuthType.OAUTH2:
+                _token_login(client, server.username, secret)
+            else:
+                client.login(server.username, secret)
             authenticated = True
         capabilities = sorted(
             f"{name.upper()} {value}".strip() for name, value in client.esmtp_features.items()
@@ -205,6 +205,18 @@ def open_session(
         if isinstance(exc, KeyboardInterrupt | SystemExit):
             raise
         raise _fail(exc, server, step) from exc
+
+
+def _token_login(client: smtplib.SMTP, user: str, access_token: str) -> None:
+    """AUTH OAUTHBEARER or XOAUTH2 with the initial response; a refused token is answered
+    with a 334 challenge, to which the client sends an empty line (then 535 follows)."""
+    mechanism = sasl.choose_mechanism(client.esmtp_features.get("auth", "").split())
+    message = sasl.initial_response(mechanism, user, access_token)
+
+    def respond(challenge: bytes | None = None) -> str:
+        return "" if challenge is not None else message
+
+    client.auth(mechanism, respond)
 
 
 def send_transaction(
@@ -269,7 +281,7 @@ class SmtpProbeResult:
 
 def smtp_probe(
     server: EmailServer,
-    password: str | None,
+    secret: str | None,
     timeout: float,
     ca_bundle: Path | None = None,
 ) -> SmtpProbeResult:
@@ -277,7 +289,7 @@ def smtp_probe(
 
     Raises :class:`SmtpError` (with an admin-readable ``reason`` and ``category``).
     """
-    session = open_session(server, password, timeout=timeout, ca_bundle=ca_bundle)
+    session = open_session(server, secret, timeout=timeout, ca_bundle=ca_bundle)
     try:
         code, message = session.client.noop()
         if code != 250:

@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-import httpx
+import httpx2
 
 from shared.db.migrate import current_revision, head_revision
 from shared.settings import Settings
@@ -55,16 +55,16 @@ def test_config_api_process_serves_health_openapi_metrics_and_tokens() -> None:
     try:
         api.wait_for_log("Uvicorn running", timeout=20)
         base = f"http://127.0.0.1:{port}"
-        assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}
-        assert "/api/v1/email-servers" in httpx.get(f"{base}/openapi.json").json()["paths"]
-        assert "python_info" in httpx.get(f"{base}/metrics").text
+        assert httpx2.get(f"{base}/healthz").json() == {"status": "ok"}
+        assert "/api/v1/email-servers" in httpx2.get(f"{base}/openapi.json").json()["paths"]
+        assert "python_info" in httpx2.get(f"{base}/metrics").text
         token = mailroom("token", "--tenant", "acme", "--permission", "email_servers:read")
-        listed = httpx.get(
+        listed = httpx2.get(
             f"{base}/api/v1/email-servers",
             headers={"Authorization": f"Bearer {token.stdout.strip()}"},
         )
         assert listed.status_code == 200
-        assert httpx.get(f"{base}/api/v1/email-servers").status_code == 401
+        assert httpx2.get(f"{base}/api/v1/email-servers").status_code == 401
         # Uvicorn shuts down gracefully, then re-raises SIGTERM so the exit status tells why.
         assert api.terminate() in (0, -signal.SIGTERM)
         assert "Application shutdown complete" in api.log()

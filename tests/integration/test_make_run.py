@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import signal
 
-import httpx
+import httpx2
 
 from shared.db.migrate import head_revision
 from tests.support.processes import ServiceProcess
@@ -30,12 +30,12 @@ def test_make_run_brings_up_the_system_and_stops_on_ctrl_c() -> None:
             assert f"{service}: connected to RabbitMQ, consuming" in log
         token = re.search(r"^(eyJ[\w-]+\.[\w-]+\.[\w-]+)$", log, re.MULTILINE)
         assert token is not None, log
-        answer = httpx.get(
+        answer = httpx2.get(
             f"http://127.0.0.1:{api_port}/api/v1/email-servers",
             headers={"Authorization": f"Bearer {token.group(1)}"},
         )
         assert answer.status_code == 200
-        assert httpx.get(f"http://127.0.0.1:{status_port}/healthz").status_code == 200
+        assert httpx2.get(f"http://127.0.0.1:{status_port}/healthz").status_code == 200
 
         stack.process.send_signal(signal.SIGINT)  # what Ctrl-C sends
         assert stack.terminate(timeout=20) == 0

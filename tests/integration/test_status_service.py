@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import httpx
+import httpx2
 import pytest
 from fastapi.testclient import TestClient
 
@@ -70,7 +70,7 @@ class StatusApi:
         self.headers = {"Authorization": f"Bearer {token}"}
 
     def items(self) -> list[dict[str, Any]]:
-        answer = httpx.get(f"{self.url}/api/v1/status/email-servers", headers=self.headers)
+        answer = httpx2.get(f"{self.url}/api/v1/status/email-servers", headers=self.headers)
         assert answer.status_code == 200, answer.text
         items: list[dict[str, Any]] = answer.json()["items"]
         return items
@@ -166,14 +166,14 @@ def test_a_killed_fetcher_turns_its_servers_stale(
         process.wait_for_log("connected to RabbitMQ, consuming", timeout=20)
         server = lab_mailbox(admin, dovecot, lab_user, "pop3")
         status.wait_state(server["id"], "ok", 10)
-        metrics = httpx.get(f"http://127.0.0.1:{env['MAILROOM_FETCHER_METRICS_PORT']}/metrics")
+        metrics = httpx2.get(f"http://127.0.0.1:{env['MAILROOM_FETCHER_METRICS_PORT']}/metrics")
         assert 'mailroom_mailbox_polls_total{result="ok",type="pop3"}' in metrics.text
     finally:
         process.kill()
     took, item = status.wait_state(server["id"], "stale", 3 * POLL + 3)
     print(f"\nFIGURE fetcher killed -> stale: {took:.2f} s")
     assert item["reason"].startswith("no report from any fetcher")
-    scraped = httpx.get(f"{status_url}/metrics").text
+    scraped = httpx2.get(f"{status_url}/metrics").text
     assert (
         f'mailroom_email_server_state{{mailroom_email_server_state="stale",'
         f'server_id="{server["id"]}",type="pop3"}} 1.0'
@@ -198,7 +198,7 @@ def test_another_tenant_never_sees_the_servers(
         _until(lambda: my_stream.states(server["id"])[-1:] == ["ok"], 5, "stream shows ok")
         assert my_stream.states(server["id"])[0] == "connecting"
         assert theirs.items() == []
-        one = httpx.get(
+        one = httpx2.get(
             f"{status_url}/api/v1/status/email-servers/{server['id']}", headers=theirs.headers
         )
         assert one.status_code == 404
@@ -207,10 +207,10 @@ def test_another_tenant_never_sees_the_servers(
     finally:
         my_stream.stop()
         their_stream.stop()
-    no_token = httpx.get(f"{status_url}/api/v1/status/email-servers")
+    no_token = httpx2.get(f"{status_url}/api/v1/status/email-servers")
     assert no_token.status_code == 401
     wrong = token_for(settings, tenant, [])
-    forbidden = httpx.get(
+    forbidden = httpx2.get(
         f"{status_url}/api/v1/status/email-servers", headers={"Authorization": f"Bearer {wrong}"}
     )
     assert forbidden.status_code == 403
@@ -222,7 +222,7 @@ class _Stream:
     def __init__(self, api: StatusApi) -> None:
         self.api = api
         self.events: list[tuple[str, dict[str, Any]]] = []
-        self._client = httpx.Client(timeout=httpx.Timeout(5, read=30))
+        self._client = httpx2.Client(timeout=httpx2.Timeout(5, read=30))
         self._opened = threading.Event()
         self._thread = threading.Thread(target=self._read, daemon=True)
 
@@ -244,7 +244,7 @@ class _Stream:
                         kind = line.removeprefix("event: ")
                     elif line.startswith("data: "):
                         self.events.append((kind, json.loads(line.removeprefix("data: "))))
-        except (httpx.HTTPError, RuntimeError):
+        except (httpx2.HTTPError, RuntimeError):
             return  # closed by stop()
 
     def states(self, server_id: str) -> list[str]:
@@ -256,8 +256,8 @@ class _Stream:
 
 def _healthy(url: str) -> bool:
     try:
-        return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
+        return httpx2.get(f"{url}/healthz", timeout=1).status_code == 200
+    except httpx2.HTTPError:
         return False
 
 

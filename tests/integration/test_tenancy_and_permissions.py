@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import httpx
+import httpx2
 import pytest
 from fastapi.testclient import TestClient
 
@@ -48,7 +48,7 @@ def test_read_permission_reads_but_cannot_write(api: ApiClient, reader: ApiClien
     assert reader.get(path).status_code == 200
     assert reader.get("/template-server").status_code == 200
     assert reader.get("/routing-plans").status_code == 200
-    writes: list[Callable[[], httpx.Response]] = [
+    writes: list[Callable[[], httpx2.Response]] = [
         lambda: reader.post("/email-servers", {"type": "smtp", "name": "b", "host": "h.de"}),
         lambda: reader.patch(path, {"name": "changed"}),
         lambda: reader.delete(path),

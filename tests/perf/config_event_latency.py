@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
+import httpx2
 import pika
 from cryptography.fernet import Fernet
 
@@ -127,13 +127,13 @@ def main() -> int:
         token_key, tenant_id="bench", permissions=[MANAGE], subject="bench", ttl_seconds=3600
     )
     try:
-        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}) as http:
+        with httpx2.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}) as http:
             deadline = time.monotonic() + 30
             while True:
                 try:
                     if http.get("/healthz").status_code == 200:
                         break
-                except httpx.TransportError:
+                except httpx2.TransportError:
                     pass
                 if time.monotonic() > deadline:
                     raise RuntimeError("config API did not start")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
+import httpx2
 from fastapi.testclient import TestClient
 
 from shared.settings import Settings
@@ -36,29 +36,29 @@ class ApiClient:
         self._client = client
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
 
-    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx2.Response:
         headers = {**self._headers, **kwargs.pop("headers", {})}
         ops_paths = ("/healthz", "/metrics", "/openapi.json", "/docs")
         url = path if path.startswith(ops_paths) else f"/api/v1{path}"
-        response: httpx.Response = self._client.request(method, url, headers=headers, **kwargs)
+        response: httpx2.Response = self._client.request(method, url, headers=headers, **kwargs)
         RESPONSES.append(response.text)
         for value in response.headers.values():
             RESPONSES.append(value)
         return response
 
-    def get(self, path: str, **kwargs: Any) -> httpx.Response:
+    def get(self, path: str, **kwargs: Any) -> httpx2.Response:
         return self.request("GET", path, **kwargs)
 
-    def post(self, path: str, json: Any = None, **kwargs: Any) -> httpx.Response:
+    def post(self, path: str, json: Any = None, **kwargs: Any) -> httpx2.Response:
         return self.request("POST", path, json=json, **kwargs)
 
-    def patch(self, path: str, json: Any = None, **kwargs: Any) -> httpx.Response:
+    def patch(self, path: str, json: Any = None, **kwargs: Any) -> httpx2.Response:
         return self.request("PATCH", path, json=json, **kwargs)
 
-    def put(self, path: str, json: Any = None, **kwargs: Any) -> httpx.Response:
+    def put(self, path: str, json: Any = None, **kwargs: Any) -> httpx2.Response:
         return self.request("PUT", path, json=json, **kwargs)
 
-    def delete(self, path: str, **kwargs: Any) -> httpx.Response:
+    def delete(self, path: str, **kwargs: Any) -> httpx2.Response:
         return self.request("DELETE", path, **kwargs)
 
     # --- shortcuts for setting up a scene --------------------------------------------------

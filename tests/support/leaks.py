@@ -10,6 +10,9 @@ import logging
 from dataclasses import dataclass, field
 
 SECRET_MARKER = "Sesam-oeffne-dich"  # ASCII: the lab's stdlib clients log in with LOGIN
+# Secrets that cannot carry the marker (OAuth2 tokens the lab's provider issued): tests add
+# each one they learn of, and the session's check looks for them too.
+OTHER_SECRETS: set[str] = set()
 
 
 def password(suffix: str = "") -> str:
@@ -37,8 +40,10 @@ class LeakWatch(logging.Handler):
         self.logs.append(text)
 
     def leaks(self) -> list[str]:
-        found = [f"log: {line[:200]}" for line in self.logs if SECRET_MARKER in line]
-        found += [f"API answer: {text[:200]}" for text in self.answers if SECRET_MARKER in text]
-        marker = SECRET_MARKER.encode()
-        found += [f"event: {body[:200]!r}" for body in self.events if marker in body]
+        found: list[str] = []
+        for secret in (SECRET_MARKER, *OTHER_SECRETS):
+            found += [f"log: {line[:200]}" for line in self.logs if secret in line]
+            found += [f"API answer: {text[:200]}" for text in self.answers if secret in text]
+            marker = secret.encode()
+            found += [f"event: {body[:200]!r}" for body in self.events if marker in body]
         return found

@@ -8,8 +8,11 @@ from typing import Annotated
 from fastapi import APIRouter, Header, HTTPException, Response, status
 
 from services.config_api.dependencies import EmailServers, Manager, Reader
+from services.config_api.email_server_service import EmailServerService, SavedServer
 from services.config_api.schemas import (
+    AuthorizationLink,
     ConnectionResult,
+    OAuthStatus,
     ServerCreate,
     ServerList,
     ServerOut,
@@ -17,15 +20,27 @@ from services.config_api.schemas import (
 )
 from services.config_api.server_rules import warnings_for
 from shared.email_servers import EmailServer, ServerType
+from shared.oauth.health import OAuthSummary
 
 router = APIRouter(prefix="/email-servers", tags=["email servers"])
 _VERSION_TAG = re.compile(r'^\s*(?:W/)?"?(\d+)"?\s*$')
 
 
-def _out(server: EmailServer, response: Response | None = None) -> ServerOut:
+def _out(
+    svc: EmailServerService,
+    server: EmailServer | SavedServer,
+    response: Response | None = None,
+    summary: OAuthSummary | None = None,
+) -> ServerOut:
+    saved = server if isinstance(server, SavedServer) else SavedServer(server)
+    server = saved.server
     if response is not None:
         response.headers["ETag"] = f'"{server.version}"'
-    return ServerOut.from_server(server, warnings_for(server))
+    if summary is None:
+        summary = svc.oauth_health.summaries([server]).get(server.id)
+    warnings = [*warnings_for(server), *(summary.warnings if summary else ()), *saved.notes]
+    oauth = OAuthStatus.model_validate(summary.public()) if summary else None
+    return ServerOut.from_server(server, warnings, oauth, saved.authorization_url)
 
 
 def _parse_if_match(value: str | None) -> int | None:
@@ -43,16 +58,18 @@ def _parse_if_match(value: str | None) -> int | None:
 def list_servers(
     principal: Reader, svc: EmailServers, type: ServerType | None = None
 ) -> ServerList:
-    return ServerList(items=[_out(s) for s in svc.list_servers(principal, type)])
+    servers = svc.list_servers(principal, type)
+    summaries = svc.oauth_health.summaries(servers)
+    return ServerList(items=[_out(svc, s, summary=summaries.get(s.id)) for s in servers])
 
 
 @router.post("", response_model=ServerOut, status_code=status.HTTP_201_CREATED)
 def create_server(
     body: ServerCreate, principal: Manager, svc: EmailServers, response: Response
 ) -> ServerOut:
-    server = svc.create(principal, body)
-    response.headers["Location"] = f"/api/v1/email-servers/{server.id}"
-    return _out(server, response)
+    saved = svc.create(principal, body)
+    response.headers["Location"] = f"/api/v1/email-servers/{saved.server.id}"
+    return _out(svc, saved, response)
 
 
 @router.post("/test", response_model=ConnectionResult)
@@ -65,7 +82,7 @@ def test_connection(body: ServerCreate, principal: Manager, svc: EmailServers) -
 def get_server(
     server_id: str, principal: Reader, svc: EmailServers, response: Response
 ) -> ServerOut:
-    return _out(svc.get(principal, server_id), response)
+    return _out(svc, svc.get(principal, server_id), response)
 
 
 @router.patch("/{server_id}", response_model=ServerOut)
@@ -78,7 +95,8 @@ def patch_server(
     if_match: Annotated[str | None, Header()] = None,
 ) -> ServerOut:
     """Change the fields sent. With ``If-Match: "<version>"`` a stale version answers 412."""
-    return _out(svc.patch(principal, server_id, body, _parse_if_match(if_match)), response)
+    saved = svc.patch(principal, server_id, body, _parse_if_match(if_match))
+    return _out(svc, saved, response)
 
 
 @router.delete("/{server_id}", status_code=status.HTTP_204_NO_CONTENT)
@@ -96,4 +114,11 @@ def duplicate_server(
     """A disabled copy with the same settings and secrets, to change a few of them."""
     copy = svc.duplicate(principal, server_id)
     response.headers["Location"] = f"/api/v1/email-servers/{copy.id}"
-    return _out(copy, response)
+    return _out(svc, copy, response)
+
+
+@router.post("/{server_id}/oauth/authorize", response_model=AuthorizationLink)
+def start_consent(server_id: str, principal: Manager, svc: EmailServers) -> AuthorizationLink:
+    """A fresh authorization URL for an OAuth2 server: the admin opens it to give (again) the
+    provider's consent; the callback stores the tokens and tests the connection."""
+    return AuthorizationLink(authorization_url=svc.start_consent(principal, server_id))

@@ -1,0 +1,48 @@
+"""The secret a worker logs in to a mail server with, whatever the server's authentication.
+
+Basic servers: the stored password, decrypted. OAuth2 servers: a valid access token
+(``shared.oauth.tokens``, refreshed when due). Failures come back as ``MailServerError`` with
+a category the status service understands: ``reauth_required`` when only the admin's consent
+helps, ``authentication`` for a password no key opens, ``network`` when the provider's token
+endpoint cannot be reached.
+"""
+
+from __future__ import annotations
+
+from shared.contracts.status_reports import FailureCategory
+from shared.email_servers import AuthType, EmailServer
+from shared.mail.errors import MailServerError
+from shared.oauth.tokens import OAuthTokens, ReauthRequired, TokenUnavailable
+from shared.secrets import SecretBox, SecretDecryptError
+
+
+class LoginSecrets:
+    def __init__(self, secret_box: SecretBox, tokens: OAuthTokens) -> None:
+        self._secret_box = secret_box
+        self.tokens = tokens
+
+    def for_server(self, server: EmailServer) -> str | None:
+        if server.auth_type is AuthType.OAUTH2:
+            try:
+                return self.tokens.access_token(server)
+            except ReauthRequired as exc:
+                raise MailServerError(FailureCategory.REAUTH_REQUIRED, exc.reason) from None
+            except TokenUnavailable as exc:
+                raise MailServerError(FailureCategory.NETWORK, exc.reason) from None
+        token = server.password_encrypted
+        if token is None:
+            return None
+        try:
+            return self._secret_box.decrypt(token)
+        except SecretDecryptError as exc:
+            raise MailServerError(
+                FailureCategory.AUTHENTICATION,
+                "the stored password cannot be decrypted with the configured keys; enter it again",
+            ) from exc
+
+    def login_refused(self, server: EmailServer) -> None:
+        """The mail server refused the login. For OAuth2 the token may have been revoked
+        before its time: refresh before the next login, which either brings a token that
+        works or the provider's refusal (then ``reauth_required``)."""
+        if server.auth_type is AuthType.OAUTH2:
+            self.tokens.rejected(server)

@@ -1,0 +1,1 @@
+"""OAuth2 mail accounts: providers, the consent's token exchange, and fresh access tokens."""

@@ -1,0 +1,134 @@
+"""Talking to a provider's token endpoint, and building its authorization URL (authlib).
+
+Errors are split the way callers must act on them: :class:`GrantRefused` means the provider
+said no to this grant (``invalid_grant``: consent revoked, refresh token expired or rotated
+away) and only a new consent helps; :class:`ProviderUnavailable` is anything that may pass by
+itself (network, 5xx, an answer that is not a token) or that the operator must fix
+(``invalid_client``: the client secret expired).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx2
+from authlib.integrations.base_client import OAuthError
+from authlib.integrations.httpx_client import OAuth2Client
+
+from shared.email_servers import ServerType
+from shared.oauth.providers import OAuthProvider
+from shared.secrets import SecretBox
+
+# Provider answers that mean "this consent is over"; the admin must give it again.
+CONSENT_ENDED = frozenset({"invalid_grant", "unauthorized_client", "access_denied"})
+
+
+class GrantRefused(Exception):
+    def __init__(self, provider: str, error: str, description: str | None) -> None:
+        self.error = error
+        self.reason = f"{provider} refused the grant: {error}" + (
+            f" ({description})" if description else ""
+        )
+        super().__init__(self.reason)
+
+
+class ProviderUnavailable(Exception):
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+@dataclass(frozen=True)
+class TokenGrant:
+    access_token: str = field(repr=False)
+    refresh_token: str | None = field(repr=False)
+    expires_in: float
+
+
+class ProviderClient:
+    """One provider, as seen by one Mailroom installation (its registered client)."""
+
+    def __init__(
+        self,
+        provider: OAuthProvider,
+        secret_box: SecretBox,
+        redirect_uri: str,
+        timeout: float = 15.0,
+    ) -> None:
+        self.provider = provider
+        self._secret_box = secret_box
+        self._redirect_uri = redirect_uri
+        self._timeout = timeout
+
+    def authorization_url(
+        self, server_type: ServerType, *, state: str, code_verifier: str, login_hint: str
+    ) -> str:
+        params: dict[str, Any] = dict(self.provider.authorize_params)
+        if login_hint:
+            params["login_hint"] = login_hint  # the admin need not type the mailbox again
+        with self._client(server_type) as client:
+            url, _ = client.create_authorization_url(
+                self.provider.authorize_url, state=state, code_verifier=code_verifier, **params
+            )
+        return str(url)
+
+    def exchange_code(self, server_type: ServerType, code: str, code_verifier: str) -> TokenGrant:
+        with self._client(server_type) as client:
+            return self._grant(
+                lambda: client.fetch_token(
+                    self.provider.token_url,
+                    grant_type="authorization_code",
+                    code=code,
+                    code_verifier=code_verifier,
+                )
+            )
+
+    def refresh(self, server_type: ServerType, refresh_token: str) -> TokenGrant:
+        with self._client(server_type) as client:
+            return self._grant(
+                lambda: client.refresh_token(self.provider.token_url, refresh_token=refresh_token)
+            )
+
+    def _client(self, server_type: ServerType) -> OAuth2Client:
+        return OAuth2Client(
+            client_id=self.provider.client_id,
+            client_secret=self._client_secret(),
+            token_endpoint_auth_method="client_secret_post",  # noqa: S106 - a method name
+            scope=self.provider.scope(server_type),
+            redirect_uri=self._redirect_uri,
+            code_challenge_method="S256",
+            timeout=self._timeout,
+            trust_env=False,
+        )
+
+    def _client_secret(self) -> str:
+        if self.provider.client_secret_encrypted:
+            return self._secret_box.decrypt(self.provider.client_secret_encrypted.encode())
+        return self.provider.client_secret
+
+    def _grant(self, call: Any) -> TokenGrant:
+        name = self.provider.name
+        try:
+            token = call()
+        except OAuthError as exc:
+            if exc.error in CONSENT_ENDED:
+                raise GrantRefused(name, exc.error, exc.description) from None
+            detail = f"{exc.error}" + (f" ({exc.description})" if exc.description else "")
+            raise ProviderUnavailable(f"{name} token endpoint refused: {detail}") from None
+        except (httpx2.HTTPError, ValueError, KeyError) as exc:  # network, TLS, not JSON
+            raise ProviderUnavailable(
+                f"{name} token endpoint unavailable: {type(exc).__name__}: {exc}"
+            ) from None
+        access = token.get("access_token")
+        if not isinstance(access, str) or not access:
+            raise ProviderUnavailable(f"{name} answered without an access token")
+        refresh = token.get("refresh_token")
+        expires_in = token.get("expires_in")
+        try:
+            lifetime = float(expires_in) if expires_in is not None else 3600.0
+        except (TypeError, ValueError):
+            lifetime = 3600.0
+        return TokenGrant(
+            access, refresh if isinstance(refresh, str) and refresh else None, lifetime
+        )

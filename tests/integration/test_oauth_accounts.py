@@ -1,0 +1,254 @@
+"""OAuth2 mail accounts end to end, against real processes: the lab's OAuth2 authorization
+server (oauth2-mock-server, RS256 tokens that expire), Dovecot validating those tokens for
+IMAP and POP3 logins, and the SMTP lab validating them for AUTH.
+
+An admin saves an OAuth2 server, follows the authorization URL through the provider's
+consent, and the callback stores the tokens and tests the connection; the fetcher and the
+sender log in with XOAUTH2/OAUTHBEARER, refresh before expiry (the lab rotates refresh
+tokens, so a refresh token that was not stored would fail the next refresh), stop at a
+revoked consent with ``reauth_required`` and the provider's reason, and start again after a
+re-authentication on save. No token ever appears in an answer, a log or a broker message
+(the session's leak check, fed with every token these tests saw).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+from psycopg_pool import ConnectionPool
+
+from shared.db.pool import DictConnection
+from shared.settings import Settings
+from tests.lab.certs import LabCertificates
+from tests.lab.dovecot import DovecotLab, LabUser
+from tests.lab.oauth_server import OAuthLab
+from tests.lab.smtp_server import SmtpLab
+from tests.support.api import ApiClient
+from tests.support.fetching import (
+    fetcher_settings,
+    reports_for,
+    running_fetcher,
+    take,
+    wait_for_queue,
+)
+from tests.support.oauth import PROVIDER, give_consent, imap_server, oauth_env, stored_tokens
+from tests.support.sender import (
+    command,
+    publish,
+    results_for,
+    results_tap,
+    sender_env,
+    start_sender,
+    wait_known,
+)
+
+LIFETIME = 4  # seconds an access token of the lab lives in these tests
+
+
+@pytest.fixture
+def short_tokens(oauth_lab: OAuthLab) -> Iterator[None]:
+    oauth_lab.set_token_lifetime(LIFETIME)
+    yield
+    oauth_lab.reset()
+
+
+def eventually(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.1)
+
+
+def mail(subject: str) -> bytes:
+    return (
+        f"From: customer@example.com\r\nTo: support@example.com\r\nSubject: {subject}\r\n"
+        f"Message-ID: <{uuid.uuid4().hex}@example.com>\r\n\r\nHello\r\n"
+    ).encode()
+
+
+def test_saving_an_oauth2_server_answers_with_the_providers_authorization_url(
+    oauth_admin: ApiClient,
+    oauth_client: TestClient,
+    dovecot: DovecotLab,
+    lab_user: LabUser,
+    oauth_lab: OAuthLab,
+) -> None:
+    server = imap_server(oauth_admin, dovecot, lab_user)
+    url = server["authorization_url"]
+    assert url.startswith(oauth_lab.authorize_url + "?")
+    for part in ("code_challenge_method=S256", "code_challenge=", "state=", "login_hint="):
+        assert part in url
+    assert server["oauth"]["state"] == "consent_needed"
+    assert server["connection"] is None  # nothing to test with before the consent
+    # A callback with a made-up state changes nothing.
+    forged = oauth_client.get(
+        "/api/v1/oauth/callback",
+        params={"state": "forged", "code": "x"},
+        headers={"Accept": "application/json"},
+    )
+    assert forged.status_code == 400 and forged.json()["ok"] is False
+
+
+def test_oauth2_imap_mailbox_is_fetched_refreshed_stopped_when_revoked_and_resumed(
+    oauth_admin: ApiClient,
+    oauth_client: TestClient,
+    settings_with_lab: Settings,
+    mail_lab_certs: LabCertificates,
+    pool: ConnectionPool[DictConnection],
+    dovecot: DovecotLab,
+    lab_user: LabUser,
+    oauth_lab: OAuthLab,
+    short_tokens: None,
+) -> None:
+    server = imap_server(oauth_admin, dovecot, lab_user)
+    consent = give_consent(oauth_client, server["authorization_url"])
+    assert consent["ok"] is True, consent
+    assert consent["connection"]["ok"] is True
+    first_access, first_refresh = stored_tokens(pool, settings_with_lab, server["id"])
+    shown = oauth_admin.get(f"/email-servers/{server['id']}").json()
+    assert shown["oauth"]["state"] == "ok" and shown["connection"]["ok"] is True
+    assert first_access not in str(shown)
+
+    queue = f"mailroom.inbound.{server['routing_plan_id']}"
+    wait_for_queue(settings_with_lab.amqp_url, queue)
+    fetcher = fetcher_settings(settings_with_lab, mail_lab_certs)
+    with running_fetcher(fetcher, pool):
+        dovecot.append(lab_user.name, mail("first"))
+        assert len(take(fetcher.amqp_url, queue, 1, timeout=15)) == 1
+
+        # Twice: the token expires, the server drops the session, the fetcher logs in again
+        # with a refreshed token. The lab rotates refresh tokens, so the second refresh works
+        # only if the first one's new refresh token was stored.
+        for round_ in (1, 2):
+            time.sleep(LIFETIME + 0.5)
+            dovecot.doveadm("kick", lab_user.name)
+            dovecot.append(lab_user.name, mail(f"after refresh {round_}"))
+            assert len(take(fetcher.amqp_url, queue, 1, timeout=15)) == 1
+        assert oauth_lab.grants(lab_user.name)["refresh_token"] >= 2
+        access, refresh = stored_tokens(pool, settings_with_lab, server["id"])
+        assert access != first_access and refresh != first_refresh
+
+        # The admin (or the provider) withdraws the consent.
+        oauth_lab.revoke(lab_user.name)
+        time.sleep(LIFETIME + 0.5)
+        dovecot.doveadm("kick", lab_user.name)
+        waiting = dovecot.append(lab_user.name, mail("while consent is revoked"))
+        reports = reports_for(fetcher.amqp_url, server["id"], timeout=15, ok=False)
+        assert reports and reports[-1]["category"] == "reauth_required"
+        assert "invalid_grant" in reports[-1]["reason"]
+        shown = oauth_admin.get(f"/email-servers/{server['id']}").json()
+        assert shown["oauth"]["state"] == "reauth_required"
+        assert "invalid_grant" in shown["oauth"]["reason"]
+        assert any("Consent needed again" in w for w in shown["warnings"])
+        refused = oauth_lab.grants(lab_user.name)["refused"]
+        time.sleep(2)  # the fetcher keeps trying, but not the provider: consent is over
+        assert oauth_lab.grants(lab_user.name)["refused"] == refused
+        assert waiting not in dovecot.seen(lab_user.name)
+
+        # Re-authenticate on save: a new consent, and the waiting mail comes.
+        saved = oauth_admin.patch(
+            f"/email-servers/{server['id']}", {"reauthenticate_on_save": True}
+        ).json()
+        assert give_consent(oauth_client, saved["authorization_url"])["ok"] is True
+        assert len(take(fetcher.amqp_url, queue, 1, timeout=15)) == 1
+        eventually(lambda: waiting in dovecot.seen(lab_user.name), 10, "mail marked seen")
+    stored_tokens(pool, settings_with_lab, server["id"])
+
+
+def test_oauth2_pop3_mailbox_is_fetched_with_a_warning(
+    oauth_admin: ApiClient,
+    oauth_client: TestClient,
+    settings_with_lab: Settings,
+    mail_lab_certs: LabCertificates,
+    pool: ConnectionPool[DictConnection],
+    dovecot: DovecotLab,
+    lab_user: LabUser,
+) -> None:
+    server = imap_server(oauth_admin, dovecot, lab_user, type="pop3", port=dovecot.pop3s_port)
+    assert any("not recommended" in w for w in server["warnings"])
+    assert give_consent(oauth_client, server["authorization_url"])["ok"] is True
+    stored_tokens(pool, settings_with_lab, server["id"])
+    queue = f"mailroom.inbound.{server['routing_plan_id']}"
+    wait_for_queue(settings_with_lab.amqp_url, queue)
+    dovecot.append(lab_user.name, mail("pop3 with a token"))
+    with running_fetcher(fetcher_settings(settings_with_lab, mail_lab_certs), pool):
+        assert len(take(settings_with_lab.amqp_url, queue, 1, timeout=15)) == 1
+        eventually(lambda: dovecot.count(lab_user.name) == 0, 10, "POP3 mailbox emptied")
+
+
+def test_oauth2_smtp_server_sends_refreshes_and_waits_for_a_new_consent(
+    oauth_admin: ApiClient,
+    oauth_tenant: str,
+    oauth_client: TestClient,
+    settings_with_lab: Settings,
+    mail_lab_certs: LabCertificates,
+    pool: ConnectionPool[DictConnection],
+    smtp_lab: SmtpLab,
+    smtp_default_lab: SmtpLab,
+    oauth_lab: OAuthLab,
+    short_tokens: None,
+) -> None:
+    user = f"oauth-{uuid.uuid4().hex[:6]}@example.com"
+    tenant = oauth_tenant
+    server = oauth_admin.create(
+        type="smtp",
+        name="agent mail via OAuth2",
+        host="127.0.0.1",
+        port=smtp_lab.port,
+        tls=False,
+        auth_type="oauth2",
+        oauth_provider=PROVIDER,
+        username=user,
+        enabled=True,
+        role="agent",
+    )
+    consent = give_consent(oauth_client, server["authorization_url"])
+    assert consent["ok"] is True and consent["connection"]["ok"] is True, consent
+    stored_tokens(pool, settings_with_lab, server["id"])
+    smtp_lab.clear()
+    env = sender_env(
+        mail_lab_certs,
+        smtp_default_lab,
+        MAILROOM_SENDER_IDLE_CLOSE_SECONDS="1",
+        **oauth_env(settings_with_lab),
+    )
+    sender = start_sender(env)
+    try:
+        current = oauth_admin.get(f"/email-servers/{server['id']}").json()
+        wait_known(sender, current)
+        with results_tap(settings_with_lab.amqp_url) as results:
+            first = command(tenant, **{"from": user, "subject": "sent with a token"})
+            publish(settings_with_lab.amqp_url, first)
+            assert results_for(results, first["request_id"], final=True)[-1]["status"] == "sent"
+
+            time.sleep(LIFETIME + 1.5)  # token expired, idle connection closed
+            second = command(tenant, **{"from": user, "subject": "after a refresh"})
+            publish(settings_with_lab.amqp_url, second)
+            assert results_for(results, second["request_id"], final=True)[-1]["status"] == "sent"
+            assert oauth_lab.grants(user)["refresh_token"] >= 1
+            logins = {m.login for m in smtp_lab.mails()}
+            assert logins == {user}
+
+            oauth_lab.revoke(user)
+            time.sleep(LIFETIME + 1.5)
+            third = command(tenant, **{"from": user, "subject": "waits for the admin"})
+            publish(settings_with_lab.amqp_url, third)
+            waiting = results_for(results, third["request_id"], final=False)
+            assert waiting and waiting[0]["final"] is False
+            assert waiting[0]["category"] == "reauth_required"
+            assert "invalid_grant" in waiting[0]["reason"]
+
+            saved = oauth_admin.patch(
+                f"/email-servers/{server['id']}", {"reauthenticate_on_save": True}
+            ).json()
+            assert give_consent(oauth_client, saved["authorization_url"])["ok"] is True
+            done = results_for(results, third["request_id"], final=True, timeout=30)
+            assert done[-1]["status"] == "sent"
+        assert len(smtp_lab.mails()) == 3
+    finally:
+        sender.terminate()
+    stored_tokens(pool, settings_with_lab, server["id"])

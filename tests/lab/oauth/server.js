@@ -49,6 +49,7 @@ function log(...parts) {
 
 let lifetime = DEFAULT_LIFETIME;
 const codes = new Map(); // code -> {sub, scope, pkce}
+const usedCodes = new Map(); // code -> sub, for the error of a second use
 const refreshTokens = new Map(); // refresh token -> {sub, scope, state: active|rotated|revoked}
 let counters = new Map(); // sub -> {authorization_code, refresh_token, refused}
 
@@ -56,6 +57,13 @@ function count(sub, field) {
   if (sub === undefined) return;
   if (!counters.has(sub)) counters.set(sub, { authorization_code: 0, refresh_token: 0, refused: 0 });
   counters.get(sub)[field] += 1;
+}
+
+/** Codes are single use: a code presented once (granted or refused) is spent. */
+function useCode(code) {
+  const grant = codes.get(code);
+  if (grant !== undefined) usedCodes.set(code, grant.sub);
+  codes.delete(code);
 }
 
 /** The grant's login and scope, from the code or refresh token in the request (or undefined). */
@@ -131,7 +139,7 @@ function refuse(response, req, status, error, description, sub) {
 service.on('beforeResponse', (response, req) => {
   const body = req.body;
   const grant = grantOf(body);
-  if (body.grant_type === 'authorization_code') codes.delete(body.code); // single use
+  if (body.grant_type === 'authorization_code') useCode(body.code);
   const client = clientCredentials(req);
   if (client.id !== CLIENT_ID || client.secret !== CLIENT_SECRET) {
     const why = client.id === undefined ? 'no client credentials' : `client ${client.id}: wrong id or secret`;
@@ -140,7 +148,9 @@ service.on('beforeResponse', (response, req) => {
   }
   if (body.grant_type === 'authorization_code') {
     if (grant === undefined) {
-      refuse(response, req, 400, 'invalid_grant', 'unknown or already used authorization code');
+      const sub = usedCodes.get(body.code);
+      const why = sub === undefined ? 'unknown authorization code' : 'authorization code was already used';
+      refuse(response, req, 400, 'invalid_grant', why, sub);
       return;
     }
     if (grant.pkce && body.code_verifier === undefined) {
@@ -185,11 +195,17 @@ function pkceAsInvalidGrant(req, res) {
       payload?.error === 'invalid_request' &&
       /code_verifier|code_challenge/.test(String(payload.error_description))
     ) {
-      const grant = req.body?.grant_type === 'authorization_code' ? codes.get(req.body.code) : undefined;
-      if (req.body?.code !== undefined) codes.delete(req.body.code);
-      count(grant?.sub, 'refused');
-      log('token refused (PKCE)', JSON.stringify({ sub: grant?.sub, description: payload.error_description }));
-      payload = { error: 'invalid_grant', error_description: `PKCE: ${payload.error_description}` };
+      const code = req.body?.code;
+      const grant = codes.get(code);
+      const sub = grant?.sub ?? usedCodes.get(code);
+      const description =
+        grant === undefined && sub !== undefined
+          ? 'authorization code was already used'
+          : `PKCE: ${payload.error_description}`;
+      if (code !== undefined) useCode(code);
+      count(sub, 'refused');
+      log('token refused', JSON.stringify({ sub, error: 'invalid_grant', description }));
+      payload = { error: 'invalid_grant', error_description: description };
     }
     return Object.getPrototypeOf(this).send.call(this, payload);
   };
@@ -247,7 +263,7 @@ const control = http.createServer(async (req, res) => {
             revoked += 1;
           }
         }
-        for (const [code, grant] of codes) if (grant.sub === body.sub) codes.delete(code);
+        for (const [code, grant] of codes) if (grant.sub === body.sub) useCode(code);
         log('revoke', body.sub, revoked);
         return reply(res, 200, { sub: body.sub, revoked });
       }

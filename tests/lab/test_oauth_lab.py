@@ -39,6 +39,14 @@ def oauth(oauth_lab: OAuthLab) -> Iterator[OAuthLab]:
     oauth_lab.reset()
 
 
+@pytest.fixture
+def smtp(smtp_lab: SmtpLab) -> Iterator[SmtpLab]:
+    """The session's SMTP lab, emptied afterwards (other tests expect an empty store)."""
+    smtp_lab.clear()
+    yield smtp_lab
+    smtp_lab.clear()
+
+
 def xoauth2(user: str, token: str) -> str:
     return f"user={user}\x01auth=Bearer {token}\x01\x01"
 
@@ -234,25 +242,25 @@ def smtp_send(smtp_lab: SmtpLab, ctx: ssl.SSLContext, user: str, token: str, to:
 
 
 def test_smtp_accepts_xoauth2_and_records_the_sub_as_the_login(
-    oauth: OAuthLab, smtp_lab: SmtpLab, ctx: ssl.SSLContext
+    oauth: OAuthLab, smtp: SmtpLab, ctx: ssl.SSLContext
 ) -> None:
     sub = f"oauth-{uuid.uuid4().hex[:8]}@lab.test"
     to = f"{uuid.uuid4().hex[:8]}@rcpt.test"
-    smtp_send(smtp_lab, ctx, sub, oauth.token_for(sub), to)
-    mails = [m for m in smtp_lab.wait_for(1) if m.recipients == [to]]
+    smtp_send(smtp, ctx, sub, oauth.token_for(sub), to)
+    mails = [m for m in smtp.wait_for(1) if m.recipients == [to]]
     assert len(mails) == 1 and mails[0].login == sub
 
 
 def test_smtp_accepts_oauthbearer_without_an_initial_response(
-    oauth: OAuthLab, smtp_lab: SmtpLab, ctx: ssl.SSLContext
+    oauth: OAuthLab, smtp: SmtpLab, ctx: ssl.SSLContext
 ) -> None:
     sub = f"bearer-{uuid.uuid4().hex[:8]}@lab.test"
     token = oauth.token_for(sub)
-    with smtplib.SMTP(HOST, smtp_lab.port, timeout=10) as smtp:
-        smtp.starttls(context=ctx)
-        smtp.ehlo()
-        assert "OAUTHBEARER" in smtp.esmtp_features["auth"]
-        code, _ = smtp.auth(
+    with smtplib.SMTP(HOST, smtp.port, timeout=10) as client:
+        client.starttls(context=ctx)
+        client.ehlo()
+        assert "OAUTHBEARER" in client.esmtp_features["auth"]
+        code, _ = client.auth(
             "OAUTHBEARER",
             lambda challenge=None: f"n,a={sub},\x01auth=Bearer {token}\x01\x01",
             initial_response_ok=False,
@@ -262,7 +270,7 @@ def test_smtp_accepts_oauthbearer_without_an_initial_response(
 
 @pytest.mark.parametrize("case", ["garbage", "other user", "expired"])
 def test_smtp_refuses_a_bad_token_with_535(
-    oauth: OAuthLab, smtp_lab: SmtpLab, ctx: ssl.SSLContext, case: str
+    oauth: OAuthLab, smtp: SmtpLab, ctx: ssl.SSLContext, case: str
 ) -> None:
     sub = f"bad-{uuid.uuid4().hex[:8]}@lab.test"
     if case == "garbage":
@@ -272,7 +280,7 @@ def test_smtp_refuses_a_bad_token_with_535(
     else:
         token = expired_token(oauth, sub)
     with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
-        smtp_send(smtp_lab, ctx, sub, token, "nobody@rcpt.test")
+        smtp_send(smtp, ctx, sub, token, "nobody@rcpt.test")
     assert refused.value.smtp_code == 535
     error = refused.value.smtp_error
     assert (error if isinstance(error, bytes) else error.encode()).startswith(b"5.7.8")

@@ -27,6 +27,7 @@ from tests.lab.fixtures import (  # noqa: E402, F401 - fixtures for every test m
     dovecot,
     lab_user,
     mail_lab_certs,
+    oauth_lab,
     smtp_default_lab,
     smtp_lab,
 )

@@ -2,6 +2,9 @@
 
     from tests.lab.fixtures import dovecot, lab_user, mail_lab_certs  # noqa: F401
 
+``oauth_lab`` runs the lab's OAuth2 authorization server (``tests.lab.oauth_server``) and makes
+the session's ``dovecot`` and ``smtp_lab`` accept its tokens (XOAUTH2, OAUTHBEARER).
+
 A missing Dovecot is installed by ``scripts/install-mail-lab``; if that fails the fixture
 raises, so the tests that need the lab fail (they never skip).
 """
@@ -14,6 +17,7 @@ import pytest
 
 from tests.lab.certs import LabCertificates, issue
 from tests.lab.dovecot import DovecotLab, LabUser, ensure_installed
+from tests.lab.oauth_server import OAuthLab
 from tests.lab.smtp_server import SmtpLab
 from tests.support.leaks import password
 
@@ -64,4 +68,23 @@ def smtp_lab(mail_lab_certs: LabCertificates) -> Iterator[SmtpLab]:
 def smtp_default_lab(mail_lab_certs: LabCertificates) -> Iterator[SmtpLab]:
     """A second SMTP sink: the system's default SMTP server (template mail fallback)."""
     with SmtpLab(mail_lab_certs, {SMTP_DEFAULT_USER: password("default")}, "default") as lab:
+        yield lab
+
+
+# --- OAuth2 -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def oauth_lab(dovecot: DovecotLab, smtp_lab: SmtpLab) -> Iterator[OAuthLab]:
+    """The lab's OAuth2 authorization server for the session; ``dovecot`` and ``smtp_lab``
+    trust its tokens (so it starts them too).
+
+    ``oauth_lab.provider_json()`` is the product's provider entry; ``oauth_lab.token_for(user)``
+    runs the code flow for a lab user. A missing Node.js fails the tests that need it. A test
+    that changes the token lifetime calls ``oauth_lab.reset()`` before it ends; another SMTP
+    lab (``smtp_default_lab``) can call ``trust_oauth(oauth_lab)`` itself.
+    """
+    with OAuthLab() as lab:
+        dovecot.trust_oauth(lab)
+        smtp_lab.trust_oauth(lab)
         yield lab

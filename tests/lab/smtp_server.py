@@ -10,6 +10,17 @@ Both use the lab certificate for ``localhost``/127.0.0.1 (``tests.lab.certs``), 
 (PLAIN or LOGIN) against the lab's user table, and store every accepted mail in ``store/``:
 ``<n>.eml`` (the bytes as received) plus ``<n>.json`` (envelope, port, login user).
 
+OAuth2: AUTH XOAUTH2 and OAUTHBEARER accept access tokens of the lab's authorization server
+(``tests.lab.oauth_server``) once ``SmtpLab.trust_oauth(lab)`` has handed over its public keys
+(before or after ``start()``: the server rereads the key file when it changes). A token is
+checked as the lab's Dovecot checks it: RS256 signature by a trusted key (by ``kid``), ``exp``
+in the future, ``nbf``/``iat`` not in the future, and ``sub`` equal to the user named in the
+SASL string; the login recorded with each mail is then that ``sub``. Failures follow the
+XOAUTH2/OAUTHBEARER protocol: ``334 <base64 JSON error>``, the client answers an empty line
+(or ``AQ==``), then ``535 5.7.8``. Whatever the user table says, a token needs no password.
+Commands may be up to 64 KiB long (aiosmtpd's 1001-byte stream limit cuts off
+``AUTH XOAUTH2 <initial response>`` with a real token); DATA lines keep the 1001-byte limit.
+
 Replies can be scripted per recipient (``SmtpLab.script``): a list of replies used one per DATA,
 the last one repeating, e.g. ``["451 4.3.0 try later", "451 4.3.0 try later", "250"]`` or
 ``["550 5.7.1 no"]``. A reply may carry a delay (``{"reply": "250", "delay": 3}``): the mail is
@@ -22,6 +33,8 @@ Facts this relies on: a rejected login gets no reply at all unless the authentic
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import email
 import email.policy
@@ -39,11 +52,18 @@ from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tests.lab.certs import LabCertificates
 
+if TYPE_CHECKING:
+    from tests.lab.oauth_server import OAuthLab
+
 HOST = "127.0.0.1"
+# Longest AUTH line (and SASL continuation) the lab reads: a token in an initial response.
+AUTH_LINE_LIMIT = 64 * 1024
+# The RFC 5321 line limit aiosmtpd applies to DATA (its class default).
+DATA_LINE_LIMIT = 1001
 
 
 @dataclass(frozen=True)
@@ -72,6 +92,7 @@ class SmtpLab:
         self.store = self.directory / "store"
         self.store.mkdir()
         self.script_file = self.directory / "script.json"
+        self.oauth_keys_file = self.directory / "oauth-keys.json"
         self.port = 0
         self.tls_port = 0
         self._process: subprocess.Popen[bytes] | None = None
@@ -95,6 +116,7 @@ class SmtpLab:
             "users": self.users,
             "store": str(self.store),
             "script": str(self.script_file),
+            "oauth_keys": str(self.oauth_keys_file),
             "ready": str(self.directory / "ready.json"),
         }
         config_file = self.directory / "config.json"
@@ -126,6 +148,19 @@ class SmtpLab:
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait(5)
+
+    # --- OAuth2 ---------------------------------------------------------------------------------
+
+    def trust_oauth(self, lab: OAuthLab) -> None:
+        """Accept the access tokens of ``lab`` for AUTH XOAUTH2 and OAUTHBEARER.
+
+        Writes its public keys (kid → PEM) to the file the server process rereads whenever it
+        changes, so this works before ``start()`` and on a running lab alike.
+        """
+        keys = {kid: pem.decode("ascii") for kid, pem in lab.public_keys_pem().items()}
+        temp = self.oauth_keys_file.with_suffix(".tmp")
+        temp.write_text(json.dumps({"keys": keys, "version": time.time_ns()}))
+        temp.replace(self.oauth_keys_file)
 
     # --- scripting and inspection ------------------------------------------------------------
 
@@ -211,10 +246,118 @@ class _Script:
         return "250 2.0.0 OK", 0.0
 
 
+class _TrustedKeys:
+    """The OAuth lab's public keys (kid → RSA key), reread when ``SmtpLab`` rewrites them."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.version: object = None
+        self.keys: dict[str, Any] = {}
+
+    def current(self) -> dict[str, Any]:
+        from joserfc.jwk import RSAKey
+
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            data = {"keys": {}, "version": None}
+        if data.get("version") != self.version:
+            self.version = data.get("version")
+            self.keys = {
+                kid: RSAKey.import_key(pem, {"kid": kid}) for kid, pem in data["keys"].items()
+            }
+        return self.keys
+
+
+class TokenRefused(Exception):
+    """Why an OAuth2 login fails (for the server's log; the client sees invalid_token)."""
+
+
+def check_token(keys: dict[str, Any], token: str, user: str) -> str:
+    """The ``sub`` of a valid access token for ``user``; ``TokenRefused`` otherwise.
+
+    The same checks as Dovecot's local validation: RS256 by a trusted key, ``exp`` in the
+    future, ``nbf`` and ``iat`` not in the future, and the login the client named must be the
+    token's ``sub`` (a token for one mailbox must not open another).
+    """
+    from joserfc import jwt
+    from joserfc.errors import JoseError
+    from joserfc.jwk import KeySet
+
+    if not keys:
+        raise TokenRefused("no trusted OAuth keys: SmtpLab.trust_oauth() was not called")
+    try:
+        decoded = jwt.decode(token, KeySet(list(keys.values())), algorithms=["RS256"])
+        jwt.JWTClaimsRegistry(
+            exp={"essential": True}, sub={"essential": True, "value": user}
+        ).validate(decoded.claims)
+    except (JoseError, ValueError) as error:
+        raise TokenRefused(f"{type(error).__name__}: {error}") from None
+    return str(decoded.claims["sub"])
+
+
+def parse_xoauth2(blob: bytes) -> tuple[str, str]:
+    """``user=U^Aauth=Bearer T^A^A`` → (U, T)."""
+    fields = dict(part.split("=", 1) for part in blob.decode("utf-8").split("\x01") if "=" in part)
+    auth = fields.get("auth", "")
+    if "user" not in fields or not auth.lower().startswith("bearer "):
+        raise TokenRefused("malformed XOAUTH2 response")
+    return fields["user"], auth[7:].strip()
+
+
+def parse_oauthbearer(blob: bytes) -> tuple[str, str]:
+    """RFC 7628: ``n,a=U,^Ahost=H^Aport=P^Aauth=Bearer T^A^A`` → (U, T)."""
+    gs2, _, rest = blob.decode("utf-8").partition("\x01")
+    user = ""
+    for attribute in gs2.split(",")[1:]:
+        if attribute.startswith("a="):
+            user = attribute[2:].replace("=2C", ",").replace("=3D", "=")
+    fields = dict(part.split("=", 1) for part in rest.split("\x01") if "=" in part)
+    auth = fields.get("auth", "")
+    if not user or not auth.lower().startswith("bearer "):
+        raise TokenRefused("malformed OAUTHBEARER response (the lab needs a=<user>)")
+    return user, auth[7:].strip()
+
+
 class _Handler:
-    def __init__(self, script: _Script, implicit_tls: bool) -> None:
+    def __init__(self, script: _Script, implicit_tls: bool, oauth_keys: _TrustedKeys) -> None:
         self.script = script
         self.implicit_tls = implicit_tls
+        self.oauth_keys = oauth_keys
+
+    # aiosmtpd offers a handler's ``auth_<MECHANISM>(server, args)`` methods in EHLO and calls
+    # them for AUTH; ``args`` is the AUTH line split (mechanism, initial response if any).
+    async def auth_XOAUTH2(self, server: Any, args: list[str]) -> Any:
+        return await self._oauth(server, args, parse_xoauth2)
+
+    async def auth_OAUTHBEARER(self, server: Any, args: list[str]) -> Any:
+        return await self._oauth(server, args, parse_oauthbearer)
+
+    async def _oauth(self, server: Any, args: list[str], parse: Any) -> Any:
+        from aiosmtpd.smtp import MISSING, AuthResult
+
+        if len(args) > 1:
+            try:
+                blob = base64.b64decode(args[1], validate=True)
+            except binascii.Error:
+                await server.push("501 5.5.2 Can't decode base64")
+                return AuthResult(success=False, handled=True)
+        else:
+            response = await server.challenge_auth("")
+            if response is MISSING:  # aborted or undecodable; aiosmtpd has answered
+                return AuthResult(success=False, handled=True)
+            blob = response
+        try:
+            user, token = parse(blob)
+            sub = check_token(self.oauth_keys.current(), token, user)
+        except (TokenRefused, UnicodeDecodeError) as error:
+            logging.getLogger(__name__).warning("OAuth2 login refused: %s", error)
+            status = {"status": "invalid_token", "schemes": "Bearer", "scope": "mail"}
+            answer = await server.challenge_auth(json.dumps(status))
+            if answer is MISSING:
+                return AuthResult(success=False, handled=True)
+            return AuthResult(success=False, handled=False)  # 535 5.7.8
+        return AuthResult(success=True, auth_data=sub)
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         reply, delay = self.script.reply_for(list(envelope.rcpt_tos))
@@ -255,14 +398,30 @@ def _serve(config: dict[str, Any]) -> None:
                 return AuthResult(success=True, auth_data=login)
         return AuthResult(success=False, handled=False)
 
+    class LabSMTP(SMTP):  # type: ignore[misc]
+        """aiosmtpd with room for a token in ``AUTH XOAUTH2 <initial response>``.
+
+        ``SMTP.__init__`` sizes its stream reader from the class's ``line_length_limit``; the
+        instance then gets the RFC limit back for DATA (aiosmtpd checks each DATA line against
+        it), and only AUTH may be longer than the usual 512-byte command.
+        """
+
+        line_length_limit = AUTH_LINE_LIMIT
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.line_length_limit = DATA_LINE_LIMIT
+            self.command_size_limits["AUTH"] = AUTH_LINE_LIMIT
+
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(config["cert"], config["key"])
     script = _Script(Path(config["store"]), Path(config["script"]))
+    oauth_keys = _TrustedKeys(Path(config["oauth_keys"]))
 
     def factory(implicit: bool) -> Any:
         def make() -> Any:
-            return SMTP(
-                _Handler(script, implicit),
+            return LabSMTP(
+                _Handler(script, implicit, oauth_keys),
                 hostname="smtp.lab.test",
                 tls_context=None if implicit else context,
                 require_starttls=not implicit,

@@ -116,3 +116,24 @@ def test_without_keys_a_service_refuses_to_start_instead_of_inventing_them(tmp_p
         assert "MAILROOM_SECRET_KEYS and MAILROOM_TOKEN_SIGNING_KEY are not set" in result.stderr
         assert "Traceback" not in result.stderr
     assert list(tmp_path.iterdir()) == []  # no keys were made up
+
+
+def test_encrypt_secret_reads_stdin_and_prints_what_the_installation_decrypts(
+    settings: Settings,
+) -> None:
+    from shared.secrets import SecretBox
+    from tests.support.leaks import password
+
+    secret = password("client-secret")
+    done = subprocess.run(
+        [MAILROOM, "encrypt-secret"],
+        input=secret + "\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    token = done.stdout.strip()
+    assert secret not in done.stdout + done.stderr
+    assert SecretBox.from_settings(settings).decrypt(token.encode()) == secret

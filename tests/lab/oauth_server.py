@@ -55,7 +55,7 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import httpx
+import httpx2
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicNumbers
 
@@ -286,7 +286,7 @@ class OAuthLab:
     def _control(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
         if not self.control_port:
             raise LabError("the OAuth lab is not running")
-        response = httpx.request(
+        response = httpx2.request(
             method, self.control_url + path, json=body, timeout=10, trust_env=False
         )
         if response.status_code != 200:
@@ -308,7 +308,7 @@ class OAuthLab:
         }
         if code_challenge is not None:
             params.update(code_challenge=code_challenge, code_challenge_method="S256")
-        response = httpx.get(self.authorize_url, params=params, timeout=10, trust_env=False)
+        response = httpx2.get(self.authorize_url, params=params, timeout=10, trust_env=False)
         if response.status_code not in {301, 302, 303, 307}:
             raise LabError(f"/authorize answered {response.status_code}: {response.text}")
         query = parse_qs(urlsplit(response.headers["location"]).query)
@@ -316,7 +316,7 @@ class OAuthLab:
             raise LabError(f"/authorize redirected to {response.headers['location']}")
         return query["code"][0]
 
-    def exchange(self, code: str, code_verifier: str | None = None) -> httpx.Response:
+    def exchange(self, code: str, code_verifier: str | None = None) -> httpx2.Response:
         """``POST /token`` (authorization_code grant, client_secret_post); the raw answer."""
         data = {
             "grant_type": "authorization_code",
@@ -327,11 +327,11 @@ class OAuthLab:
         }
         if code_verifier is not None:
             data["code_verifier"] = code_verifier
-        return httpx.post(self.token_url, data=data, timeout=10, trust_env=False)
+        return httpx2.post(self.token_url, data=data, timeout=10, trust_env=False)
 
-    def refresh(self, refresh_token: str) -> httpx.Response:
+    def refresh(self, refresh_token: str) -> httpx2.Response:
         """``POST /token`` (refresh_token grant, client_secret_basic); the raw answer."""
-        return httpx.post(
+        return httpx2.post(
             self.token_url,
             data={"grant_type": "refresh_token", "refresh_token": refresh_token},
             auth=(self.client_id, self.client_secret),

@@ -117,15 +117,15 @@ def test_wrong_or_missing_code_verifier_and_reused_codes_are_refused(oauth: OAut
 
 
 def test_the_client_must_authenticate(oauth: OAuthLab) -> None:
-    import httpx
+    import httpx2
 
-    def token_request(auth: tuple[str, str] | None, form: dict[str, str]) -> httpx.Response:
+    def token_request(auth: tuple[str, str] | None, form: dict[str, str]) -> httpx2.Response:
         # A fresh code each time: the mock spends a code's PKCE challenge before the client
         # check (a real server checks the client first).
         verifier, challenge = pkce_pair()
         code = oauth.authorize("client-auth", code_challenge=challenge)
         data = {"grant_type": "authorization_code", "code": code, "code_verifier": verifier}
-        return httpx.post(oauth.token_url, data=data | form, auth=auth, trust_env=False)
+        return httpx2.post(oauth.token_url, data=data | form, auth=auth, trust_env=False)
 
     for auth in ((oauth.client_id, "wrong"), ("someone-else", oauth.client_secret)):
         refused = token_request(auth, {})

@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from shared.logging_setup import configure_logging
+    from shared.oauth.providers import ProviderConfigError
     from shared.preflight import DependencyUnavailable
 
     args = build_parser().parse_args(argv)
@@ -143,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(settings.log_level)
     try:
         return int(args.handler(args, settings))
-    except (DependencyUnavailable, KeysMissing) as exc:
+    except (DependencyUnavailable, KeysMissing, ProviderConfigError) as exc:
         print(f"mailroom: cannot start:\n{exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -14,6 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, St
 
 from services.config_api import field_rules
 from shared.email_servers import AuthType, EmailServer, Role, ServerType
+from shared.oauth.providers import OAuthProvider
 
 NAME_MAX_LENGTH = 200
 
@@ -131,6 +132,29 @@ class OAuthStatus(BaseModel):
 
 class AuthorizationLink(BaseModel):
     authorization_url: str
+
+
+class ProviderOut(BaseModel):
+    name: str
+    configured: bool
+    scopes: dict[str, list[str]]
+
+
+class ProviderList(BaseModel):
+    items: list[ProviderOut]
+
+    @classmethod
+    def from_providers(cls, providers: dict[str, OAuthProvider]) -> ProviderList:
+        return cls(
+            items=[
+                ProviderOut(
+                    name=p.name,
+                    configured=p.configured,
+                    scopes={t.value: list(s) for t, s in p.scopes.items()},
+                )
+                for p in sorted(providers.values(), key=lambda p: p.name)
+            ]
+        )
 
 
 class ServerOut(BaseModel):

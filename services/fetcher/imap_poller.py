@@ -38,6 +38,7 @@ class ImapPoller(MailboxPoller):
         try:
             self._finish_earlier_batches(mailbox)
             while self.keep_going():
+                self.check_consent()
                 started = time.monotonic()
                 fetched = self.fetch_new(mailbox)
                 self.report_ok(fetched, time.monotonic() - started)

@@ -21,7 +21,7 @@ from services.fetcher.publisher import BrokerUnavailable, InboundPublisher
 from shared import metrics
 from shared.contracts.status_reports import FailureCategory, StatusReport
 from shared.db.pool import DictConnection
-from shared.email_servers import EmailServer
+from shared.email_servers import AuthType, EmailServer
 from shared.leases import Leases
 from shared.login_secrets import LoginSecrets
 from shared.mail.errors import MailServerError
@@ -143,6 +143,13 @@ class MailboxPoller(threading.Thread):
         deadline = time.monotonic() + seconds
         while self.keep_going() and (left := deadline - time.monotonic()) > 0:
             self._stopping.wait(min(1.0, left))
+
+    def check_consent(self) -> None:
+        """OAuth2: a session outlives its access token, so the token is checked (and refreshed
+        when due) at every poll; a consent the provider ended is found within one poll, not
+        at the next reconnect, and the session is given up."""
+        if self.server.auth_type is AuthType.OAUTH2:
+            self.login_secret()
 
     def login_secret(self) -> str | None:
         """The password, or for an OAuth2 server a fresh access token: asked for at every

@@ -79,7 +79,7 @@ class OAuthTokens:
         self._pool = pool
         self._secret_box = secret_box
         self._redis = redis_client
-        self._providers = providers
+        self.providers = providers
         self._redirect_uri = redirect_uri
         self._margin = refresh_margin_seconds
         self._lock_seconds = lock_seconds
@@ -102,7 +102,7 @@ class OAuthTokens:
         )
 
     def client_for(self, provider_name: str | None) -> ProviderClient:
-        provider = self._providers.get(provider_name or "")
+        provider = self.providers.get(provider_name or "")
         if provider is None:
             raise TokenUnavailable(f"OAuth2 provider {provider_name!r} is not configured")
         if not provider.configured:

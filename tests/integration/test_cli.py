@@ -137,3 +137,10 @@ def test_encrypt_secret_reads_stdin_and_prints_what_the_installation_decrypts(
     token = done.stdout.strip()
     assert secret not in done.stdout + done.stderr
     assert SecretBox.from_settings(settings).decrypt(token.encode()) == secret
+
+
+def test_a_bad_oauth_provider_setting_stops_a_service_with_a_message() -> None:
+    done = mailroom("run", "fetcher", env={"MAILROOM_OAUTH_PROVIDERS": '[{"name": "corp"}]'})
+    assert done.returncode == 2
+    assert "MAILROOM_OAUTH_PROVIDERS[0] (corp): missing authorize_url" in done.stderr
+    assert "Traceback" not in done.stderr

@@ -27,7 +27,7 @@ def test_make_run_brings_up_the_system_and_stops_on_ctrl_c() -> None:
         assert f"http://127.0.0.1:{api_port}/api/v1" in log
         assert f"http://127.0.0.1:{status_port}" in log
         for service in ("fetcher", "sender", "status"):
-            assert f"{service}: connected to RabbitMQ, consuming" in log
+            stack.wait_for_log(f"{service}: connected to RabbitMQ, consuming", timeout=30)
         token = re.search(r"^(eyJ[\w-]+\.[\w-]+\.[\w-]+)$", log, re.MULTILINE)
         assert token is not None, log
         answer = httpx2.get(

@@ -263,4 +263,16 @@ def test_oauth2_smtp_server_sends_refreshes_and_waits_for_a_new_consent(
         assert len(smtp_lab.mails()) == 3
     finally:
         sender.terminate()
+        smtp_lab.clear()
     stored_tokens(pool, settings_with_lab, server["id"])
+
+
+def test_admins_see_which_providers_they_can_pick_without_secrets(
+    oauth_admin: ApiClient, settings_with_lab: Settings
+) -> None:
+    answer = oauth_admin.get("/oauth/providers")
+    assert answer.status_code == 200
+    providers = {p["name"]: p for p in answer.json()["items"]}
+    assert providers[PROVIDER]["configured"] is True
+    assert providers["microsoft365"]["configured"] is False  # preset, no client registered
+    assert "client_secret" not in answer.text and "Sesam" not in answer.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -26,6 +27,9 @@ class ServiceProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
+            # Its own process group: ``kill`` takes the children along (``mailroom dev``
+            # starts four services; orphans would go on consuming the suite's queues).
+            start_new_session=True,
         )
 
     def log(self) -> str:
@@ -52,7 +56,8 @@ class ServiceProcess:
             self._log.close()
 
     def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
         if self.process.poll() is None:
-            self.process.kill()
             self.process.wait(5)
         self._log.close()

@@ -12,9 +12,17 @@ import html
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from services.config_api.dependencies import EmailServers
+from services.config_api.dependencies import EmailServers, Reader
+from services.config_api.schemas import ProviderList
 
 router = APIRouter(prefix="/oauth", tags=["oauth2"])
+
+
+@router.get("/providers", response_model=ProviderList)
+def list_providers(principal: Reader, svc: EmailServers) -> ProviderList:
+    """The providers an admin may pick for ``oauth_provider`` (names, never client secrets);
+    ``configured: false`` means the operator has not registered a client there yet."""
+    return ProviderList.from_providers(svc.consents.tokens.providers)
 
 
 @router.get("/callback", response_model=None)

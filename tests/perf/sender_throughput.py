@@ -45,11 +45,11 @@ TENANT = "bench"
 
 
 def _environment() -> dict[str, str]:
-    from tests.support.environment import TEST_AMQP_URL
+    from tests.support.environment import TEST_AMQP_URL, TEST_DATABASE_URL
 
     return {
         "MAILROOM_AMQP_URL": TEST_AMQP_URL,
-        "MAILROOM_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/mailroom_bench",
+        "MAILROOM_DATABASE_URL": TEST_DATABASE_URL.replace("mailroom_test", "mailroom_bench"),
         "MAILROOM_REDIS_URL": "redis://127.0.0.1:6379/14",
         "MAILROOM_SECRET_KEYS": Fernet.generate_key().decode(),
         "MAILROOM_TOKEN_SIGNING_KEY": secrets.token_urlsafe(48),

@@ -168,6 +168,55 @@ def test_remembered_header_classes_build_the_same_mail_as_the_standard_policy() 
     )
 
 
+_FAST_CASES: list[tuple[str, dict[str, Any]]] = [
+    ("Bench <bench@acme.com>", {"subject": "Your ticket #1", "text": "Lorem ipsum. " * 140}),
+    ("bench@acme.com", {"to": ["a@example.org", "B C <b.c@example.org>"], "text": "hi\n"}),
+    ("A <a@acme.com>", {"subject": "", "text": ""}),
+    ("A <a@acme.com>", {"subject": "double  space", "text": "a\r\nb\rc\n\nd"}),
+    ("A <a@acme.com>", {"subject": "x" * 69, "text": "x" * 78}),
+    ("A <a@acme.com>", {"subject": "x" * 70, "text": "x" * 79}),
+    ("A <a@acme.com>", {"subject": "ends with space ", "text": " lead\n\n"}),
+    ("A <a@acme.com>", {"subject": " leading", "text": "trail  \n"}),
+    ("A <a@acme.com>", {"subject": "tab\there", "text": "tab\there"}),
+    ("A <a@acme.com>", {"subject": "=?utf-8?q?x?=", "text": "From the start\n.dot"}),
+    ("A <a@acme.com>", {"subject": "Ünïcödé", "text": "Ünïcödé " * 30}),
+    ("A <a@acme.com>", {"subject": "s", "text": "Ünïcödé"}),
+    ("A <a@acme.com>", {"subject": "s", "text": "\u2713" * 200}),
+    ("A <a@acme.com>", {"subject": "s", "text": "=" * 100 + "\n" * 12 + "a" * 90}),
+    ("A. B <a@acme.com>", {"subject": "s", "text": "t"}),
+    ('"Quoted, Name" <a@acme.com>', {"subject": "s", "text": "t"}),
+    ("Zoë <a@acme.com>", {"subject": "s", "text": "t"}),
+    ("A <a@bücher.example>", {"subject": "s", "text": "t"}),
+    ("A <a@acme.com>", {"to": [f"long.recipient.{n}@example.org" for n in range(4)]}),
+    ("A <a@acme.com>", {"to": ["x@example.org"], "cc": ["c@example.org"], "text": "t"}),
+    ("A <a@acme.com>", {"to": ["x@example.org"], "bcc": ["b@example.org"], "text": "t"}),
+    ("A <a@acme.com>", {"html": "<b>h</b>"}),
+    ("A <a@acme.com>", {"text": "t", "headers": {"X-Tag": "1"}}),
+    ("A <a@acme.com>", {"text": "t", "in_reply_to": "<p@example.org>"}),
+]
+
+
+@pytest.mark.parametrize(("from_mailbox", "fields"), _FAST_CASES)
+def test_fast_path_builds_the_same_bytes_as_email_message(
+    from_mailbox: str, fields: dict[str, Any]
+) -> None:
+    """The direct writer of simple mails must match ``EmailMessage`` byte for byte."""
+    command = cmd(**fields)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mime, "_date", lambda: "Thu, 26 Nov 2026 23:39:56 +0000")
+        fast = build(command, from_mailbox, allow_smtputf8=True)
+        patch.setattr(mime, "_fast_data", lambda *args: None)
+        standard = build(command, from_mailbox, allow_smtputf8=True)
+    assert fast == standard
+
+
+def test_fast_path_is_taken_for_the_common_mail() -> None:
+    command = cmd(subject="Your ticket #1", text="Lorem ipsum. " * 140)
+    sender = mime.to_address("Bench <bench@acme.com>")
+    to = [mime.to_address(m) for m in command.to]
+    assert mime._fast_data(command, sender, to, "<m@acme.com>") is not None
+
+
 def test_results_count_as_confirmed_only_without_gaps() -> None:
     stream = ResultStream("amqp://unused", lambda tokens: None)
     # The broker's confirm callbacks, called as the channel would.

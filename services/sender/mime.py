@@ -201,7 +201,7 @@ def build(command: SendCommand, from_mailbox: str, *, allow_smtputf8: bool = Fal
 
 def _standard_data(
     command: SendCommand,
-    policy: email.policy.EmailPolicy,
+    policy: email.policy.EmailPolicy[EmailMessage],
     sender: Address,
     to: list[Address],
     cc: list[Address],

@@ -28,7 +28,6 @@ limit, a slow server) never holds the prefetch window shut.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import threading
@@ -73,6 +72,7 @@ class Intake:
         # The consumer's thread only: submitted commands in delivery order, and the ones of
         # them that are settled but not acked yet (by id), for acks with ``multiple``.
         self._in_order: deque[Message] = deque()
+        self._tracked: set[int] = set()  # ids of the messages in ``_in_order``
         self._held: dict[int, Message] = {}
 
     @property
@@ -97,22 +97,21 @@ class Intake:
         redelivered = bool(message.delivery_info.get("redelivered"))
         self.pending += 1
         self._in_order.append(message)
+        self._tracked.add(id(message))
         self._jobs.put(_Job(message, command, raw, redelivered))
 
     def settle(self) -> None:
         """Ack (or requeue) the commands whose first attempt is over."""
         if not self._settled:
             return
-        tracked = {id(message) for message in self._in_order}
         while self._settled:
             message, outcome = self._settled.popleft()
             self.pending -= 1
-            if outcome is Outcome.ACK and id(message) in tracked:
+            if outcome is Outcome.ACK and id(message) in self._tracked:
                 self._held[id(message)] = message
                 continue
             # A requeue at once; an ack of a command from before ``let_go`` on its own.
             self._settle_one(message, outcome)
-            tracked.discard(id(message))
             self._done(message)
         self._ack_settled_prefix()
         if len(self._held) > HELD_ACKS_LIMIT:
@@ -123,7 +122,8 @@ class Intake:
     def _done(self, message: Message) -> None:
         """Settled on its own: it no longer holds back the acks with ``multiple``."""
         self._held.pop(id(message), None)
-        with contextlib.suppress(ValueError):  # not tracked (submitted before a let_go)
+        if id(message) in self._tracked:  # else submitted before a let_go
+            self._tracked.discard(id(message))
             self._in_order.remove(message)
 
     def _ack_settled_prefix(self) -> None:
@@ -132,6 +132,7 @@ class Intake:
         while self._in_order and id(self._in_order[0]) in self._held:
             last = self._in_order.popleft()
             del self._held[id(last)]
+            self._tracked.discard(id(last))
         if last is None:
             return
         try:
@@ -157,6 +158,7 @@ class Intake:
         for message in list(self._held.values()):
             self._settle_one(message, Outcome.ACK)
         self._held.clear()
+        self._tracked.clear()
         self._in_order.clear()  # those in the threads' hands are acked one by one later
         while True:
             try:

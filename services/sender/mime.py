@@ -22,9 +22,9 @@ import uuid
 from dataclasses import dataclass
 from email.headerregistry import Address, BaseHeader, HeaderRegistry
 from email.message import EmailMessage
-from email.utils import format_datetime, formatdate, parseaddr, parsedate_to_datetime
+from email.utils import format_datetime, formatdate, parsedate_to_datetime
 
-from shared.contracts.send import SendCommand
+from shared.contracts.send import SendCommand, parseaddr
 from shared.db.inbound_messages import normalise_message_id
 from shared.hostnames import to_ascii
 

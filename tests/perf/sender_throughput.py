@@ -5,15 +5,15 @@ process (STARTTLS + AUTH PLAIN, the lab's certificates) receives:
 
 1. the floor: a bare ``smtplib`` loop over one reused connection sending N ready-made mails;
 2. N JSON commands published to ``mailroom.send`` and delivered by one ``mailroom run sender``
-   process (with the product's default of two SMTP connections per server and process), timed
-   from the first publish to the last ``sent`` result;
+   process (one SMTP connection per server and process), timed from the first publish to the
+   last ``sent`` result;
 3. the same with two sender processes.
 
-Mails are ~2 KB. The database is ``mailroom_bench``, the vhost the test suite's. ``BENCH_MAILS``
+Mails are ~2 KB. The database is ``mailroom_bench`` (``mailroom_bench_<name>`` with
+``MAILROOM_TEST_INSTANCE=<name>``, like the suite's), the vhost the test suite's. ``BENCH_MAILS``
 changes N (default 5,000); ``BENCH_PROCESSES`` which sender runs are made (default ``1,2``);
-``BENCH_CONNECTIONS`` the SMTP connections per sender process (default 2, the default of
-``MAILROOM_SENDER_CONNECTIONS_PER_SERVER``: the sender overlaps one mail's database and broker
-work with another's SMTP exchange; 1 shows what a single connection gives);
+``BENCH_CONNECTIONS`` the SMTP connections per sender process (default 1, as the bare loop; 2 is
+the default of ``MAILROOM_SENDER_CONNECTIONS_PER_SERVER``);
 ``BENCH_SENDER_TREE`` runs the sender from another checkout, for a before/after comparison.
 Each run also prints the CPU time the sender processes and the sink spent per mail (from
 ``/proc``): on a 2-core machine the sink, the sender, PostgreSQL and RabbitMQ share the CPU,
@@ -40,7 +40,7 @@ import pika
 from cryptography.fernet import Fernet
 
 MAILS = int(os.environ.get("BENCH_MAILS", "5000"))
-CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "2"))
+CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "1"))
 PROCESSES = [int(n) for n in os.environ.get("BENCH_PROCESSES", "1,2").split(",") if n.strip()]
 ROOT = Path(__file__).resolve().parents[2]
 USER = "bench@lab.test"

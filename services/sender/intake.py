@@ -23,7 +23,9 @@ Acks go out many at a time: when every command up to one delivery tag is settled
 one per mail: the broker shares the machine's CPU with the sender and the SMTP server). A
 command settled behind one still in a thread's hands waits for it, but at most
 ``HELD_ACKS_LIMIT`` do: beyond that they are acked one by one, so a slow command (a rate
-limit, a slow server) never holds the prefetch window shut.
+limit, a slow server) never holds the prefetch window shut. Such an ack also covers every
+other message of the channel up to its tag; the config events that share it are acked in their
+own callbacks in this same thread, before any settle, so it never covers one still in hand.
 """
 
 from __future__ import annotations

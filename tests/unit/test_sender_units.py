@@ -330,3 +330,66 @@ def test_template_uses_the_designated_server_or_the_default() -> None:
     ).resolve(cmd(kind="template"))
     assert route.system_default and route.server_id is None
     assert route.from_mailbox == "noreply@example.net"
+
+
+# --- acks -----------------------------------------------------------------------------------
+
+
+class _FakeChannel:
+    def __init__(self) -> None:
+        self.acked: list[tuple[int, bool]] = []
+
+    def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
+        self.acked.append((delivery_tag, multiple))
+
+
+class _FakeMessage:
+    def __init__(self, channel: _FakeChannel, tag: int) -> None:
+        self.channel = channel
+        self.delivery_tag = tag
+        self.delivery_info: dict[str, Any] = {"redelivered": False}
+        self.requeued = False
+
+    def ack(self) -> None:
+        self.channel.basic_ack(self.delivery_tag)
+
+    def requeue(self) -> None:
+        self.requeued = True
+
+
+def test_intake_acks_a_settled_prefix_at_once_and_never_past_an_unsettled_command() -> None:
+    """One ``multiple`` ack for commands settled in a row; none over one still at work."""
+    from services.sender.delivery import Outcome
+    from services.sender.intake import HELD_ACKS_LIMIT, Intake
+
+    channel = _FakeChannel()
+    intake = Intake(lambda *args: (Outcome.ACK, []), 1, "amqp://unused")
+    messages = [_FakeMessage(channel, tag) for tag in range(1, 6)]
+    for message in messages:
+        intake.submit(cast(Any, message), cmd(), {})
+    settled = intake._settled
+    settled.extend([(messages[1], Outcome.ACK), (messages[0], Outcome.ACK)])
+    settled.append((messages[2], Outcome.REQUEUE))
+    settled.append((messages[4], Outcome.ACK))
+    intake.settle()
+    # 1 and 2 in one frame; 3 requeued; 5 waits behind 4, which is still at work.
+    assert channel.acked == [(2, True)]
+    assert messages[2].requeued
+    settled.append((messages[3], Outcome.ACK))
+    intake.settle()
+    assert channel.acked == [(2, True), (5, True)]
+    assert intake.pending == 0
+
+    # Behind a slow command, at most HELD_ACKS_LIMIT wait; then they are acked one by one.
+    channel.acked.clear()
+    slow = _FakeMessage(channel, 100)
+    intake.submit(cast(Any, slow), cmd(), {})
+    others = [_FakeMessage(channel, 101 + n) for n in range(HELD_ACKS_LIMIT + 1)]
+    for message in others:
+        intake.submit(cast(Any, message), cmd(), {})
+        settled.append((message, Outcome.ACK))
+    intake.settle()
+    assert sorted(channel.acked) == [(m.delivery_tag, False) for m in others]
+    settled.append((slow, Outcome.ACK))
+    intake.settle()
+    assert channel.acked[-1] == (100, True)

@@ -17,6 +17,15 @@ could not be handled (the database or the broker failed, or another thread still
 redelivered command) is requeued after ``REQUEUE_PAUSE_SECONDS``, never dropped. When the
 consumer stops or loses its channel, commands not started yet are let go (the broker
 delivers them again); on a stop the ones in the threads' hands are finished and acked first.
+
+Acks go out many at a time: when every command up to one delivery tag is settled, one
+``basic.ack`` with ``multiple`` covers them all (one frame for the broker to handle instead of
+one per mail: the broker shares the machine's CPU with the sender and the SMTP server). A
+command settled behind one still in a thread's hands waits for it, but at most
+``HELD_ACKS_LIMIT`` do: beyond that they are acked one by one, so a slow command (a rate
+limit, a slow server) never holds the prefetch window shut. Such an ack also covers every
+other message of the channel up to its tag; the config events that share it are acked in their
+own callbacks in this same thread, before any settle, so it never covers one still in hand.
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ log = logging.getLogger(__name__)
 
 SETTLE_SECONDS = 0.005
 REQUEUE_PAUSE_SECONDS = 0.5
+HELD_ACKS_LIMIT = 50
 
 Deliver = Callable[[SendCommand, dict[str, Any], bool], tuple[Outcome, list[SendResult]]]
 
@@ -61,6 +71,11 @@ class Intake:
         self._threads: list[threading.Thread] = []
         self.results = ResultStream(amqp_url, self._confirmed)
         self.pending = 0  # submitted and not settled yet (the consumer's thread only)
+        # The consumer's thread only: submitted commands in delivery order, and the ones of
+        # them that are settled but not acked yet (by id), for acks with ``multiple``.
+        self._in_order: deque[Message] = deque()
+        self._tracked: set[int] = set()  # ids of the messages in ``_in_order``
+        self._held: dict[int, Message] = {}
 
     @property
     def busy(self) -> bool:
@@ -83,23 +98,70 @@ class Intake:
     def submit(self, message: Message, command: SendCommand, raw: dict[str, Any]) -> None:
         redelivered = bool(message.delivery_info.get("redelivered"))
         self.pending += 1
+        self._in_order.append(message)
+        self._tracked.add(id(message))
         self._jobs.put(_Job(message, command, raw, redelivered))
 
     def settle(self) -> None:
         """Ack (or requeue) the commands whose first attempt is over."""
+        if not self._settled:
+            return
         while self._settled:
             message, outcome = self._settled.popleft()
             self.pending -= 1
-            try:
-                if outcome is Outcome.ACK:
-                    message.ack()
-                else:
-                    message.requeue()
-            except Exception as exc:  # noqa: BLE001 - its channel is gone: the broker redelivers
-                log.info("sender: command not settled (%s); the broker delivers it again", exc)
+            if outcome is Outcome.ACK and id(message) in self._tracked:
+                self._held[id(message)] = message
+                continue
+            # A requeue at once; an ack of a command from before ``let_go`` on its own.
+            self._settle_one(message, outcome)
+            self._done(message)
+        self._ack_settled_prefix()
+        if len(self._held) > HELD_ACKS_LIMIT:
+            for message in list(self._held.values()):
+                self._settle_one(message, Outcome.ACK)
+                self._done(message)
+
+    def _done(self, message: Message) -> None:
+        """Settled on its own: it no longer holds back the acks with ``multiple``."""
+        self._held.pop(id(message), None)
+        if id(message) in self._tracked:  # else submitted before a let_go
+            self._tracked.discard(id(message))
+            self._in_order.remove(message)
+
+    def _ack_settled_prefix(self) -> None:
+        """One ``basic.ack`` (``multiple``) for the settled commands at the front."""
+        last: Message | None = None
+        while self._in_order and id(self._in_order[0]) in self._held:
+            last = self._in_order.popleft()
+            del self._held[id(last)]
+            self._tracked.discard(id(last))
+        if last is None:
+            return
+        try:
+            # Every tag up to this one on this channel is acked now or was settled before.
+            last.channel.basic_ack(last.delivery_tag, multiple=True)
+        except Exception as exc:  # noqa: BLE001 - its channel is gone: the broker redelivers
+            log.info("sender: commands not acked (%s); the broker delivers them again", exc)
+
+    @staticmethod
+    def _settle_one(message: Message, outcome: Outcome) -> None:
+        try:
+            if outcome is Outcome.ACK:
+                message.ack()
+            else:
+                message.requeue()
+        except Exception as exc:  # noqa: BLE001 - its channel is gone: the broker redelivers
+            log.info("sender: command not settled (%s); the broker delivers it again", exc)
 
     def let_go(self) -> None:
         """Forget the commands not started yet (they are not acked: the broker redelivers)."""
+        # Settled ones not acked yet go first, while their channel may still be there.
+        self._ack_settled_prefix()
+        for message in list(self._held.values()):
+            self._settle_one(message, Outcome.ACK)
+        self._held.clear()
+        self._tracked.clear()
+        self._in_order.clear()  # those in the threads' hands are acked one by one later
         while True:
             try:
                 job = self._jobs.get_nowait()

@@ -9,9 +9,11 @@ process (STARTTLS + AUTH PLAIN, the lab's certificates) receives:
    last ``sent`` result;
 3. the same with two sender processes.
 
-Mails are ~2 KB. The database is ``mailroom_bench``, the vhost the test suite's. ``BENCH_MAILS``
+Mails are ~2 KB. The database is ``mailroom_bench`` (``mailroom_bench_<name>`` with
+``MAILROOM_TEST_INSTANCE=<name>``, like the suite's), the vhost the test suite's. ``BENCH_MAILS``
 changes N (default 5,000); ``BENCH_PROCESSES`` which sender runs are made (default ``1,2``);
-``BENCH_CONNECTIONS`` the SMTP connections per sender process (default 1, as the bare loop);
+``BENCH_CONNECTIONS`` the SMTP connections per sender process (default 1, as the bare loop; 2 is
+the default of ``MAILROOM_SENDER_CONNECTIONS_PER_SERVER``);
 ``BENCH_SENDER_TREE`` runs the sender from another checkout, for a before/after comparison.
 Each run also prints the CPU time the sender processes and the sink spent per mail (from
 ``/proc``): on a 2-core machine the sink, the sender, PostgreSQL and RabbitMQ share the CPU,
@@ -38,6 +40,7 @@ import pika
 from cryptography.fernet import Fernet
 
 MAILS = int(os.environ.get("BENCH_MAILS", "5000"))
+CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "1"))
 PROCESSES = [int(n) for n in os.environ.get("BENCH_PROCESSES", "1,2").split(",") if n.strip()]
 ROOT = Path(__file__).resolve().parents[2]
 USER = "bench@lab.test"
@@ -45,16 +48,16 @@ TENANT = "bench"
 
 
 def _environment() -> dict[str, str]:
-    from tests.support.environment import TEST_AMQP_URL
+    from tests.support.environment import TEST_AMQP_URL, TEST_DATABASE_URL
 
     return {
         "MAILROOM_AMQP_URL": TEST_AMQP_URL,
-        "MAILROOM_DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/mailroom_bench",
+        "MAILROOM_DATABASE_URL": TEST_DATABASE_URL.replace("mailroom_test", "mailroom_bench"),
         "MAILROOM_REDIS_URL": "redis://127.0.0.1:6379/14",
         "MAILROOM_SECRET_KEYS": Fernet.generate_key().decode(),
         "MAILROOM_TOKEN_SIGNING_KEY": secrets.token_urlsafe(48),
         "MAILROOM_LOG_LEVEL": "WARNING",
-        "MAILROOM_SENDER_CONNECTIONS_PER_SERVER": os.environ.get("BENCH_CONNECTIONS", "1"),
+        "MAILROOM_SENDER_CONNECTIONS_PER_SERVER": str(CONNECTIONS),
         "MAILROOM_SENDER_THREADS": os.environ.get("BENCH_SENDER_THREADS", "8"),
     }
 
@@ -280,7 +283,8 @@ def main() -> None:
         f"  (CPU per mail: sink {bare_sink_cpu:.2f} ms; machine {bare_busy:.0%} busy)"
     )
     for processes, rate, sent, arrived, sender_cpu, sink_cpu, busy in runs:
-        label = f"sender, {processes} process{'es' if processes > 1 else ''} ({processes} conn.):"
+        plural = "es" if processes > 1 else ""
+        label = f"sender, {processes} process{plural} ({processes * CONNECTIONS} conn.):"
         print(
             f"{label:<42}{rate:8.0f} mails/s  = {rate / bare:.0%} of the bare loop"
             f"  ({sent} sent, {arrived} arrived; CPU per mail: sender {sender_cpu:.2f} ms,"

@@ -168,6 +168,55 @@ def test_remembered_header_classes_build_the_same_mail_as_the_standard_policy() 
     )
 
 
+_FAST_CASES: list[tuple[str, dict[str, Any]]] = [
+    ("Bench <bench@acme.com>", {"subject": "Your ticket #1", "text": "Lorem ipsum. " * 140}),
+    ("bench@acme.com", {"to": ["a@example.org", "B C <b.c@example.org>"], "text": "hi\n"}),
+    ("A <a@acme.com>", {"subject": "", "text": ""}),
+    ("A <a@acme.com>", {"subject": "double  space", "text": "a\r\nb\rc\n\nd"}),
+    ("A <a@acme.com>", {"subject": "x" * 69, "text": "x" * 78}),
+    ("A <a@acme.com>", {"subject": "x" * 70, "text": "x" * 79}),
+    ("A <a@acme.com>", {"subject": "ends with space ", "text": " lead\n\n"}),
+    ("A <a@acme.com>", {"subject": " leading", "text": "trail  \n"}),
+    ("A <a@acme.com>", {"subject": "tab\there", "text": "tab\there"}),
+    ("A <a@acme.com>", {"subject": "=?utf-8?q?x?=", "text": "From the start\n.dot"}),
+    ("A <a@acme.com>", {"subject": "Ünïcödé", "text": "Ünïcödé " * 30}),
+    ("A <a@acme.com>", {"subject": "s", "text": "Ünïcödé"}),
+    ("A <a@acme.com>", {"subject": "s", "text": "\u2713" * 200}),
+    ("A <a@acme.com>", {"subject": "s", "text": "=" * 100 + "\n" * 12 + "a" * 90}),
+    ("A. B <a@acme.com>", {"subject": "s", "text": "t"}),
+    ('"Quoted, Name" <a@acme.com>', {"subject": "s", "text": "t"}),
+    ("Zoë <a@acme.com>", {"subject": "s", "text": "t"}),
+    ("A <a@bücher.example>", {"subject": "s", "text": "t"}),
+    ("A <a@acme.com>", {"to": [f"long.recipient.{n}@example.org" for n in range(4)]}),
+    ("A <a@acme.com>", {"to": ["x@example.org"], "cc": ["c@example.org"], "text": "t"}),
+    ("A <a@acme.com>", {"to": ["x@example.org"], "bcc": ["b@example.org"], "text": "t"}),
+    ("A <a@acme.com>", {"html": "<b>h</b>"}),
+    ("A <a@acme.com>", {"text": "t", "headers": {"X-Tag": "1"}}),
+    ("A <a@acme.com>", {"text": "t", "in_reply_to": "<p@example.org>"}),
+]
+
+
+@pytest.mark.parametrize(("from_mailbox", "fields"), _FAST_CASES)
+def test_fast_path_builds_the_same_bytes_as_email_message(
+    from_mailbox: str, fields: dict[str, Any]
+) -> None:
+    """The direct writer of simple mails must match ``EmailMessage`` byte for byte."""
+    command = cmd(**fields)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(mime, "_date", lambda: "Thu, 26 Nov 2026 23:39:56 +0000")
+        fast = build(command, from_mailbox, allow_smtputf8=True)
+        patch.setattr(mime, "_fast_data", lambda *args: None)
+        standard = build(command, from_mailbox, allow_smtputf8=True)
+    assert fast == standard
+
+
+def test_fast_path_is_taken_for_the_common_mail() -> None:
+    command = cmd(subject="Your ticket #1", text="Lorem ipsum. " * 140)
+    sender = mime.to_address("Bench <bench@acme.com>")
+    to = [mime.to_address(m) for m in command.to]
+    assert mime._fast_data(command, sender, to, "<m@acme.com>") is not None
+
+
 def test_results_count_as_confirmed_only_without_gaps() -> None:
     stream = ResultStream("amqp://unused", lambda tokens: None)
     # The broker's confirm callbacks, called as the channel would.
@@ -281,3 +330,66 @@ def test_template_uses_the_designated_server_or_the_default() -> None:
     ).resolve(cmd(kind="template"))
     assert route.system_default and route.server_id is None
     assert route.from_mailbox == "noreply@example.net"
+
+
+# --- acks -----------------------------------------------------------------------------------
+
+
+class _FakeChannel:
+    def __init__(self) -> None:
+        self.acked: list[tuple[int, bool]] = []
+
+    def basic_ack(self, delivery_tag: int, multiple: bool = False) -> None:
+        self.acked.append((delivery_tag, multiple))
+
+
+class _FakeMessage:
+    def __init__(self, channel: _FakeChannel, tag: int) -> None:
+        self.channel = channel
+        self.delivery_tag = tag
+        self.delivery_info: dict[str, Any] = {"redelivered": False}
+        self.requeued = False
+
+    def ack(self) -> None:
+        self.channel.basic_ack(self.delivery_tag)
+
+    def requeue(self) -> None:
+        self.requeued = True
+
+
+def test_intake_acks_a_settled_prefix_at_once_and_never_past_an_unsettled_command() -> None:
+    """One ``multiple`` ack for commands settled in a row; none over one still at work."""
+    from services.sender.delivery import Outcome
+    from services.sender.intake import HELD_ACKS_LIMIT, Intake
+
+    channel = _FakeChannel()
+    intake = Intake(lambda *args: (Outcome.ACK, []), 1, "amqp://unused")
+    messages = [_FakeMessage(channel, tag) for tag in range(1, 6)]
+    for message in messages:
+        intake.submit(cast(Any, message), cmd(), {})
+    settled = intake._settled
+    settled.extend([(messages[1], Outcome.ACK), (messages[0], Outcome.ACK)])
+    settled.append((messages[2], Outcome.REQUEUE))
+    settled.append((messages[4], Outcome.ACK))
+    intake.settle()
+    # 1 and 2 in one frame; 3 requeued; 5 waits behind 4, which is still at work.
+    assert channel.acked == [(2, True)]
+    assert messages[2].requeued
+    settled.append((messages[3], Outcome.ACK))
+    intake.settle()
+    assert channel.acked == [(2, True), (5, True)]
+    assert intake.pending == 0
+
+    # Behind a slow command, at most HELD_ACKS_LIMIT wait; then they are acked one by one.
+    channel.acked.clear()
+    slow = _FakeMessage(channel, 100)
+    intake.submit(cast(Any, slow), cmd(), {})
+    others = [_FakeMessage(channel, 101 + n) for n in range(HELD_ACKS_LIMIT + 1)]
+    for message in others:
+        intake.submit(cast(Any, message), cmd(), {})
+        settled.append((message, Outcome.ACK))
+    intake.settle()
+    assert sorted(channel.acked) == [(m.delivery_tag, False) for m in others]
+    settled.append((slow, Outcome.ACK))
+    intake.settle()
+    assert channel.acked[-1] == (100, True)

@@ -4,6 +4,22 @@ from __future__ import annotations
 
 import logging
 
+# Query strings never logged: the OAuth2 callback's carries the authorization code and state.
+_PRIVATE_QUERIES = ("/api/v1/oauth/callback",)
+
+
+class PrivateQueryFilter(logging.Filter):
+    """Cuts the query string off the access-log line of the OAuth2 callback (uvicorn logs
+    ``client, method, path?query, version, status`` as the record's arguments)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 3 and isinstance(args[2], str):
+            path, _, query = args[2].partition("?")
+            if query and path.startswith(_PRIVATE_QUERIES):
+                record.args = (*args[:2], f"{path}?…", *args[3:])
+        return True
+
 
 def configure_logging(level: str = "INFO") -> None:
     logging.basicConfig(
@@ -14,3 +30,4 @@ def configure_logging(level: str = "INFO") -> None:
     # Third-party loggers that would otherwise narrate every connection at INFO.
     for noisy in ("amqp", "kombu", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("uvicorn.access").addFilter(PrivateQueryFilter())

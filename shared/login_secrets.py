@@ -9,11 +9,15 @@ endpoint cannot be reached.
 
 from __future__ import annotations
 
+import logging
+
 from shared.contracts.status_reports import FailureCategory
 from shared.email_servers import AuthType, EmailServer
 from shared.mail.errors import MailServerError
 from shared.oauth.tokens import OAuthTokens, ReauthRequired, TokenUnavailable
 from shared.secrets import SecretBox, SecretDecryptError
+
+log = logging.getLogger(__name__)
 
 
 class LoginSecrets:
@@ -44,5 +48,9 @@ class LoginSecrets:
         """The mail server refused the login. For OAuth2 the token may have been revoked
         before its time: refresh before the next login, which either brings a token that
         works or the provider's refusal (then ``reauth_required``)."""
-        if server.auth_type is AuthType.OAUTH2:
+        if server.auth_type is not AuthType.OAUTH2:
+            return
+        try:
             self.tokens.rejected(server)
+        except Exception:  # noqa: BLE001 - a hint for the next login; never the caller's failure
+            log.warning("could not mark the token of server %s for refresh", server.id)

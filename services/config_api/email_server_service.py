@@ -27,6 +27,7 @@ from services.config_api.oauth_consent import (
     ConsentOutcome,
     ConsentUnavailable,
     OAuthConsents,
+    same_account,
 )
 from services.config_api.schemas import NAME_MAX_LENGTH, ServerCreate, ServerPatch
 from services.config_api.server_rules import (
@@ -39,6 +40,7 @@ from services.config_api.server_rules import (
 from shared.contracts import ConfigEvent, EmailServerChange
 from shared.db import audit, outbox, routing_plans
 from shared.db import email_servers as repo
+from shared.db import oauth as oauth_repo
 from shared.db.pool import DictConnection
 from shared.email_servers import CONNECTION_SETTINGS, AuthType, EmailServer, ServerType
 from shared.oauth.health import OAuthHealth
@@ -161,7 +163,12 @@ class EmailServerService:
         self._check_routing_plan(principal, merged.changes.get("routing_plan_id"))
         candidate = _candidate(principal.tenant_id, merged.columns, server_id)
         consent = self.consents.needs_consent(candidate, current)
-        tested = self._needs_test(body, merged) and not consent
+        oauth2 = candidate.auth_type is AuthType.OAUTH2
+        # An OAuth2 server is tested with its current tokens while it has some; one that has
+        # none yet is tested by the consent's callback.
+        tested = self._needs_test(body, merged) and (
+            not oauth2 or self.consents.has_usable_tokens(candidate, current)
+        )
         if tested:
             password = merged.new_password
             if candidate.auth_type is AuthType.OAUTH2:
@@ -180,6 +187,8 @@ class EmailServerService:
                 merged = self._merge_again(locked, current, body, merged, tested)
             if merged.changes.get("is_template_server"):
                 self._clear_template_server(conn, principal, keep=server_id)
+            if not same_account(locked, candidate):
+                oauth_repo.forget(conn, server_id)
             server = repo.update(conn, server_id, merged.changes)
             self._record(conn, principal, "update", server, "updated", merged.changed_fields)
         return self._with_consent(principal, server, needed=consent)

@@ -35,6 +35,15 @@ from shared.secrets import SecretBox, SecretDecryptError
 CONSENT_FIELD = "oauth_consent"  # named in the audit trail and the config event
 
 
+def same_account(before: EmailServer, after: EmailServer) -> bool:
+    """Tokens belong to one mailbox at one provider; another user or provider needs new ones."""
+    return (before.auth_type, before.username, before.oauth_provider) == (
+        after.auth_type,
+        after.username,
+        after.oauth_provider,
+    )
+
+
 class ConsentUnavailable(Exception):
     """A consent cannot start (the operator has not registered a client at the provider)."""
 
@@ -72,16 +81,15 @@ class OAuthConsents:
     def needs_consent(self, server: EmailServer, before: EmailServer | None) -> bool:
         if server.auth_type is not AuthType.OAUTH2:
             return False
-        if server.reauthenticate_on_save or before is None:
-            return True
-        if before.auth_type is not AuthType.OAUTH2 or (before.username, before.oauth_provider) != (
-            server.username,
-            server.oauth_provider,
-        ):
-            return True  # tokens of another mailbox or provider are no good
+        return server.reauthenticate_on_save or not self.has_usable_tokens(server, before)
+
+    def has_usable_tokens(self, server: EmailServer, before: EmailServer | None) -> bool:
+        """Tokens a connection test can use: stored, not refused, of this very mailbox."""
+        if before is None or not same_account(before, server):
+            return False
         with self._pool.connection() as conn:
             stored = repo.get(conn, server.id)
-        return stored is None or stored.reauth_reason is not None
+        return stored is not None and stored.reauth_reason is None
 
     def access_token_for_test(self, server: EmailServer) -> str | None:
         """The stored consent's access token for a connection test; ``None`` when there is
@@ -95,7 +103,8 @@ class OAuthConsents:
         """Store a new consent for ``server`` and return the provider's authorization URL."""
         try:
             client = self.tokens.client_for(server.oauth_provider)
-        except TokenUnavailable as exc:
+            client.check()
+        except (TokenUnavailable, ProviderUnavailable) as exc:
             raise ConsentUnavailable(exc.reason) from None
         state = secrets.token_urlsafe(32)
         verifier = secrets.token_urlsafe(64)  # 86 characters, within RFC 7636's 43..128
@@ -107,6 +116,7 @@ class OAuthConsents:
                 server_id=server.id,
                 admin=admin,
                 provider=client.provider.name,
+                username=server.username,
                 code_verifier=self._secret_box.encrypt(verifier),
                 expires_at=datetime.now(UTC) + timedelta(seconds=self._consent_seconds),
             )
@@ -153,7 +163,7 @@ class OAuthConsents:
         if (
             server is None
             or server.auth_type is not AuthType.OAUTH2
-            or (server.oauth_provider != consent.provider)
+            or (server.oauth_provider, server.username) != (consent.provider, consent.username)
         ):
             return (
                 consent,

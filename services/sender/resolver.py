@@ -20,7 +20,7 @@ Anything else raises :class:`NoRoute` with a reason fit for the requester
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from psycopg_pool import ConnectionPool
 
@@ -47,7 +47,7 @@ class NoRoute(Exception):
 class Route:
     server: EmailServer
     from_mailbox: str  # the From header (may carry a display name)
-    password: str | None
+    password: str | None = field(repr=False)  # or an OAuth2 access token
     system_default: bool = False
 
     @property

@@ -36,6 +36,7 @@ class StartedConsent:
     server_id: str
     admin: str
     provider: str
+    username: str
     code_verifier_encrypted: bytes = field(repr=False)
 
 
@@ -149,7 +150,8 @@ def mark_refresh_due(conn: DictConnection, previous: StoredTokens) -> None:
     """The mail server refused the access token: get a new one before the next login."""
     conn.execute(
         "UPDATE oauth_tokens SET refresh_due_at = least(refresh_due_at, now())"
-        " WHERE server_id = %s AND version = %s",
+        " WHERE server_id = %s AND version = %s"
+        " AND coalesce(refreshed_at, consented_at) < now() - interval '1 minute'",
         (previous.server_id, previous.version),
     )
 
@@ -162,15 +164,23 @@ def start_consent(
     server_id: str,
     admin: str,
     provider: str,
+    username: str,
     code_verifier: bytes,
     expires_at: datetime,
 ) -> None:
     conn.execute("DELETE FROM oauth_consents WHERE expires_at < now()")
     conn.execute(
-        "INSERT INTO oauth_consents (state, tenant_id, server_id, admin, provider,"
-        " code_verifier_encrypted, expires_at) VALUES (%s, %s, %s, %s, %s, %s, %s)",
-        (state, tenant_id, server_id, admin, provider, code_verifier, expires_at),
+        "INSERT INTO oauth_consents (state, tenant_id, server_id, admin, provider, username,"
+        " code_verifier_encrypted, expires_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+        (state, tenant_id, server_id, admin, provider, username, code_verifier, expires_at),
     )
+
+
+def forget(conn: DictConnection, server_id: str) -> None:
+    """The server now names another mailbox or provider: its tokens and started consents
+    belong to the old one."""
+    conn.execute("DELETE FROM oauth_tokens WHERE server_id = %s", (server_id,))
+    conn.execute("DELETE FROM oauth_consents WHERE server_id = %s", (server_id,))
 
 
 def take_consent(conn: DictConnection, state: str) -> StartedConsent | None:
@@ -187,5 +197,6 @@ def take_consent(conn: DictConnection, state: str) -> StartedConsent | None:
         server_id=str(row["server_id"]),
         admin=row["admin"],
         provider=row["provider"],
+        username=row["username"],
         code_verifier_encrypted=bytes(row["code_verifier_encrypted"]),
     )

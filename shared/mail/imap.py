@@ -110,10 +110,7 @@ class ImapMailbox:
             mechanism = sasl.choose_mechanism(
                 name.removeprefix("AUTH=") for name in offered if name.startswith("AUTH=")
             )
-            if mechanism == sasl.OAUTHBEARER:
-                client.oauthbearer_login(username, password)
-            else:
-                client.oauth2_login(username, password)
+            client.sasl_login(mechanism, sasl.TokenResponder(mechanism, username, password))
         elif client.has_capability("AUTH=PLAIN"):
             client.plain_login(username, password)
         elif (username + password).isascii():

@@ -150,24 +150,26 @@ class Pop3Mailbox:
 
 
 def _sasl_login(client: poplib.POP3, user: str, access_token: str) -> None:
-    """``AUTH <mechanism> <initial response>`` (RFC 5034); poplib has no AUTH command.
+    """``AUTH <mechanism>``, then the response on a line of its own (RFC 5034); poplib has no
+    AUTH command. A token does not fit the 255 octets a command line may have, so it is not
+    sent as an initial response (Microsoft documents this two-step form).
 
     A refused token comes back as a ``+ <challenge>`` carrying the error; the client answers
-    with an empty line and the server then sends ``-ERR`` (raised as ``error_proto``).
+    it and the server then sends ``-ERR`` (raised as ``error_proto``).
     """
     try:
         offered = client.capa().get("SASL", [])
     except poplib.error_proto:
         offered = []
     mechanism = sasl.choose_mechanism(offered)
-    message = sasl.initial_response(mechanism, user, access_token)
+    respond = sasl.TokenResponder(mechanism, user, access_token)
     # poplib's own line reader and writer (not in typeshed): they keep its debug and limits.
-    client._putcmd(f"AUTH {mechanism} {base64.b64encode(message.encode()).decode()}")  # type: ignore[attr-defined]
-    answer: bytes = client._getresp()  # type: ignore[attr-defined] # raises error_proto on -ERR
-    if not answer.startswith(b"+OK"):
-        client._putcmd("")  # type: ignore[attr-defined]
-        client._getresp()  # type: ignore[attr-defined]
-        raise poplib.error_proto(b"-ERR the server refused the access token")
+    putline, getresp = client._putcmd, client._getresp  # type: ignore[attr-defined]
+    putline(f"AUTH {mechanism}")
+    answer: bytes = getresp()  # raises error_proto on -ERR (mechanism not offered)
+    while not answer.startswith(b"+OK"):
+        putline(base64.b64encode(respond()).decode("ascii"))
+        answer = getresp()
 
 
 def _capabilities(client: poplib.POP3) -> list[str]:

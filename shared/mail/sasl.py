@@ -1,11 +1,12 @@
-"""SASL messages for logging in with an OAuth2 access token, shared by IMAP, POP3 and SMTP.
+"""SASL for logging in with an OAuth2 access token, shared by IMAP, POP3 and SMTP.
 
 Two mechanisms exist: OAUTHBEARER (RFC 7628, the standard) and XOAUTH2 (Google's and
 Microsoft's older one; Microsoft 365 offers only this). We use OAUTHBEARER where the server
 offers it and XOAUTH2 otherwise, so that one code path serves every provider.
 
 On a refused token both mechanisms answer with a challenge (a JSON error, base64) instead of
-a final error; the client must send an empty response, then the server fails the command.
+a final error; the client must answer it, then the server fails the command. RFC 7628 wants a
+single ``\\x01`` from an OAUTHBEARER client; XOAUTH2 clients send an empty response.
 """
 
 from __future__ import annotations
@@ -28,3 +29,24 @@ def initial_response(mechanism: str, user: str, access_token: str) -> str:
         authzid = user.replace("=", "=3D").replace(",", "=2C")  # RFC 5801 saslname
         return f"n,a={authzid},\x01auth=Bearer {access_token}\x01\x01"
     return f"user={user}\x01auth=Bearer {access_token}\x01\x01"
+
+
+def error_reply(mechanism: str) -> str:
+    """What the client answers to the server's error challenge."""
+    return "\x01" if mechanism == OAUTHBEARER else ""
+
+
+class TokenResponder:
+    """A SASL callback: the initial response to the first challenge, the error reply to any
+    later one (the server then fails the command with its reason)."""
+
+    def __init__(self, mechanism: str, user: str, access_token: str) -> None:
+        self._first = initial_response(mechanism, user, access_token).encode("utf-8")
+        self._error = error_reply(mechanism).encode("utf-8")
+        self._answered = False
+
+    def __call__(self, challenge: bytes | None = None) -> bytes:
+        if self._answered:
+            return self._error
+        self._answered = True
+        return self._first

@@ -23,6 +23,7 @@ NOOP; it never sends mail).
 
 from __future__ import annotations
 
+import base64
 import smtplib
 import socket
 import ssl
@@ -208,15 +209,25 @@ def open_session(
 
 
 def _token_login(client: smtplib.SMTP, user: str, access_token: str) -> None:
-    """AUTH OAUTHBEARER or XOAUTH2 with the initial response; a refused token is answered
-    with a 334 challenge, to which the client sends an empty line (then 535 follows)."""
+    """AUTH OAUTHBEARER or XOAUTH2 with the initial response (RFC 4954); a refused token is
+    answered with a 334 challenge, the client replies, and 535 follows.
+
+    Not ``smtplib``'s ``auth()``: it encodes the response as ASCII, and user names may be any
+    Unicode (REQUIREMENTS).
+    """
     mechanism = sasl.choose_mechanism(client.esmtp_features.get("auth", "").split())
-    message = sasl.initial_response(mechanism, user, access_token)
+    respond = sasl.TokenResponder(mechanism, user, access_token)
+    code, reply = client.docmd("AUTH", f"{mechanism} {_b64(respond())}")
+    for _ in range(3):  # an error challenge, answered once; a server that keeps asking stops
+        if code != 334:
+            break
+        code, reply = client.docmd(_b64(respond()))
+    if code not in (235, 503):  # 503: already authenticated
+        raise smtplib.SMTPAuthenticationError(code, reply)
 
-    def respond(challenge: bytes | None = None) -> str:
-        return "" if challenge is not None else message
 
-    client.auth(mechanism, respond)
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
 
 
 def send_transaction(

@@ -18,10 +18,12 @@ from authlib.integrations.httpx_client import OAuth2Client
 
 from shared.email_servers import ServerType
 from shared.oauth.providers import OAuthProvider
-from shared.secrets import SecretBox
+from shared.secrets import SecretBox, SecretDecryptError
 
-# Provider answers that mean "this consent is over"; the admin must give it again.
-CONSENT_ENDED = frozenset({"invalid_grant", "unauthorized_client", "access_denied"})
+# The provider's answer that means "this consent is over": the admin must give it again.
+# (``invalid_client``, ``unauthorized_client`` and the like are the operator's to fix: the
+# registered app, not the mailbox's consent.)
+CONSENT_ENDED = frozenset({"invalid_grant"})
 
 
 class GrantRefused(Exception):
@@ -60,6 +62,11 @@ class ProviderClient:
         self._secret_box = secret_box
         self._redirect_uri = redirect_uri
         self._timeout = timeout
+
+    def check(self) -> None:
+        """Raise :class:`ProviderUnavailable` now if the client secret cannot be opened: an
+        admin must not sign in at the provider only to fail at the callback."""
+        self._client_secret()
 
     def authorization_url(
         self, server_type: ServerType, *, state: str, code_verifier: str, login_hint: str
@@ -103,20 +110,29 @@ class ProviderClient:
         )
 
     def _client_secret(self) -> str:
-        if self.provider.client_secret_encrypted:
+        if not self.provider.client_secret_encrypted:
+            return self.provider.client_secret
+        try:
             return self._secret_box.decrypt(self.provider.client_secret_encrypted.encode())
-        return self.provider.client_secret
+        except SecretDecryptError:
+            raise ProviderUnavailable(
+                f"the client secret of provider {self.provider.name} cannot be decrypted with "
+                "the configured keys: encrypt it again (mailroom encrypt-secret)"
+            ) from None
 
     def _grant(self, call: Any) -> TokenGrant:
         name = self.provider.name
         try:
             token = call()
         except OAuthError as exc:
-            if exc.error in CONSENT_ENDED:
-                raise GrantRefused(name, exc.error, exc.description) from None
-            detail = f"{exc.error}" + (f" ({exc.description})" if exc.description else "")
+            error = str(exc.error)
+            description = str(exc.description) if exc.description else None
+            if error in CONSENT_ENDED:
+                raise GrantRefused(name, error, description) from None
+            detail = error + (f" ({description})" if description else "")
             raise ProviderUnavailable(f"{name} token endpoint refused: {detail}") from None
-        except (httpx2.HTTPError, ValueError, KeyError) as exc:  # network, TLS, not JSON
+        except (httpx2.HTTPError, httpx2.InvalidURL, ValueError, KeyError, TypeError) as exc:
+            # network, TLS, a bad address, an answer that is not a token
             raise ProviderUnavailable(
                 f"{name} token endpoint unavailable: {type(exc).__name__}: {exc}"
             ) from None

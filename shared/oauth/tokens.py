@@ -73,7 +73,7 @@ class OAuthTokens:
         *,
         redirect_uri: str,
         refresh_margin_seconds: float = 300.0,
-        lock_seconds: float = 30.0,
+        lock_seconds: float = 120.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._pool = pool
@@ -127,7 +127,9 @@ class OAuthTokens:
         """The mail server refused the token (revoked early?): refresh before the next login.
 
         The refresh then either yields a token that works or the provider's refusal, which
-        puts the server into ``reauth_required`` within one poll.
+        puts the server into ``reauth_required`` within one poll. A token younger than a
+        minute is not refreshed again: a login refused for another reason (IMAP switched off
+        for the mailbox) must not turn every attempt into a token request.
         """
         with self._pool.connection() as conn:
             stored = repo.get(conn, server.id)
@@ -179,14 +181,16 @@ class OAuthTokens:
                 raise ReauthRequired(stored.reauth_reason)
             if self._now() < stored.refresh_due_at:
                 return self._open(stored.access_token_encrypted)
-            return self._refresh_locked(server, stored)
+            return self._refresh_locked(server, stored, lock)
         finally:
             try:
                 lock.release()
             except redis.exceptions.LockError:
                 log.warning("refresh lock of server %s expired while refreshing", server.id)
 
-    def _refresh_locked(self, server: EmailServer, stored: repo.StoredTokens) -> str:
+    def _refresh_locked(
+        self, server: EmailServer, stored: repo.StoredTokens, lock: redis.lock.Lock
+    ) -> str:
         if stored.refresh_token_encrypted is None:
             return self._consent_over(
                 server, stored, f"{stored.provider} gave no refresh token: give consent again"
@@ -198,6 +202,10 @@ class OAuthTokens:
             grant = client.refresh(server.type, refresh_token)
         except GrantRefused as refused:
             metrics.OAUTH_REFRESHES.labels("refused").inc()
+            if not lock.owned():
+                # The lock ran out while we waited on the provider: another process may have
+                # refreshed with this token meanwhile, and its answer, not ours, counts.
+                raise TokenUnavailable("the token refresh took too long; trying again") from None
             return self._consent_over(server, stored, refused.reason)
         except ProviderUnavailable as unavailable:
             metrics.OAUTH_REFRESHES.labels("failed").inc()
@@ -205,12 +213,15 @@ class OAuthTokens:
                 log.warning("server %s: %s; using the current token", server.id, unavailable)
                 return self._open(stored.access_token_encrypted)
             raise TokenUnavailable(unavailable.reason) from None
+        # authlib hands back the old refresh token when the provider sent none: only a new one
+        # is stored as new (its age is what the warnings watch).
+        rotated = grant.refresh_token if grant.refresh_token != refresh_token else None
         with self._pool.connection() as conn:
             saved = repo.store_refreshed(
                 conn,
                 stored,
                 self._secret_box.encrypt(grant.access_token),
-                self._secret_box.encrypt(grant.refresh_token) if grant.refresh_token else None,
+                self._secret_box.encrypt(rotated) if rotated else None,
                 granted + timedelta(seconds=grant.expires_in),
                 refresh_due(granted, grant.expires_in, self._margin),
             )

@@ -276,3 +276,39 @@ def test_admins_see_which_providers_they_can_pick_without_secrets(
     assert providers[PROVIDER]["configured"] is True
     assert providers["microsoft365"]["configured"] is False  # preset, no client registered
     assert "client_secret" not in answer.text and "Sesam" not in answer.text
+
+
+def test_tokens_belong_to_one_mailbox_a_new_user_needs_a_new_consent(
+    oauth_admin: ApiClient,
+    oauth_client: TestClient,
+    dovecot: DovecotLab,
+    lab_user: LabUser,
+) -> None:
+    server = imap_server(oauth_admin, dovecot, lab_user, enabled=False)
+    old_link = server["authorization_url"]
+    other = dovecot.new_user("other")
+    moved = oauth_admin.patch(f"/email-servers/{server['id']}", {"username": other.name}).json()
+    assert moved["oauth"]["state"] == "consent_needed" and moved["authorization_url"]
+    # The link started for the old mailbox no longer stores anything.
+    stale = give_consent(oauth_client, old_link)
+    assert stale["ok"] is False and stale["status_code"] == 400
+    assert give_consent(oauth_client, moved["authorization_url"])["ok"] is True
+    again = oauth_admin.patch(f"/email-servers/{server['id']}", {"username": lab_user.name})
+    assert again.json()["oauth"]["state"] == "consent_needed"
+
+
+def test_reauthenticate_on_save_still_tests_a_change_with_the_current_tokens(
+    oauth_admin: ApiClient,
+    oauth_client: TestClient,
+    dovecot: DovecotLab,
+    lab_user: LabUser,
+) -> None:
+    server = imap_server(oauth_admin, dovecot, lab_user, reauthenticate_on_save=True)
+    assert give_consent(oauth_client, server["authorization_url"])["ok"] is True
+    wrong_port = oauth_admin.patch(
+        f"/email-servers/{server['id']}", {"port": dovecot.pop3s_port, "name": "moved"}
+    )
+    assert wrong_port.status_code == 422, wrong_port.text  # tested, refused, nothing saved
+    renamed = oauth_admin.patch(f"/email-servers/{server['id']}", {"name": "renamed"}).json()
+    assert renamed["authorization_url"]  # the box is ticked: every save asks again
+    assert renamed["oauth"]["state"] == "ok"  # and the current tokens keep working meanwhile

@@ -111,7 +111,15 @@ def test_a_token_the_mail_server_refused_is_refreshed_before_the_next_login(
     server = stored_server(pool, consented_server)
     tokens = tokens_of_a_worker(settings_with_lab, pool)
     tokens.access_token(server)  # still valid: no refresh
+    tokens.rejected(server)  # a token younger than a minute is not refreshed again
+    tokens.access_token(server)
     assert oauth_lab.grants(lab_user.name)["refresh_token"] == 0
+    with pool.connection() as conn:
+        conn.execute(
+            "UPDATE oauth_tokens SET consented_at = now() - interval '2 minutes'"
+            " WHERE server_id = %s",
+            (server.id,),
+        )
     tokens.rejected(server)
     tokens.access_token(server)
     # (Tokens are compared by count, not value: an RS256 token signed twice in the same second

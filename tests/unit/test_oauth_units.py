@@ -96,3 +96,28 @@ def test_tokens_are_refreshed_before_expiry_but_not_before_half_their_life() -> 
     granted = datetime(2026, 1, 1, tzinfo=UTC)
     assert refresh_due(granted, 3600, 300) == granted + timedelta(seconds=3300)
     assert refresh_due(granted, 10, 300) == granted + timedelta(seconds=5)
+
+
+def test_the_oauth_callbacks_query_never_reaches_the_access_log() -> None:
+    import logging
+
+    from shared.logging_setup import PrivateQueryFilter
+
+    record = logging.LogRecord(
+        "uvicorn.access",
+        logging.INFO,
+        __file__,
+        1,
+        '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:5", "GET", "/api/v1/oauth/callback?code=abc&state=xyz", "1.1", 200),
+        None,
+    )
+    assert PrivateQueryFilter().filter(record)
+    assert (
+        "code=abc" not in record.getMessage() and "/api/v1/oauth/callback?" in record.getMessage()
+    )
+    other = logging.LogRecord(
+        "uvicorn.access", logging.INFO, __file__, 1, "%s %s %s", ("a", "GET", "/x?y=1"), None
+    )
+    PrivateQueryFilter().filter(other)
+    assert "/x?y=1" in other.getMessage()

@@ -166,7 +166,11 @@ class OAuthTokens:
             timeout=self._lock_seconds,
             blocking_timeout=self._lock_seconds,
         )
-        if not lock.acquire():
+        try:
+            acquired = lock.acquire()
+        except redis.RedisError as exc:
+            raise TokenUnavailable(f"Redis unavailable for the token refresh lock: {exc}") from None
+        if not acquired:
             # Someone else has been refreshing for the whole wait: use what is stored while it
             # is still valid, else report and let the caller try again later.
             stored = self._read(server.id)
@@ -187,6 +191,8 @@ class OAuthTokens:
                 lock.release()
             except redis.exceptions.LockError:
                 log.warning("refresh lock of server %s expired while refreshing", server.id)
+            except redis.RedisError as exc:  # it expires by itself
+                log.warning("refresh lock of server %s not released: %s", server.id, exc)
 
     def _refresh_locked(
         self, server: EmailServer, stored: repo.StoredTokens, lock: redis.lock.Lock

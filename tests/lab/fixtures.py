@@ -19,7 +19,7 @@ from tests.lab.certs import LabCertificates, issue
 from tests.lab.dovecot import DovecotLab, LabUser, ensure_installed
 from tests.lab.oauth_server import OAuthLab
 from tests.lab.smtp_server import SmtpLab
-from tests.support.leaks import password
+from tests.support.leaks import OTHER_SECRETS, password
 
 
 @pytest.fixture(scope="session")
@@ -88,3 +88,5 @@ def oauth_lab(dovecot: DovecotLab, smtp_lab: SmtpLab) -> Iterator[OAuthLab]:
         dovecot.trust_oauth(lab)
         smtp_lab.trust_oauth(lab)
         yield lab
+        # The session's leak check (it runs after this) looks for every token it issued.
+        OTHER_SECRETS.update(lab.issued_tokens())

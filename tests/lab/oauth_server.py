@@ -260,6 +260,12 @@ class OAuthLab:
             for key in ("authorization_code", "refresh_token", "refused")
         }
 
+    def issued_tokens(self) -> list[str]:
+        """Every access, refresh and id token this server handed out since it started."""
+        tokens = self._control("GET", "/issued")
+        assert isinstance(tokens, list)
+        return [str(t) for t in tokens]
+
     def reset(self) -> None:
         """Forget the counters and set the token lifetime back to the default (3600 s)."""
         self._control("POST", "/reset")

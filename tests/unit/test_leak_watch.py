@@ -26,3 +26,18 @@ def test_leak_watch_is_quiet_without_passwords() -> None:
     watch = LeakWatch()
     watch.answers.append('{"has_password": true}')
     assert watch.leaks() == []
+
+
+def test_leak_watch_finds_an_oauth_token_it_was_told_of() -> None:
+    from tests.support.leaks import OTHER_SECRETS
+
+    token = "eyJ-canary-token-that-no-log-has"  # noqa: S105 - a canary, not a secret
+    watch = LeakWatch()
+    watch.logs.append(f"refresh answered {token}")
+    watch.events.append(token.encode())
+    assert watch.leaks() == []  # unknown strings are not secrets
+    OTHER_SECRETS.add(token)
+    try:
+        assert [leak.split(":")[0] for leak in watch.leaks()] == ["log", "event"]
+    finally:
+        OTHER_SECRETS.discard(token)

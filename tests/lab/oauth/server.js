@@ -52,6 +52,7 @@ const codes = new Map(); // code -> {sub, scope, pkce}
 const usedCodes = new Map(); // code -> sub, for the error of a second use
 const refreshTokens = new Map(); // refresh token -> {sub, scope, state: active|rotated|revoked}
 let counters = new Map(); // sub -> {authorization_code, refresh_token, refused}
+const issued = []; // every token handed out, for the suite's leak check
 
 function count(sub, field) {
   if (sub === undefined) return;
@@ -174,6 +175,9 @@ service.on('beforeResponse', (response, req) => {
   }
   if (response.statusCode !== 200) return;
   response.body.expires_in = req.labLifetime ?? lifetime;
+  for (const key of ['access_token', 'refresh_token', 'id_token']) {
+    if (typeof response.body[key] === 'string') issued.push(response.body[key]);
+  }
   if (grant !== undefined) {
     if (grant.scope !== undefined && body.scope === undefined) response.body.scope = grant.scope;
     const refreshToken = response.body.refresh_token;
@@ -269,6 +273,8 @@ const control = http.createServer(async (req, res) => {
       }
       case 'GET /grants':
         return reply(res, 200, Object.fromEntries(counters));
+      case 'GET /issued':
+        return reply(res, 200, issued);
       case 'GET /keys':
         return reply(res, 200, server.issuer.keys.toJSON());
       case 'POST /reset':

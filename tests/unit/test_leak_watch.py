@@ -31,7 +31,7 @@ def test_leak_watch_is_quiet_without_passwords() -> None:
 def test_leak_watch_finds_an_oauth_token_it_was_told_of() -> None:
     from tests.support.leaks import OTHER_SECRETS
 
-    token = "eyJ-canary-token-that-no-log-has"  # noqa: S105 - a canary, not a secret
+    token = "eyJ-canary-token-that-no-log-has"
     watch = LeakWatch()
     watch.logs.append(f"refresh answered {token}")
     watch.events.append(token.encode())

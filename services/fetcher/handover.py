@@ -9,6 +9,10 @@ The protocol, per batch of mails of one mailbox (mailboxes are served one batch 
    each Message-ID's target address (for replies).
 4. The poller flags the mails ``\\Seen`` (IMAP) or deletes them (POP3), and the batch is closed.
 
+The IMAP poller keeps the broker busy (:meth:`Handover.start_next`): step 3 of one batch, the
+closing of the batch before it and step 1 of the next share one transaction, and the poller
+flags a batch while the broker commits the next.
+
 A crash before 2 leaves a pending batch whose marker never reached the broker: the batch is
 dropped and its mails, still unread and behind the checkpoint, are fetched again. A crash
 between 2 and 3 leaves a pending batch whose marker *is* the mailbox's newest: it is committed
@@ -104,35 +108,45 @@ class Handover:
         self, mails: list[FetchedMail], folder: str | None = None, uidvalidity: int | None = None
     ) -> InFlight:
         """Steps 1 and 2 without waiting for the broker; :meth:`complete` must follow."""
-        items = [
-            {
-                "key": m.key,
-                "message_id": m.message_id,
-                "quarantined": m.quarantine_reason is not None,
-            }
-            for m in mails
-        ]
-        with self._pool.connection() as conn:
-            batch = fetch_state.open_batch(conn, self.server.id, folder, uidvalidity, items)
-        messages = [
-            to_message(self.server, mail, self.message_id(mail, uidvalidity)) for mail in mails
-        ]
-        return InFlight(batch, self._publisher.start_batch(self.server.id, batch.id, messages))
+        with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
+            batch = self._open(conn, mails, folder, uidvalidity)
+        return self._publish(batch, mails, uidvalidity)
 
-    def complete(self, in_flight: InFlight) -> Batch:
-        """Wait for the broker, then step 3; the mails are then committed."""
-        batch = in_flight.batch
-        outcome = self._publisher.outcome(in_flight.outcome)
-        if outcome.returned:
-            with self._pool.connection() as conn:
-                fetch_state.close_batch(conn, batch.id)
-            queue = inbound_queue(self.server.routing_plan_id or "?").name
-            raise MailServerError(
-                FailureCategory.UNROUTABLE,
-                f"RabbitMQ has no queue {queue} for the routing plan; the mails stay unread "
-                "on the server",
-            )
-        self._commit(batch)
+    def start_next(
+        self,
+        settling: InFlight,
+        mails: list[FetchedMail],
+        folder: str | None = None,
+        uidvalidity: int | None = None,
+        *,
+        closing: Batch | None = None,
+    ) -> tuple[Batch, InFlight]:
+        """Step 3 of ``settling`` and steps 1 and 2 of ``mails``, for a poller that keeps the
+        broker busy: returns the batch now committed (to flag while the next one publishes)
+        and the next one in flight.
+
+        One durable transaction records ``settling`` as committed, closes ``closing`` (a batch
+        flagged since) and writes the next batch as pending: the broker waits for one round
+        trip between two batches instead of three. Still only one batch is ever pending; a
+        crash at any point leaves what :meth:`recover` settles.
+        """
+        batch = self._broker_committed(settling)
+        with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
+            self._record_committed(conn, batch)
+            if closing is not None:
+                fetch_state.close_batch(conn, closing.id)
+            following = self._open(conn, mails, folder, uidvalidity)
+        return batch, self._publish(following, mails, uidvalidity)
+
+    def complete(self, in_flight: InFlight, *, closing: Batch | None = None) -> Batch:
+        """Wait for the broker, then step 3; the mails are then committed. ``closing``, a
+        batch flagged meanwhile, is closed in the same transaction."""
+        batch = self._broker_committed(in_flight)
+        with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
+            fetch_state.without_waiting_for_disk(conn)
+            self._record_committed(conn, batch)
+            if closing is not None:
+                fetch_state.close_batch(conn, closing.id)
         return batch
 
     def settle_quietly(self, in_flight: InFlight) -> None:
@@ -144,7 +158,8 @@ class Handover:
             log.debug("server %s: an in-flight batch ended badly", self.server.id, exc_info=True)
 
     def finish(self, batch: Batch) -> None:
-        with self._pool.connection() as conn, conn.transaction():
+        """Step 4's end: the batch's mails are flagged or deleted (see also ``closing``)."""
+        with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
             fetch_state.without_waiting_for_disk(conn)
             fetch_state.close_batch(conn, batch.id)
 
@@ -154,44 +169,85 @@ class Handover:
             return f"{self.server.id}/{uidvalidity}/{mail.key.removeprefix('uid:')}"
         return f"{self.server.id}/pop3/{mail.key.removeprefix('uidl:')}"
 
-    def _commit(self, batch: Batch) -> None:
-        server = self.server
-        with self._pool.connection() as conn, conn.transaction():
-            fetch_state.without_waiting_for_disk(conn)
-            fetch_state.mark_committed(conn, batch.id)
-            if server.routing_plan_id:
-                inbound_messages.record(
-                    conn,
-                    [
-                        inbound_messages.InboundMessage(
-                            tenant_id=server.tenant_id,
-                            message_id=str(item["message_id"]),
-                            server_id=server.id,
-                            mailbox=server.username,
-                            routing_plan_id=server.routing_plan_id,
-                        )
-                        for item in batch.items
-                        if item.get("message_id")
-                    ],
-                )
-            if server.type is ServerType.IMAP:
-                assert batch.uidvalidity is not None
-                folder = batch.folder or server.inbox_folder or DEFAULT_INBOX_FOLDER
-                current = fetch_state.checkpoint(conn, server.id)
-                same_folder = current is not None and (current.folder, current.uidvalidity) == (
-                    folder,
-                    batch.uidvalidity,
-                )
-                before = current.last_uid if current is not None and same_folder else 0
-                last = max([uid_of(i) for i in batch.items] + [before])
-                fetch_state.set_checkpoint(
-                    conn, server.id, Checkpoint(folder, batch.uidvalidity, last)
-                )
-            else:
-                fetch_state.add_delivered_uidls(
-                    conn,
-                    server.id,
-                    [uidl_of(i) for i in batch.items],
-                    [bool(i.get("quarantined")) for i in batch.items],
-                )
+    def _open(
+        self,
+        conn: DictConnection,
+        mails: list[FetchedMail],
+        folder: str | None,
+        uidvalidity: int | None,
+    ) -> Batch:
+        """Step 1, in the caller's transaction, which must wait for the disk: a pending
+        record lost in a database crash would let its mails be fetched and published again."""
+        items = [
+            {
+                "key": m.key,
+                "message_id": m.message_id,
+                "quarantined": m.quarantine_reason is not None,
+            }
+            for m in mails
+        ]
+        return fetch_state.open_batch(conn, self.server.id, folder, uidvalidity, items)
+
+    def _publish(self, batch: Batch, mails: list[FetchedMail], uidvalidity: int | None) -> InFlight:
+        """Step 2, under way when this returns."""
+        messages = [
+            to_message(self.server, mail, self.message_id(mail, uidvalidity)) for mail in mails
+        ]
+        return InFlight(batch, self._publisher.start_batch(self.server.id, batch.id, messages))
+
+    def _broker_committed(self, in_flight: InFlight) -> Batch:
+        """Wait for the broker's commit of ``in_flight``; raise when it took none of it."""
+        batch = in_flight.batch
+        outcome = self._publisher.outcome(in_flight.outcome)
+        if outcome.returned:
+            with self._pool.connection() as conn:
                 fetch_state.close_batch(conn, batch.id)
+            queue = inbound_queue(self.server.routing_plan_id or "?").name
+            raise MailServerError(
+                FailureCategory.UNROUTABLE,
+                f"RabbitMQ has no queue {queue} for the routing plan; the mails stay unread "
+                "on the server",
+            )
+        return batch
+
+    def _commit(self, batch: Batch) -> None:
+        """Step 3 on its own (recovery), without waiting for the disk: see
+        :func:`fetch_state.without_waiting_for_disk`."""
+        with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
+            fetch_state.without_waiting_for_disk(conn)
+            self._record_committed(conn, batch)
+
+    def _record_committed(self, conn: DictConnection, batch: Batch) -> None:
+        """Step 3's statements, in the caller's transaction (sent in one pipeline)."""
+        server = self.server
+        fetch_state.mark_committed(conn, batch.id)
+        if server.routing_plan_id:
+            inbound_messages.record(
+                conn,
+                [
+                    inbound_messages.InboundMessage(
+                        tenant_id=server.tenant_id,
+                        message_id=str(item["message_id"]),
+                        server_id=server.id,
+                        mailbox=server.username,
+                        routing_plan_id=server.routing_plan_id,
+                    )
+                    for item in batch.items
+                    if item.get("message_id")
+                ],
+            )
+        if server.type is ServerType.IMAP:
+            assert batch.uidvalidity is not None
+            folder = batch.folder or server.inbox_folder or DEFAULT_INBOX_FOLDER
+            last = max([uid_of(i) for i in batch.items], default=0)
+            fetch_state.advance_checkpoint(
+                conn, server.id, Checkpoint(folder, batch.uidvalidity, last)
+            )
+        else:
+            fetch_state.add_delivered_uidls(
+                conn,
+                server.id,
+                [uidl_of(i) for i in batch.items],
+                [bool(i.get("quarantined")) for i in batch.items],
+            )
+            fetch_state.close_batch(conn, batch.id)

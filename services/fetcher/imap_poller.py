@@ -17,7 +17,7 @@ from services.fetcher.handover import InFlight
 from services.fetcher.inbound_mail import FetchedMail
 from services.fetcher.mailbox_poller import MailboxPoller
 from shared.db import fetch_state
-from shared.db.fetch_state import Checkpoint
+from shared.db.fetch_state import Batch, Checkpoint
 from shared.email_servers import DEFAULT_INBOX_FOLDER
 from shared.mail.imap import ImapMailbox
 
@@ -83,35 +83,49 @@ class ImapPoller(MailboxPoller):
         handed_over = 0
         sizes = mailbox.sizes(uids) if uids else {}
         pairs = sorted(sizes.items())
-        # While RabbitMQ commits one batch, the next is read from the server. Only one batch
-        # is ever pending: the next is written (and published) after the last is settled.
+        # The broker is kept busy: while it commits one batch, the poller flags the batch
+        # before it and reads the next. Between two batches the broker waits only for the one
+        # transaction that records the last as committed and writes the next as pending. Only
+        # one batch is ever pending; a flagged batch is closed with the next transaction.
         in_flight: tuple[InFlight, list[tuple[int, int]]] | None = None
+        flagged: Batch | None = None
         try:
             for batch in in_batches(pairs, lambda pair: pair[1], self.context.settings):
                 if not self.keep_going():
                     break
                 mails = self._read(mailbox, batch)
-                if in_flight is not None:
-                    settling, in_flight = in_flight, None  # _settle ends the publish
-                    handed_over += self._settle(mailbox, *settling)
                 self.confirm_lease()
-                in_flight = (self.handover.start(mails, folder, state.uidvalidity), batch)
+                if in_flight is None:
+                    in_flight = (self.handover.start(mails, folder, state.uidvalidity), batch)
+                    continue
+                (settling, settling_uids), in_flight = in_flight, None  # ended below
+                committed, following = self.handover.start_next(
+                    settling, mails, folder, state.uidvalidity, closing=flagged
+                )
+                in_flight, flagged = (following, batch), None
+                self._flag(mailbox, settling_uids)
+                flagged = committed
+                handed_over += len(committed.items)
             if in_flight is not None:
-                settling, in_flight = in_flight, None
-                handed_over += self._settle(mailbox, *settling)
+                (settling, settling_uids), in_flight = in_flight, None
+                committed = self.handover.complete(settling, closing=flagged)
+                flagged = None
+                self._flag(mailbox, settling_uids)
+                flagged = committed
+                handed_over += len(committed.items)
         finally:
             if in_flight is not None:
                 self.handover.settle_quietly(in_flight[0])
+        if flagged is not None:
+            # After a failure a flagged batch stays open instead, and is flagged again
+            # (harmlessly) when the mailbox's next session recovers it.
+            self.handover.finish(flagged)
         return handed_over
 
-    def _settle(
-        self, mailbox: ImapMailbox, in_flight: InFlight, batch: list[tuple[int, int]]
-    ) -> int:
-        committed = self.handover.complete(in_flight)
+    def _flag(self, mailbox: ImapMailbox, batch: list[tuple[int, int]]) -> None:
+        """Step 4 for a committed batch: read, and too large ones flagged for a person."""
         mailbox.mark_seen([uid for uid, _ in batch])
         mailbox.mark_flagged([uid for uid, size in batch if self._too_large(size)])
-        self.handover.finish(committed)
-        return len(committed.items)
 
     def _start_checkpoint(self, folder: str, uidvalidity: int, last_uid: int) -> None:
         with self.context.pool.connection() as conn:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass
+from functools import cached_property
 
 import pika
 
@@ -33,8 +34,9 @@ class FetchedMail:
     raw: bytes  # the whole mail, or only its header block when quarantined
     quarantine_reason: str | None = None
 
-    @property
+    @cached_property
     def message_id(self) -> str | None:
+        """Scanned for once: the pending batch records it and the AMQP message carries it."""
         return message_id_of(self.raw)
 
 

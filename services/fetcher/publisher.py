@@ -116,14 +116,19 @@ class InboundPublisher:
             if any(not self._queue_exists(channels, inbound_queue(plan).name) for plan in plans):
                 return BatchOutcome(returned=len(mails))  # publish nothing: see module doc
             tx.queue_declare(marker_queue(server_id), durable=True, arguments=_MARKER_ARGS)
+            # BlockingChannel.basic_publish runs the I/O loop after every message; in a
+            # transaction nothing is decided before the commit, so the frames are queued on
+            # the channel underneath and Tx.Commit sends them all (in a profile of the
+            # benchmark those flushes were a sixth of the fetcher's busy time).
+            channel = tx._impl
             for mail in mails:
                 exchange, key = (
                     ("", INBOUND_QUARANTINE_QUEUE_NAME)
                     if mail.quarantine
                     else (INBOUND_EXCHANGE.name, mail.routing_key)
                 )
-                tx.basic_publish(exchange, key, mail.body, mail.properties, mandatory=True)
-            tx.basic_publish("", marker_queue(server_id), batch_id.encode(), _PERSISTENT)
+                channel.basic_publish(exchange, key, mail.body, mail.properties, mandatory=True)
+            channel.basic_publish("", marker_queue(server_id), batch_id.encode(), _PERSISTENT)
             tx.tx_commit()
             # Returns arrive before Commit-Ok; pika hands them to the callback only here.
             tx.connection.process_data_events(time_limit=0)

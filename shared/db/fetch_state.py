@@ -50,6 +50,20 @@ def set_checkpoint(conn: DictConnection, server_id: str, point: Checkpoint) -> N
     )
 
 
+def advance_checkpoint(conn: DictConnection, server_id: str, point: Checkpoint) -> None:
+    """Move the checkpoint up to ``point.last_uid``, never down, in one statement: within the
+    same folder and UIDVALIDITY the higher UID wins; a new folder or UIDVALIDITY starts over
+    at ``point``. (Reading the checkpoint first would cost a round trip per batch.)"""
+    conn.execute(
+        "INSERT INTO imap_checkpoints AS c (server_id, folder, uidvalidity, last_uid)"
+        " VALUES (%s, %s, %s, %s) ON CONFLICT (server_id) DO UPDATE SET"
+        " last_uid = CASE WHEN (c.folder, c.uidvalidity) = (EXCLUDED.folder, EXCLUDED.uidvalidity)"
+        " THEN greatest(c.last_uid, EXCLUDED.last_uid) ELSE EXCLUDED.last_uid END,"
+        " folder = EXCLUDED.folder, uidvalidity = EXCLUDED.uidvalidity, updated_at = now()",
+        (server_id, point.folder, point.uidvalidity, point.last_uid),
+    )
+
+
 def open_batch(
     conn: DictConnection,
     server_id: str,

@@ -28,6 +28,8 @@ from shared.mail.imap_compress import DeflateStream, enable_deflate
 from shared.mail.tls import NamedContext, client_context, connect_address, tls_server_name
 
 SEEN = b"\\Seen"
+# UIDs named in one command: 2,000 of up to 10 digits stay far below servers' line limits.
+_UIDS_PER_COMMAND = 2000
 
 
 @dataclass(frozen=True)
@@ -173,8 +175,15 @@ class ImapMailbox:
         return sorted(int(uid) for uid in found if int(uid) > last_uid)
 
     def sizes(self, uids: list[int]) -> dict[int, int]:
-        answer = self._call(lambda c: c.fetch(uids, ["RFC822.SIZE"]))
-        return {int(uid): int(data[b"RFC822.SIZE"]) for uid, data in answer.items()}
+        """Asked for a slice of the UIDs at a time: a first visit may find tens of thousands
+        of mails, and one command naming them all would pass the line length servers accept
+        (Dovecot: 64 KiB), failing the mailbox on every attempt."""
+        sizes: dict[int, int] = {}
+        for start in range(0, len(uids), _UIDS_PER_COMMAND):
+            chunk = uids[start : start + _UIDS_PER_COMMAND]
+            answer = self._call(lambda c, chunk=chunk: c.fetch(chunk, ["RFC822.SIZE"]))
+            sizes.update({int(uid): int(data[b"RFC822.SIZE"]) for uid, data in answer.items()})
+        return sizes
 
     def bodies(self, uids: list[int]) -> dict[int, bytes]:
         """The raw mails, byte for byte as the server holds them; ``PEEK`` keeps them unread."""

@@ -112,3 +112,17 @@ def test_non_ascii_credentials_log_in_with_authenticate_plain(
     user = dovecot.add_user(f"umlaut{closed_port()}", password("Grüße-ß-€"))
     mailbox = open_mailbox(dovecot, user, mail_lab_certs)
     mailbox.close()
+
+
+def test_sizes_of_tens_of_thousands_of_mails_stay_within_the_servers_line_limit(
+    dovecot: DovecotLab, lab_user: LabUser, mail_lab_certs: LabCertificates
+) -> None:
+    """A first visit may find 20,000 unread mails; one FETCH naming them all is longer than
+    Dovecot accepts ("Too long argument"). UIDs the folder lacks are simply not answered, so
+    naming 20,000 of them shows the limit without storing 20,000 mails."""
+    uid = dovecot.append(lab_user.name, MAIL)
+    mailbox = open_mailbox(dovecot, lab_user, mail_lab_certs)
+    try:
+        assert mailbox.sizes(list(range(1, 20_001))) == {uid: len(MAIL)}
+    finally:
+        mailbox.close()

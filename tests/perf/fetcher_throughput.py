@@ -6,6 +6,9 @@ Everything runs on loopback against the project's own Dovecot lab:
 - IMAP throughput: a bare imapclient loop (SEARCH UNSEEN, FETCH in batches of 100, STORE
   \\Seen, nothing published) vs the fetcher (the same, plus the exactly-once hand-over).
 - POP3 throughput: a bare poplib RETR+DELE loop vs the fetcher.
+- getmail6 (``BENCH_GETMAIL_MAILS``, default 1,000 mails) over IMAPS into a Maildir, as a
+  known mail retriever to compare with. It is installed from PyPI into this venv for the
+  benchmark only; it is no dependency of Mailroom.
 - Latency with IDLE: APPEND -> message in the routing plan's queue, p50/p99.
 - Scale: N IMAP mailboxes (``BENCH_MAILBOXES``, default 500) on one fetcher process: RSS and
   CPU while idle, and the time for a mail in any of them to arrive.
@@ -15,9 +18,11 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import secrets
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -37,11 +42,12 @@ from shared.settings import Settings
 from shared.topology import STATUS_REPORTS_QUEUE_NAME
 from tests.lab.certs import LabCertificates, issue
 from tests.lab.clients import LabIMAP4_SSL, LabPOP3_SSL, tls_context
-from tests.lab.dovecot import DovecotLab, LabUser, ensure_installed
+from tests.lab.dovecot import LAB_USER, DovecotLab, LabUser, ensure_installed
 from tests.support.environment import TEST_AMQP_URL
 from tests.support.rabbit import ensure_vhost
 
 MAILS = int(os.environ.get("BENCH_MAILS", "5000"))
+GETMAIL_MAILS = int(os.environ.get("BENCH_GETMAIL_MAILS", "1000"))
 MAILBOXES = int(os.environ.get("BENCH_MAILBOXES", "500"))
 ROOT = Path(__file__).resolve().parents[2]
 DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/mailroom_bench_fetcher"
@@ -92,6 +98,66 @@ def bare_pop3(lab: DovecotLab, user: LabUser, certs: LabCertificates) -> float:
         client.dele(number)
     client.quit()
     return count / (time.perf_counter() - started)
+
+
+def ensure_getmail() -> Path:
+    """getmail6's ``getmail`` beside this interpreter, pip-installed on first use: only the
+    benchmark needs it, so it is not among the project's dependencies."""
+    program = Path(sys.executable).parent / "getmail"
+    if not program.exists():
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "getmail6"], check=True)
+    return program
+
+
+def getmail(lab: DovecotLab, user: LabUser, certs: LabCertificates) -> tuple[float, str]:
+    """getmail6 retrieving the user's INBOX over IMAPS into a Maildir, once, as its users run
+    it: new mail only (``read_all = false``), left on the server (``delete = false``).
+    Returns (mails per second, getmail's version)."""
+    program = ensure_getmail()
+    work = Path(tempfile.mkdtemp(prefix="bench-getmail-"))
+    maildir = work / "Maildir"
+    for sub in ("cur", "new", "tmp"):
+        (maildir / sub).mkdir(parents=True)
+    # getmail refuses to deliver as root: as root, it delivers as the lab's mail user.
+    as_user = ""
+    if os.geteuid() == 0:
+        owner = pwd.getpwnam(LAB_USER)
+        for path in (work, *work.rglob("*")):
+            os.chown(path, owner.pw_uid, owner.pw_gid)
+        as_user = f"user = {LAB_USER}\n"
+    rc = work / "getmailrc"
+    rc.write_text(
+        "[retriever]\n"
+        "type = SimpleIMAPSSLRetriever\n"
+        "server = localhost\n"
+        f"port = {lab.imaps_port}\n"
+        f"username = {user.name}\n"
+        f"password = {user.password}\n"
+        'mailboxes = ("INBOX",)\n'
+        f"ca_certs = {certs.ca}\n"
+        "[destination]\n"
+        "type = Maildir\n"
+        f"path = {maildir}/\n"
+        f"{as_user}"
+        "[options]\n"
+        "verbose = 0\n"
+        "read_all = false\n"
+        "delete = false\n",
+        encoding="utf-8",
+    )
+    rc.chmod(0o600)
+    started = time.perf_counter()
+    subprocess.run(
+        [str(program), f"--getmaildir={work}", f"--rcfile={rc}"], check=True, timeout=600
+    )
+    elapsed = time.perf_counter() - started
+    retrieved = len(list((maildir / "new").iterdir()))
+    if retrieved != GETMAIL_MAILS:
+        raise RuntimeError(f"getmail retrieved {retrieved} of {GETMAIL_MAILS} mails")
+    version = subprocess.run(
+        [str(program), "--version"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    return retrieved / elapsed, version[-1] if version else "?"
 
 
 class QueueWatch:
@@ -254,6 +320,16 @@ def main() -> int:
             f"IMAPS, {MAILS} mails of ~4 KB: bare imapclient loop {bare:,.0f}/s, "
             f"fetcher {fetched:,.0f}/s = {fetched / bare:.0%} of the bare loop "
             f"(goal >= 50%); {started:,.0f}/s counting the process start",
+        )
+
+        getmail_user = lab.new_user("getmail")
+        fill(lab, getmail_user, certs, GETMAIL_MAILS)
+        retrieved, version = getmail(lab, getmail_user, certs)
+        say(
+            report,
+            f"getmail6 {version}, IMAPS into a Maildir, {GETMAIL_MAILS} mails: {retrieved:,.0f}/s;"
+            f" the fetcher above is {fetched / retrieved:,.1f}x that "
+            f"({started / retrieved:,.1f}x counting its process start)",
         )
 
         pop_user = lab.new_user("pop")

@@ -96,7 +96,7 @@ class ImapMailbox:
             ) from exc
         self.capabilities = frozenset(c.decode().upper() for c in client.capabilities())
         if "COMPRESS=DEFLATE" in self.capabilities and not self.server.disable_compression:
-            enable_deflate(client._imap)
+            self._deflate = enable_deflate(client._imap)
             self.compressed = True
         return self.select()
 

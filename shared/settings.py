@@ -269,9 +269,10 @@ class Settings(BaseSettings):
 
     @property
     def oauth_callback_url(self) -> str:
-        return self.oauth_redirect_url or (
-            f"http://{self.api_host}:{self.api_port}/api/v1/oauth/callback"
-        )
+        """Where the provider sends the admin's browser back; a wildcard listen address
+        (a container's 0.0.0.0) is no address a browser can open."""
+        host = "127.0.0.1" if self.api_host in ("0.0.0.0", "::", "") else self.api_host  # noqa: S104
+        return self.oauth_redirect_url or f"http://{host}:{self.api_port}/api/v1/oauth/callback"
 
 
 def _load_or_create_dev_keys(path: Path) -> dict[str, str]:

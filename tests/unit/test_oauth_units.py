@@ -121,3 +121,13 @@ def test_the_oauth_callbacks_query_never_reaches_the_access_log() -> None:
     )
     PrivateQueryFilter().filter(other)
     assert "/x?y=1" in other.getMessage()
+
+
+def test_the_default_callback_is_an_address_a_browser_can_open() -> None:
+    from shared.settings import Settings
+
+    assert Settings(api_host="0.0.0.0", api_port=8000).oauth_callback_url == (
+        "http://127.0.0.1:8000/api/v1/oauth/callback"
+    )
+    configured = Settings(oauth_redirect_url="https://mail.example.com/api/v1/oauth/callback")
+    assert configured.oauth_callback_url.startswith("https://mail.example.com/")

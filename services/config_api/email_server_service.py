@@ -233,7 +233,9 @@ class EmailServerService:
             message = "Access granted, and the connection test passed."
         else:
             message = f"Access granted, but the connection test failed: {result.reason}"
-        return ConsentOutcome(result.ok, message, server.id, result)
+        if outcome.note:
+            message = f"{message} {outcome.note}"
+        return ConsentOutcome(result.ok, message, server.id, result, outcome.note)
 
     def _needs_test(self, body: ServerPatch, merged: MergedServer) -> bool:
         enabling = body.enabled is True and "enabled" in body.model_fields_set

@@ -60,6 +60,7 @@ class ConsentOutcome:
     message: str
     server_id: str | None = None
     connection: ProbeResult | None = None
+    note: str | None = None  # what the admin should know even when it worked
 
 
 class OAuthConsents:
@@ -201,7 +202,14 @@ class OAuthConsents:
                 ),
             )
         self.tokens.store_consent(server.id, consent.provider, grant)
-        return consent, server, ConsentOutcome(True, "Access granted.", server.id)
+        note = None
+        if grant.refresh_token is None:
+            note = (
+                f"{consent.provider} gave no refresh token: the connection works until the "
+                "access token expires, then needs consent again. Ask the provider's admin to "
+                "allow offline access (scope offline_access) for this app."
+            )
+        return consent, server, ConsentOutcome(True, "Access granted.", server.id, note=note)
 
     def test_with_new_tokens(self, probe: Probe, server: EmailServer) -> ProbeResult:
         return probe(server, self.access_token_for_test(server))

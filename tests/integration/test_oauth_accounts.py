@@ -136,7 +136,7 @@ def test_oauth2_imap_mailbox_is_fetched_refreshed_stopped_when_revoked_and_resum
         # only if the first one's new refresh token was stored.
         for round_ in (1, 2):
             time.sleep(LIFETIME + 0.5)
-            dovecot.doveadm("kick", lab_user.name)
+            dovecot.kick(lab_user.name)
             dovecot.append(lab_user.name, mail(f"after refresh {round_}"))
             assert len(take(fetcher.amqp_url, queue, 1, timeout=15)) == 1
         assert oauth_lab.grants(lab_user.name)["refresh_token"] >= 2
@@ -147,7 +147,7 @@ def test_oauth2_imap_mailbox_is_fetched_refreshed_stopped_when_revoked_and_resum
         # The admin (or the provider) withdraws the consent.
         oauth_lab.revoke(lab_user.name)
         time.sleep(LIFETIME + 0.5)
-        dovecot.doveadm("kick", lab_user.name)
+        dovecot.kick(lab_user.name)
         waiting = dovecot.append(lab_user.name, mail("while consent is revoked"))
         # (The kick itself may be reported first, as a dropped connection.)
         report = reauth_report(fetcher.amqp_url, server["id"])
@@ -312,3 +312,21 @@ def test_reauthenticate_on_save_still_tests_a_change_with_the_current_tokens(
     renamed = oauth_admin.patch(f"/email-servers/{server['id']}", {"name": "renamed"}).json()
     assert renamed["authorization_url"]  # the box is ticked: every save asks again
     assert renamed["oauth"]["state"] == "ok"  # and the current tokens keep working meanwhile
+
+
+def test_a_consent_without_a_refresh_token_tells_the_admin_at_once(
+    oauth_admin: ApiClient,
+    oauth_client: TestClient,
+    dovecot: DovecotLab,
+    lab_user: LabUser,
+    oauth_lab: OAuthLab,
+) -> None:
+    oauth_lab.issue_refresh_tokens(False)
+    try:
+        server = imap_server(oauth_admin, dovecot, lab_user)
+        answer = give_consent(oauth_client, server["authorization_url"])
+    finally:
+        oauth_lab.reset()
+    assert answer["ok"] is True  # it works, for now
+    assert "gave no refresh token" in answer["message"]
+    assert "offline access" in answer["message"]

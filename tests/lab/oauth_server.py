@@ -260,6 +260,11 @@ class OAuthLab:
             for key in ("authorization_code", "refresh_token", "refused")
         }
 
+    def issue_refresh_tokens(self, issue: bool) -> None:
+        """``False``: token answers carry no refresh token (no offline access granted), until
+        ``reset()``."""
+        self._control("POST", "/refresh-tokens", {"issue": issue})
+
     def issued_tokens(self) -> list[str]:
         """Every access, refresh and id token this server handed out since it started."""
         tokens = self._control("GET", "/issued")

@@ -48,6 +48,7 @@ function log(...parts) {
 // --- state ---------------------------------------------------------------------------------
 
 let lifetime = DEFAULT_LIFETIME;
+let issueRefreshTokens = true; // false: answer like a client registered without offline access
 const codes = new Map(); // code -> {sub, scope, pkce}
 const usedCodes = new Map(); // code -> sub, for the error of a second use
 const refreshTokens = new Map(); // refresh token -> {sub, scope, state: active|rotated|revoked}
@@ -175,6 +176,7 @@ service.on('beforeResponse', (response, req) => {
   }
   if (response.statusCode !== 200) return;
   response.body.expires_in = req.labLifetime ?? lifetime;
+  if (!issueRefreshTokens) delete response.body.refresh_token;
   for (const key of ['access_token', 'refresh_token', 'id_token']) {
     if (typeof response.body[key] === 'string') issued.push(response.body[key]);
   }
@@ -251,6 +253,11 @@ const control = http.createServer(async (req, res) => {
     const route = `${req.method} ${new URL(req.url, 'http://control').pathname}`;
     const body = req.method === 'POST' ? await readJson(req) : {};
     switch (route) {
+      case 'POST /refresh-tokens': {
+        issueRefreshTokens = body.issue !== false;
+        log('refresh-tokens', issueRefreshTokens);
+        return reply(res, 200, { issue: issueRefreshTokens });
+      }
       case 'POST /lifetime': {
         const seconds = Number(body.seconds);
         if (!Number.isInteger(seconds) || seconds < 1) return reply(res, 400, { error: 'seconds must be a positive integer' });
@@ -280,6 +287,7 @@ const control = http.createServer(async (req, res) => {
       case 'POST /reset':
         counters = new Map();
         lifetime = DEFAULT_LIFETIME;
+        issueRefreshTokens = true;
         log('reset');
         return reply(res, 200, {});
       default:

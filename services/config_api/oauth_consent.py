@@ -201,6 +201,21 @@ class OAuthConsents:
                     server.id,
                 ),
             )
+        account = grant.signed_in_as
+        if account is not None and account.casefold() != server.username.casefold():
+            # The most common consent mistake: signed in with another account (the admin's
+            # own) than the mailbox's. Its tokens would open the wrong mailbox.
+            return (
+                consent,
+                server,
+                ConsentOutcome(
+                    False,
+                    f"You signed in at {consent.provider} as {account}, but this mail server's "
+                    f"user is {server.username}. Sign in as {server.username} (or change the "
+                    "server's user); nothing was stored.",
+                    server.id,
+                ),
+            )
         self.tokens.store_consent(server.id, consent.provider, grant)
         note = None
         if grant.refresh_token is None:

@@ -9,6 +9,8 @@ itself (network, 5xx, an answer that is not a token) or that the operator must f
 
 from __future__ import annotations
 
+import base64
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +48,31 @@ class TokenGrant:
     access_token: str = field(repr=False)
     refresh_token: str | None = field(repr=False)
     expires_in: float
+    signed_in_as: str | None = None  # from the id_token, when the provider sent one
+
+
+def signed_in_as(id_token: object) -> str | None:
+    """Who signed in at the provider, from the id_token's claims (email, preferred_username,
+    upn: Google and Microsoft name the mailbox in one of them).
+
+    The id_token came straight from the token endpoint over TLS, so its claims are read
+    without checking the signature (OpenID Connect Core 3.1.3.7 allows this); a token that
+    cannot be read names nobody.
+    """
+    if not isinstance(id_token, str) or id_token.count(".") != 2:
+        return None
+    payload = id_token.split(".")[1]
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (ValueError, TypeError):
+        return None
+    if not isinstance(claims, dict):
+        return None
+    for name in ("email", "preferred_username", "upn"):
+        value = claims.get(name)
+        if isinstance(value, str) and value:
+            return value
+    return None
 
 
 class ProviderClient:
@@ -146,5 +173,8 @@ class ProviderClient:
         except (TypeError, ValueError):
             lifetime = 3600.0
         return TokenGrant(
-            access, refresh if isinstance(refresh, str) and refresh else None, lifetime
+            access,
+            refresh if isinstance(refresh, str) and refresh else None,
+            lifetime,
+            signed_in_as(token.get("id_token")),
         )

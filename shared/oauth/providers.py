@@ -54,15 +54,17 @@ class OAuthProvider:
 
 _MICROSOFT = "https://login.microsoftonline.com/common/oauth2/v2.0"
 _OUTLOOK = "https://outlook.office.com"
+_IDENTITY = ("openid", "email")
 PRESETS: dict[str, OAuthProvider] = {
     "microsoft365": OAuthProvider(
         name="microsoft365",
         authorize_url=f"{_MICROSOFT}/authorize",
         token_url=f"{_MICROSOFT}/token",
+        # openid + email: the id_token then names who signed in, checked against the user.
         scopes={
-            ServerType.IMAP: (f"{_OUTLOOK}/IMAP.AccessAsUser.All", "offline_access"),
-            ServerType.POP3: (f"{_OUTLOOK}/POP.AccessAsUser.All", "offline_access"),
-            ServerType.SMTP: (f"{_OUTLOOK}/SMTP.Send", "offline_access"),
+            ServerType.IMAP: (f"{_OUTLOOK}/IMAP.AccessAsUser.All", *_IDENTITY, "offline_access"),
+            ServerType.POP3: (f"{_OUTLOOK}/POP.AccessAsUser.All", *_IDENTITY, "offline_access"),
+            ServerType.SMTP: (f"{_OUTLOOK}/SMTP.Send", *_IDENTITY, "offline_access"),
         },
         # Microsoft ends a refresh token unused for 90 days (and rotates it on every use).
         refresh_token_lifetime_days=90,
@@ -71,7 +73,7 @@ PRESETS: dict[str, OAuthProvider] = {
         name="google",
         authorize_url="https://accounts.google.com/o/oauth2/v2/auth",
         token_url="https://oauth2.googleapis.com/token",  # noqa: S106 - an address
-        scopes={t: ("https://mail.google.com/",) for t in ServerType},
+        scopes={t: ("https://mail.google.com/", *_IDENTITY) for t in ServerType},
         # Without these Google gives no refresh token on a second consent.
         authorize_params={"access_type": "offline", "prompt": "consent"},
     ),

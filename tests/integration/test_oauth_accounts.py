@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from fastapi.testclient import TestClient
@@ -330,3 +331,22 @@ def test_a_consent_without_a_refresh_token_tells_the_admin_at_once(
     assert answer["ok"] is True  # it works, for now
     assert "gave no refresh token" in answer["message"]
     assert "offline access" in answer["message"]
+
+
+def test_signing_in_as_another_account_stores_nothing(
+    oauth_admin: ApiClient,
+    oauth_client: TestClient,
+    dovecot: DovecotLab,
+    lab_user: LabUser,
+) -> None:
+    server = imap_server(oauth_admin, dovecot, lab_user)
+    # The admin signs in at the provider with their own account, not the mailbox's.
+    as_admin = server["authorization_url"].replace(
+        f"login_hint={quote(lab_user.name, safe='')}", "login_hint=admin%40example.com"
+    )
+    assert as_admin != server["authorization_url"]
+    answer = give_consent(oauth_client, as_admin)
+    assert answer["ok"] is False and answer["status_code"] == 400
+    assert "as admin@example.com" in answer["message"] and lab_user.name in answer["message"]
+    shown = oauth_admin.get(f"/email-servers/{server['id']}").json()
+    assert shown["oauth"]["state"] == "consent_needed"

@@ -22,7 +22,8 @@ def test_presets_exist_without_configuration_but_cannot_start_a_consent() -> Non
     assert "offline_access" in providers["microsoft365"].scope(ServerType.IMAP)
     assert "IMAP.AccessAsUser.All" in providers["microsoft365"].scope(ServerType.IMAP)
     assert "SMTP.Send" in providers["microsoft365"].scope(ServerType.SMTP)
-    assert providers["google"].scope(ServerType.POP3) == "https://mail.google.com/"
+    assert providers["google"].scope(ServerType.POP3) == "https://mail.google.com/ openid email"
+    assert "openid email" in providers["microsoft365"].scope(ServerType.SMTP)
 
 
 def test_a_preset_entry_needs_only_the_client_and_may_override_endpoints() -> None:
@@ -131,3 +132,19 @@ def test_the_default_callback_is_an_address_a_browser_can_open() -> None:
     )
     configured = Settings(oauth_redirect_url="https://mail.example.com/api/v1/oauth/callback")
     assert configured.oauth_callback_url.startswith("https://mail.example.com/")
+
+
+def test_who_signed_in_is_read_from_the_id_token_claims() -> None:
+    from shared.oauth.provider_client import signed_in_as
+
+    def id_token(claims: dict[str, str]) -> str:
+        body = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode().rstrip("=")
+        return f"eyJhbGciOiJSUzI1NiJ9.{body}.c2ln"
+
+    assert signed_in_as(id_token({"sub": "x", "email": "a@b.example"})) == "a@b.example"
+    assert signed_in_as(id_token({"preferred_username": "m@contoso.example"})) == (
+        "m@contoso.example"
+    )
+    assert signed_in_as(id_token({"sub": "opaque"})) is None
+    assert signed_in_as("not a token") is None and signed_in_as(None) is None
+    assert signed_in_as("a.%%%.c") is None

@@ -121,6 +121,8 @@ service.on('beforeTokenSigning', (token, req) => {
   // Fires twice per answer: for the access token and for the id_token (which has `aud`).
   const grant = grantOf(req.body);
   if (grant !== undefined) token.payload.sub = grant.sub;
+  // The id_token says who signed in, as Microsoft's and Google's do (email claim).
+  if (grant !== undefined && token.payload.aud !== undefined) token.payload.email = grant.sub;
   if (grant?.scope !== undefined && req.body.scope === undefined) token.payload.scope = grant.scope;
   if (token.payload.aud === undefined) {
     req.labLifetime ??= lifetime;

@@ -263,11 +263,6 @@ class Settings(BaseSettings):
         return parse_providers(self.oauth_providers)
 
     @property
-    def oauth_provider_names(self) -> set[str]:
-        """Names an OAuth2 server may refer to: the built-in presets and the operator's own."""
-        return set(self.oauth_provider_table)
-
-    @property
     def oauth_callback_url(self) -> str:
         """Where the provider sends the admin's browser back; a wildcard listen address
         (a container's 0.0.0.0) is no address a browser can open."""

@@ -36,20 +36,16 @@ def create_app(
         pool = make_pool(settings)
         app.state.pool = pool
         secret_box = SecretBox.from_settings(settings)
-        providers = settings.oauth_provider_table
+        tokens = OAuthTokens.from_settings(settings, pool, secret_box)
         consents = OAuthConsents(
-            pool,
-            secret_box,
-            OAuthTokens.from_settings(settings, pool, secret_box),
-            consent_seconds=settings.oauth_consent_seconds,
+            pool, secret_box, tokens, consent_seconds=settings.oauth_consent_seconds
         )
         app.state.email_servers = EmailServerService(
             pool=pool,
             secret_box=secret_box,
             probe=probe or ConnectionProbe.from_settings(settings),
-            oauth_provider_names=set(providers),
             consents=consents,
-            oauth_health=OAuthHealth(pool, providers, settings.oauth_warning_days),
+            oauth_health=OAuthHealth(pool, tokens.providers, settings.oauth_warning_days),
             probe_slots=threading.BoundedSemaphore(settings.probe_concurrency),
         )
         app.state.routing_plans = RoutingPlanService(pool)

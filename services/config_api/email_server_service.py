@@ -80,7 +80,6 @@ class EmailServerService:
     pool: ConnectionPool[DictConnection]
     secret_box: SecretBox
     probe: Probe
-    oauth_provider_names: set[str]
     consents: OAuthConsents
     oauth_health: OAuthHealth
     probe_slots: threading.BoundedSemaphore = field(
@@ -162,13 +161,13 @@ class EmailServerService:
         merged = self._merge(current, body, current.type)
         self._check_routing_plan(principal, merged.changes.get("routing_plan_id"))
         candidate = _candidate(principal.tenant_id, merged.columns, server_id)
-        consent = self.consents.needs_consent(candidate, current)
         oauth2 = candidate.auth_type is AuthType.OAUTH2
-        # An OAuth2 server is tested with its current tokens while it has some; one that has
-        # none yet is tested by the consent's callback.
-        tested = self._needs_test(body, merged) and (
-            not oauth2 or self.consents.has_usable_tokens(candidate, current)
-        )
+        usable = oauth2 and self.consents.has_usable_tokens(candidate, current)
+        # Consent is asked for when the box is ticked or no usable tokens exist. An OAuth2
+        # server is tested with its current tokens while it has some; one that has none yet
+        # is tested by the consent's callback.
+        consent = oauth2 and (candidate.reauthenticate_on_save or not usable)
+        tested = self._needs_test(body, merged) and (usable or not oauth2)
         if tested:
             password = merged.new_password
             if candidate.auth_type is AuthType.OAUTH2:
@@ -327,7 +326,7 @@ class EmailServerService:
                 body,
                 server_type=server_type,
                 secret_box=self.secret_box,
-                oauth_provider_names=self.oauth_provider_names,
+                oauth_provider_names=set(self.consents.tokens.providers),
             )
         except ServerRulesError as exc:
             raise FieldsInvalid(exc.errors) from exc

@@ -79,11 +79,6 @@ class OAuthConsents:
 
     # --- on save ---------------------------------------------------------------------------
 
-    def needs_consent(self, server: EmailServer, before: EmailServer | None) -> bool:
-        if server.auth_type is not AuthType.OAUTH2:
-            return False
-        return server.reauthenticate_on_save or not self.has_usable_tokens(server, before)
-
     def has_usable_tokens(self, server: EmailServer, before: EmailServer | None) -> bool:
         """Tokens a connection test can use: stored, not refused, of this very mailbox."""
         if before is None or not same_account(before, server):

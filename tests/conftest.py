@@ -41,6 +41,7 @@ from tests.support.oauth import (  # noqa: E402, F401 - fixtures for every test 
     settings_with_lab,
 )
 from tests.support.processes import LOG_FILES  # noqa: E402
+from tests.support.sender import results  # noqa: E402, F401 - a fixture for every test module
 
 
 @pytest.fixture(scope="session")

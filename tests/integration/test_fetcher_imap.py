@@ -20,6 +20,7 @@ from tests.support.fetching import (
     take,
     wait_for_queue,
 )
+from tests.support.waiting import eventually
 
 
 def sample(n: int) -> bytes:
@@ -57,10 +58,7 @@ def test_mails_arrive_byte_identical_and_are_marked_read(
     with running_fetcher(fetcher_settings(settings, mail_lab_certs), pool):
         delivered = take(settings.amqp_url, queue, len(mails))
         assert [d.body for d in delivered] == mails
-        deadline = time.monotonic() + 5
-        while dovecot.unseen(lab_user.name, NON_ASCII_FOLDER) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert dovecot.unseen(lab_user.name, NON_ASCII_FOLDER) == 0
+        eventually(lambda: dovecot.unseen(lab_user.name, NON_ASCII_FOLDER) == 0, 5, "all read")
     first = delivered[0].properties
     assert first.content_type == "message/rfc822"
     assert first.delivery_mode == 2
@@ -84,9 +82,7 @@ def test_with_idle_a_new_mail_is_in_the_queue_within_two_seconds(
     server, queue = lab_mailbox_and_queue(api, dovecot, lab_user, settings.amqp_url)
     slow_polls = fetcher_settings(settings, mail_lab_certs, imap_poll_seconds=600)
     with running_fetcher(slow_polls, pool) as fetcher:
-        deadline = time.monotonic() + 10
-        while not fetcher.pollers.get(server["id"]) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        eventually(lambda: server["id"] in fetcher.pollers, 10, "a poller for the mailbox")
         time.sleep(1.0)  # the poller has fetched (nothing) and idles now
         latencies = []
         for n in range(3):

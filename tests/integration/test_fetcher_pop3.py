@@ -21,6 +21,7 @@ from tests.support.fetching import (
     running_fetcher,
     take,
 )
+from tests.support.waiting import eventually
 
 
 def sample(n: int) -> bytes:
@@ -46,10 +47,7 @@ def test_pop3_mails_arrive_once_and_the_mailbox_is_emptied(
     )
     with running_fetcher(fetcher_settings(settings, mail_lab_certs), pool):
         delivered = take(settings.amqp_url, queue, len(mails))
-        deadline = time.monotonic() + 5
-        while dovecot.count(lab_user.name) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert dovecot.count(lab_user.name) == 0
+        eventually(lambda: dovecot.count(lab_user.name) == 0, 5, "the mailbox emptied")
         time.sleep(1.2)  # two more polls: nothing is handed over again
     assert sorted(d.body for d in delivered) == sorted(mails)
     assert take(settings.amqp_url, queue, 1, timeout=0.3) == []
@@ -73,10 +71,7 @@ def test_mail_whose_deletion_was_lost_is_deleted_without_a_second_hand_over(
         fetch_state.add_delivered_uidls(conn, server["id"], [uidl], [False])
     api.patch(f"/email-servers/{server['id']}", {"enabled": True})
     with running_fetcher(fetcher_settings(settings, mail_lab_certs), pool):
-        deadline = time.monotonic() + 5
-        while dovecot.count(lab_user.name) and time.monotonic() < deadline:
-            time.sleep(0.05)
-    assert dovecot.count(lab_user.name) == 0
+        eventually(lambda: dovecot.count(lab_user.name) == 0, 5, "the mailbox emptied")
     assert take(settings.amqp_url, queue, 1, timeout=0.3) == []
     with pool.connection() as conn:
         assert fetch_state.delivered_uidls(conn, server["id"]) in ({}, {uidl: False})

@@ -22,6 +22,7 @@ from tests.support.fetching import (
     take,
 )
 from tests.support.leaks import password
+from tests.support.waiting import eventually
 
 BASE64_LINE = b"QUJD" * 19 + b"\r\n"  # 78 bytes, as base64 lines in mail are
 
@@ -148,32 +149,25 @@ def test_config_changes_start_and_stop_pollers_within_a_second(
     with running_fetcher(fetcher_settings(settings, mail_lab_certs), pool) as fetcher:
         started = time.monotonic()
         server = lab_mailbox(api, dovecot, lab_user)
-        _wait(lambda: server["id"] in fetcher.pollers)
+        eventually(lambda: server["id"] in fetcher.pollers)
         assert time.monotonic() - started < 1.5  # create (with its connection test) + event
         first = fetcher.pollers[server["id"]]
 
         changed = time.monotonic()
         api.patch(f"/email-servers/{server['id']}", {"description": "renamed"})
-        _wait(lambda: fetcher.pollers.get(server["id"]) not in (None, first))
+        eventually(lambda: fetcher.pollers.get(server["id"]) not in (None, first))
         assert time.monotonic() - changed < 1.0
-        _wait(lambda: not first.is_alive())
+        eventually(lambda: not first.is_alive())
 
         stopped = time.monotonic()
         api.patch(f"/email-servers/{server['id']}", {"enabled": False})
-        _wait(lambda: server["id"] not in fetcher.pollers)
+        eventually(lambda: server["id"] not in fetcher.pollers)
         assert time.monotonic() - stopped < 1.0
 
         api.patch(f"/email-servers/{server['id']}", {"enabled": True})
-        _wait(lambda: server["id"] in fetcher.pollers)
+        eventually(lambda: server["id"] in fetcher.pollers)
         api.delete(f"/email-servers/{server['id']}")
-        _wait(lambda: server["id"] not in fetcher.pollers)
-
-
-def _wait(condition: object, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
+        eventually(lambda: server["id"] not in fetcher.pollers)
 
 
 def _connection(amqp_url: str) -> pika.BlockingConnection:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
@@ -47,6 +47,7 @@ from tests.support.sender import (
     start_sender,
     wait_known,
 )
+from tests.support.waiting import eventually
 
 LIFETIME = 4  # seconds an access token of the lab lives in these tests
 
@@ -56,13 +57,6 @@ def short_tokens(oauth_lab: OAuthLab) -> Iterator[None]:
     oauth_lab.set_token_lifetime(LIFETIME)
     yield
     oauth_lab.reset()
-
-
-def eventually(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        time.sleep(0.1)
 
 
 def reauth_report(amqp_url: str, server_id: str, timeout: float = 20) -> dict[str, Any]:

@@ -36,14 +36,12 @@ from tests.support.sender import (
     new_tenant,
     publish,
     results_for,
-    results_tap,
+    send,
     sender_env,
     smtp_server,
     start_sender,
     wait_known,
 )
-
-# The SMTP lab fixtures (session-scoped), made visible to this module.
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +60,6 @@ def labs(smtp_lab: SmtpLab, smtp_default_lab: SmtpLab) -> tuple[SmtpLab, SmtpLab
     smtp_lab.clear()
     smtp_default_lab.clear()
     return smtp_lab, smtp_default_lab
-
-
-@pytest.fixture
-def results(settings: Settings) -> Iterator[rabbit.EventTap]:
-    with results_tap(settings.amqp_url) as tap:
-        yield tap
 
 
 @pytest.fixture
@@ -125,8 +117,7 @@ def test_mail_arrives_intact_through_starttls_and_auth(
             "in_reply_to": "<question-1@example.org>",
         },
     )
-    publish(settings.amqp_url, body)
-    [result] = results_for(results, body["request_id"])
+    [result] = send(settings.amqp_url, results, body)
     assert result["status"] == "sent"
     assert result["final"] is True
     assert result["email_server_id"] == server["id"]
@@ -175,8 +166,7 @@ def test_implicit_tls_server(
     api, tenant = company
     server = _server(api, sender, lab, "agent1@lab.test", tls=True)
     body = command(tenant, **{"from": "agent1@lab.test"})
-    publish(settings.amqp_url, body)
-    [result] = results_for(results, body["request_id"])
+    [result] = send(settings.amqp_url, results, body)
     assert result["status"] == "sent", result
     assert result["email_server_id"] == server["id"]
     [mail] = lab.wait_for(1)
@@ -239,8 +229,7 @@ def test_unknown_sender_fails_with_a_reason_and_is_dead_lettered(
     api, tenant = company
     _server(api, sender, lab, "agent1@lab.test", sender_addresses=["support@acme.com"])
     body = command(tenant, **{"from": "nobody@acme.com"})
-    publish(settings.amqp_url, body)
-    [result] = results_for(results, body["request_id"])
+    [result] = send(settings.amqp_url, results, body)
     assert result["status"] == "failed"
     assert result["final"] is True
     assert result["reason"] == "no SMTP server for sender nobody@acme.com"
@@ -266,8 +255,7 @@ def test_disabled_and_other_tenants_servers_are_never_used(
         api, sender, lab, "agent2@lab.test", sender_addresses=["shared@acme.com"], enabled=False
     )
     body = command(tenant, **{"from": "shared@acme.com"})
-    publish(settings.amqp_url, body)
-    [result] = results_for(results, body["request_id"])
+    [result] = send(settings.amqp_url, results, body)
     assert result["status"] == "failed"
     assert "no SMTP server for sender shared@acme.com" in result["reason"]
 
@@ -283,16 +271,14 @@ def test_without_from_the_one_agent_server_user_is_used_several_fail(
     api, tenant = company
     first = _server(api, sender, lab, "agent1@lab.test")
     body = command(tenant)
-    publish(settings.amqp_url, body)
-    [result] = results_for(results, body["request_id"])
+    [result] = send(settings.amqp_url, results, body)
     assert result["status"] == "sent"
     assert result["email_server_id"] == first["id"]
     assert lab.wait_for(1)[0].envelope_from == "agent1@lab.test"
 
     _server(api, sender, lab, "agent2@lab.test")
     body = command(tenant)
-    publish(settings.amqp_url, body)
-    [result] = results_for(results, body["request_id"])
+    [result] = send(settings.amqp_url, results, body)
     assert result["status"] == "failed"
     assert "several SMTP servers could send" in result["reason"]
 
@@ -323,8 +309,7 @@ def test_reply_without_from_leaves_from_the_address_the_mail_was_sent_to(
             ],
         )
     body = command(tenant, in_reply_to="customer-question-7@example.org")
-    publish(settings.amqp_url, body)
-    [result] = results_for(results, body["request_id"])
+    [result] = send(settings.amqp_url, results, body)
     assert result["status"] == "sent", result
     assert result["email_server_id"] == owner["id"]
     [mail] = lab.wait_for(1)
@@ -343,8 +328,7 @@ def test_template_mail_goes_to_the_default_server_until_one_is_designated(
     api, tenant = company
     _server(api, sender, lab, "agent1@lab.test")
     body = command(tenant, kind="template", subject="Passwort zurücksetzen")
-    publish(settings.amqp_url, body)
-    [result] = results_for(results, body["request_id"])
+    [result] = send(settings.amqp_url, results, body)
     assert result["status"] == "sent", result
     assert result["email_server_id"] is None
     assert result["via_system_default"] is True
@@ -364,8 +348,7 @@ def test_template_mail_goes_to_the_default_server_until_one_is_designated(
     )
     wait_known(sender, template)
     body = command(tenant, kind="template", subject="Alert")
-    publish(settings.amqp_url, body)
-    [result] = results_for(results, body["request_id"])
+    [result] = send(settings.amqp_url, results, body)
     assert result["status"] == "sent", result
     assert result["email_server_id"] == template["id"]
     [mail] = lab.wait_for(1)
@@ -386,8 +369,7 @@ def test_a_new_server_is_used_without_a_restart(
     api.create(**smtp_server(lab, "agent2@lab.test", sender_addresses=["new@acme.com"]))
     time.sleep(1.0)  # REQUIREMENTS: changes take effect within a second (here: by events)
     body = command(tenant, **{"from": "new@acme.com"})
-    publish(settings.amqp_url, body)
-    [result] = results_for(results, body["request_id"])
+    [result] = send(settings.amqp_url, results, body)
     assert result["status"] == "sent", result
 
 
@@ -406,8 +388,7 @@ def test_451_twice_then_250_is_delivered_once_after_three_attempts(
     _server(api, sender, lab, "agent1@lab.test")
     lab.script({"slow@example.org": ["451 4.3.0 try later", "451 4.3.0 try later", "250"]})
     body = command(tenant, to=["slow@example.org"])
-    publish(settings.amqp_url, body)
-    found = results_for(results, body["request_id"], timeout=15)
+    found = send(settings.amqp_url, results, body, timeout=15)
     assert [(r["status"], r["final"], r["attempts"]) for r in found] == [
         ("failed", False, 1),
         ("failed", False, 2),
@@ -431,8 +412,7 @@ def test_550_fails_at_once_and_lands_in_the_dead_letter_queue(
     _server(api, sender, lab, "agent1@lab.test")
     lab.script({"rejected@example.org": ["550 5.7.1 message refused"]})
     body = command(tenant, to=["rejected@example.org"])
-    publish(settings.amqp_url, body)
-    found = results_for(results, body["request_id"])
+    found = send(settings.amqp_url, results, body)
     assert len(found) == 1
     [result] = found
     assert (result["status"], result["final"], result["attempts"]) == ("failed", True, 1)
@@ -482,8 +462,7 @@ def test_wrong_password_is_a_final_failure_reported_to_the_status_service(
     server = _password_changed_at_the_provider(pool, settings, server)
     wait_known(sender, server)
     body = command(tenant)
-    publish(settings.amqp_url, body)
-    [result] = results_for(results, body["request_id"])
+    [result] = send(settings.amqp_url, results, body)
     assert result["status"] == "failed" and result["final"] is True
     assert result["category"] == "authentication"
     assert result["reason"].startswith("authentication failed")
@@ -586,8 +565,7 @@ def test_invalid_commands_are_answered_and_dead_lettered_and_the_worker_goes_on(
 
     # The worker is alive and well.
     body = command(tenant)
-    publish(settings.amqp_url, body)
-    [result] = results_for(results, body["request_id"])
+    [result] = send(settings.amqp_url, results, body)
     assert result["status"] == "sent"
     assert lab.count() == 1
     assert sender.process.poll() is None

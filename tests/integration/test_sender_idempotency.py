@@ -6,7 +6,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
@@ -25,20 +24,11 @@ from tests.support.sender import (
     new_tenant,
     publish,
     results_for,
-    results_tap,
     sender_env,
     smtp_server,
     start_sender,
     wait_known,
 )
-
-# The SMTP lab fixtures (session-scoped), made visible to this module.
-
-
-@pytest.fixture
-def results(settings: Settings) -> Iterator[rabbit.EventTap]:
-    with results_tap(settings.amqp_url) as tap:
-        yield tap
 
 
 def test_a_sender_killed_right_after_data_never_sends_twice(

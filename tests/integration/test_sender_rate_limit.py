@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
-import pytest
 from fastapi.testclient import TestClient
 
 from shared.settings import Settings
@@ -16,20 +13,11 @@ from tests.support.sender import (
     new_tenant,
     publish,
     results_for,
-    results_tap,
     sender_env,
     smtp_server,
     start_sender,
     wait_known,
 )
-
-# The SMTP lab fixtures (session-scoped), made visible to this module.
-
-
-@pytest.fixture
-def results(settings: Settings) -> Iterator[rabbit.EventTap]:
-    with results_tap(settings.amqp_url) as tap:
-        yield tap
 
 
 def test_mails_over_the_rate_limit_wait_and_are_all_sent(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx2
@@ -25,6 +25,7 @@ from tests.support.api import token_for
 from tests.support.fetching import lab_mailbox
 from tests.support.processes import ServiceProcess
 from tests.support.sender import new_tenant
+from tests.support.waiting import eventually
 
 POLL = 1.0
 
@@ -50,7 +51,7 @@ def status_url(env: dict[str, str]) -> Iterator[str]:
     process = ServiceProcess("run", "status", env=env)
     url = f"http://127.0.0.1:{env['MAILROOM_STATUS_PORT']}"
     try:
-        _until(lambda: _healthy(url), 20, "status service healthy")
+        eventually(lambda: _healthy(url), 20, "status service healthy")
         yield url
     finally:
         process.terminate()
@@ -120,7 +121,7 @@ def test_mail_server_down_is_failing_with_the_reason_and_back_ok(
             print(f"FIGURE mail server down -> failing: {took:.2f} s")
             assert item["consecutive_failures"] >= 2 and item["last_error_at"]
             # The first failures may meet Dovecot half-way down; then the port refuses.
-            _until(
+            eventually(
                 lambda: (
                     "connection refused by localhost:" in (status.of(server["id"]) or {})["reason"]
                 ),
@@ -195,7 +196,7 @@ def test_another_tenant_never_sees_the_servers(
     try:
         server = lab_mailbox(admin, dovecot, lab_user)
         mine.wait_state(server["id"], "ok", 10)
-        _until(lambda: my_stream.states(server["id"])[-1:] == ["ok"], 5, "stream shows ok")
+        eventually(lambda: my_stream.states(server["id"])[-1:] == ["ok"], 5, "stream shows ok")
         assert my_stream.states(server["id"])[0] == "connecting"
         assert theirs.items() == []
         one = httpx2.get(
@@ -229,7 +230,7 @@ class _Stream:
     def start(self) -> _Stream:
         self._thread.start()
         assert self._opened.wait(10), "stream did not open"
-        _until(lambda: bool(self.events), 5, "snapshot event")
+        eventually(lambda: bool(self.events), 5, "snapshot event")
         return self
 
     def _read(self) -> None:
@@ -259,11 +260,3 @@ def _healthy(url: str) -> bool:
         return httpx2.get(f"{url}/healthz", timeout=1).status_code == 200
     except httpx2.HTTPError:
         return False
-
-
-def _until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)

@@ -16,6 +16,7 @@ from tests.support import rabbit
 from tests.support.api import ApiClient
 from tests.support.processes import ServiceProcess
 from tests.support.tcp import TcpProxy
+from tests.support.waiting import eventually
 
 
 @pytest.fixture(scope="module")
@@ -60,15 +61,9 @@ def test_worker_reconnects_after_the_broker_drops_it(
     try:
         assert worker.connected.wait(10)
         rabbit.close_all_connections()
-        deadline = time.monotonic() + 15
-        while worker.connections_made < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert worker.connections_made == 2, "the worker did not reconnect"
+        eventually(lambda: worker.connections_made == 2, 15, "the worker reconnected")
         server = api.create(type="pop3", name="after the drop", host="pop.example.com")
-        deadline = time.monotonic() + 2
-        while worker.directory.get(server["id"]) is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert worker.directory.get(server["id"]) is not None
+        eventually(lambda: worker.directory.get(server["id"]) is not None, 2, "the server known")
         assert thread.is_alive()
     finally:
         worker.stop()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pika
+import pytest
 from fastapi.testclient import TestClient
 
 from shared.settings import Settings
@@ -176,6 +177,21 @@ def results_tap(amqp_url: str) -> Iterator[rabbit.EventTap]:
         yield tap
     finally:
         tap.stop()
+
+
+@pytest.fixture
+def results(settings: Settings) -> Iterator[rabbit.EventTap]:
+    """Every send result published while the test runs."""
+    with results_tap(settings.amqp_url) as tap:
+        yield tap
+
+
+def send(
+    amqp_url: str, results: rabbit.EventTap, body: dict[str, Any], timeout: float = 10.0
+) -> list[dict[str, Any]]:
+    """Publish ``body`` as any client would and wait for its results, the final one last."""
+    publish(amqp_url, body)
+    return results_for(results, body["request_id"], timeout=timeout)
 
 
 def results_for(

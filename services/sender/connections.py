@@ -62,18 +62,23 @@ class SmtpConnections:
         *,
         before_mail: Callable[[], None] | None = None,
         before_data: Callable[[], None] | None = None,
+        before_wait: Callable[[], None] | None = None,
         smtputf8: bool = False,
     ) -> tuple[int, str]:
         """One transaction on a pooled connection; raises :class:`SmtpError`.
 
         ``before_mail`` runs before MAIL FROM (again if a stale connection is replaced),
-        ``before_data`` just before DATA.
+        ``before_data`` just before DATA, ``before_wait`` before anything that may take long:
+        waiting for a free connection, or opening one.
         """
         entry = self._entry(server)
-        entry.slots.acquire()
+        if not entry.slots.acquire(blocking=False):
+            if before_wait is not None:
+                before_wait()
+            entry.slots.acquire()
         try:
             for attempt in (1, 2):
-                session, reused = self._take(entry, password)
+                session, reused = self._take(entry, password, before_wait)
                 data_started = False
 
                 def mark() -> None:
@@ -130,11 +135,18 @@ class SmtpConnections:
                 self._servers[server.id] = entry
             return entry
 
-    def _take(self, entry: _ServerConnections, password: str | None) -> tuple[SmtpSession, bool]:
+    def _take(
+        self,
+        entry: _ServerConnections,
+        password: str | None,
+        before_wait: Callable[[], None] | None,
+    ) -> tuple[SmtpSession, bool]:
         with self._lock:
             idle = entry.idle.pop() if entry.idle else None
         if idle is not None:
             return idle.session, True
+        if before_wait is not None:
+            before_wait()
         session = open_session(
             entry.server, password, timeout=self._timeout, ca_bundle=self._ca_bundle
         )

@@ -4,16 +4,17 @@
 (any AMQP client), which dramatiq cannot read: its messages are its own envelope. So the
 sender's kombu consumer (:mod:`services.sender.supervisor`) validates each command and hands
 it to the intake's delivery threads (:mod:`services.sender.intake`), which make the **first
-attempt** themselves; the command is acked once that attempt is recorded and its result
-published. Only a command that must **wait and try again** goes to dramatiq: the attempt
-records the new owner, enqueues ``deliver(tenant_id, request_id)`` on the internal queue
-``mailroom.sender.deliver`` (``RabbitmqBroker``, publisher confirms) with a backoff delay
-(dramatiq's ``.DQ`` delay queue), and dramatiq's worker threads make every later attempt;
-its ``Retries`` middleware re-enqueues a temporarily failed one (``dramatiq.Retry``) with
-exponential backoff and jitter. The deadline (``MAILROOM_SENDER_RETRY_DEADLINE_SECONDS``
-after the command arrived) is checked by the delivery itself, which turns the last temporary
-failure into a final one. Only ``Retries`` and ``CurrentMessage`` are installed: dramatiq's
-default ``TimeLimit`` would interrupt a thread in the middle of an SMTP DATA.
+attempt** themselves, a batch of waiting commands at a time (:meth:`Sender.deliver_batch`);
+the command is acked once that attempt is recorded and its result published. Only a command
+that must **wait and try again** goes to dramatiq: the attempt records the new owner,
+enqueues ``deliver(tenant_id, request_id)`` on the internal queue ``mailroom.sender.deliver``
+(``RabbitmqBroker``, publisher confirms) with a backoff delay (dramatiq's ``.DQ`` delay
+queue), and dramatiq's worker threads make every later attempt; its ``Retries`` middleware
+re-enqueues a temporarily failed one (``dramatiq.Retry``) with exponential backoff and
+jitter. The deadline (``MAILROOM_SENDER_RETRY_DEADLINE_SECONDS`` after the command arrived)
+is checked by the delivery itself, which turns the last temporary failure into a final one.
+Only ``Retries`` and ``CurrentMessage`` are installed: dramatiq's default ``TimeLimit`` would
+interrupt a thread in the middle of an SMTP DATA.
 
 The first design sent every command through dramatiq. The benchmark
 (``tests/perf/sender_throughput.py``) measured it at 19-23% of a bare smtplib loop: per mail a
@@ -21,35 +22,39 @@ second publish with its confirm, a second consume and ack (pika), six SQL round 
 the one SMTP connection held during a seventh (the commit before DATA), all on a 2-core
 machine that also runs the SMTP server, RabbitMQ and PostgreSQL. Nearly every command is
 delivered at its first attempt, and dramatiq's queue only carried it to a thread of the same
-process. Now a mail costs three SQL round trips (lock and record; the commit before DATA,
-overlapped with MAIL and RCPT; finish and unlock), one confirmed publish (its result) and one
-ack; dramatiq keeps what it is good at, delayed retries that survive restarts.
+process. Then a mail cost three SQL statements (lock and record; the commit before DATA,
+overlapped with MAIL and RCPT; finish and unlock). Now the commands a thread takes together
+are locked and recorded by one statement, and a mail's ``sent`` rides along with the same
+thread's next "DATA starts" mark (:class:`_Lane`): about one statement and one commit per
+mail. On the benchmark's machine that took PostgreSQL from about 1.3 to 0.8-1.0 ms of CPU per
+mail and the sender from about 3.3 to 1.7-2.3 ms (the same run, alternating with the bare
+loop: median 39% → 53% of its rate).
 
-Profiled during the benchmark (py-spy, the sender process), the rest of a mail's CPU time was
-mostly Python around those steps: building the MIME with ``EmailMessage`` (a fifth; simple
-mails are now written directly, :mod:`services.sender.mime`), parsing the same addresses
-again and again, one ``basic.ack`` per command (now many per frame,
-:mod:`services.sender.intake`) and the command's JSON coming back from every insert. That
-took the sender from about 2.1 to about 1.2 ms of CPU per mail. What is left per mail, on the
-benchmark's 2-core machine: the sink about 1.5 ms, the sender 1.2, PostgreSQL 0.8 (three
-statements, two synchronous commits) and RabbitMQ 0.5, against about 1.8 ms for the bare
-loop and its sink; each of the mail's four SMTP round trips waits for a CPU (and the GIL),
-which is why one connection reaches about half of the bare loop's rate, not more.
+Profiled during the benchmark (py-spy, the sender process), the rest of a mail's CPU time is
+mostly Python around those steps: smtplib itself (as in the bare loop), kombu receiving the
+command, pydantic validating it and building the result, and py-amqp publishing it. The
+SMTP server the benchmark uses (aiosmtpd) spends more CPU per mail whenever anything else
+runs beside it on the 2-core machine (2.0-2.6 ms alone, 2.5-3.5 ms beside the sender), and
+every one of a mail's four SMTP round trips waits for it, which is what bounds one
+connection's rate.
 
 **Never twice (the state machine of a request).** ``sending`` → ``sent`` | ``failed``, with
 ``retry_wait`` between attempts (``received`` is only found in rows of older versions); each
 step is committed before the next network step:
 
-1. An intake thread takes a PostgreSQL advisory lock on the request (held on its connection
-   for the whole attempt: if the process dies, PostgreSQL releases it) and, in the same
-   statement, inserts the row already claimed (``sending``, attempt 1). A dramatiq attempt
-   takes the lock, checks that its message owns the row (``owner_message_id``) and claims it
-   (``sending``, one more attempt).
+1. An intake thread takes a PostgreSQL advisory lock on each request of its batch (held on
+   its connection for the whole attempt: if the process dies, PostgreSQL releases it) and,
+   in the same statement, inserts the rows already claimed (``sending``, attempt 1). A
+   dramatiq attempt takes the lock, checks that its message owns the row
+   (``owner_message_id``) and claims it (``sending``, one more attempt).
 2. Before MAIL FROM it sends ``data_started_at``; the commit happens while MAIL and RCPT are
    exchanged, and DATA waits for it.
 3. After the server's reply it commits ``sent`` / ``failed`` / ``retry_wait`` (and releases
    the lock), publishes the result, and only then is the command (or dramatiq message)
-   acked.
+   acked. A first attempt's ``sent`` is committed with the thread's next statement (its
+   next mark, or on its own before anything that may wait); the ack waits for that commit.
+   If that statement fails, the ``sent`` is recorded on a fresh connection, or the command
+   comes again and is closed as uncertain (below): never sent twice.
 
 After a crash the command (or the dramatiq message) is delivered again and finds the row
 ``sending``:
@@ -78,7 +83,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -154,17 +159,97 @@ class Outcome(enum.Enum):
     REQUEUE = "requeue"  # not handled now (a failure, or busy elsewhere): deliver it again
 
 
+@dataclass(frozen=True)
+class FirstAttempt:
+    """A validated command handed to :meth:`Sender.deliver_batch`."""
+
+    command: SendCommand
+    raw: dict[str, Any]
+    redelivered: bool  # AMQP's flag: ours, back after a crash or a requeue (module doc)
+
+
+# Told when a command's first attempt is over: its index in the batch, what becomes of the
+# command, and the results to publish before it is acked.
+Done = Callable[[int, Outcome, list[SendResult]], None]
+_Completion = tuple[int, Outcome, list[SendResult]]
+
+
+class _Lane:
+    """A delivery thread's database connection, and the accepted mail whose ``sent`` waits
+    to ride along with the thread's next statement (:class:`repo.Sent`).
+
+    Recording ``sent`` on its own would cost every mail a second commit. Instead it goes with
+    the next mail's "DATA starts" mark, or alone (:meth:`flush`) before anything else touches
+    the connection or may block: a batch's end, a wait for a connection slot, a new SMTP
+    connection, the rate limit, a token request. The mail's command is acked, and its result
+    published, only once its ``sent`` is committed (``waiting``).
+    """
+
+    def __init__(self, conn: DictConnection, done: Done | None = None) -> None:
+        self.conn = conn
+        self.done = done  # first attempts only defer; a dramatiq retry records at once
+        self._deferred: repo.Sent | None = None
+        self._in_flight: repo.Sent | None = None  # sent along with a statement on its way
+        self._waiting: _Completion | None = None  # the deferred mail's ``done`` arguments
+
+    @property
+    def holds_unrecorded(self) -> bool:
+        return self._deferred is not None or self._in_flight is not None
+
+    def defer(self, sent: repo.Sent) -> None:
+        self.flush()
+        self._deferred = sent
+
+    def complete_when_recorded(self, completion: _Completion) -> None:
+        assert self._deferred is not None
+        self._waiting = completion
+
+    def take(self) -> repo.Sent | None:
+        """The deferred ``sent`` for a statement about to go; :meth:`recorded` once it did."""
+        sent, self._deferred = self._deferred, None
+        self._in_flight = sent
+        return sent
+
+    def recorded(self) -> None:
+        if self._in_flight is None:
+            return
+        self._in_flight = None
+        completion, self._waiting = self._waiting, None
+        if completion is not None and self.done is not None:
+            self.done(*completion)
+
+    def flush(self) -> None:
+        """Record the deferred ``sent`` now, on its own."""
+        sent = self.take()
+        if sent is not None:
+            repo.finish_sent(self.conn, sent)
+            self.recorded()
+
+    def unrecorded(self) -> tuple[repo.Sent | None, _Completion | None]:
+        """After a failure: the accepted mail not known to be recorded, and its completion."""
+        sent = self._in_flight or self._deferred
+        self._in_flight = self._deferred = None
+        completion, self._waiting = self._waiting, None
+        return sent, completion
+
+
 @dataclass
 class _Work:
     """One request in the hands of one thread, which holds the request's advisory lock."""
 
-    conn: DictConnection
+    lane: _Lane
     tenant_id: str
     request_id: str
     row: repo.SendRequest | None
     inline: bool  # the intake's first attempt (a retry is handed to dramatiq)
     locked: bool = True
     results: list[SendResult] = field(default_factory=list)  # inline: published by the intake
+
+    @property
+    def conn(self) -> DictConnection:
+        """The thread's connection, after its deferred ``sent`` (statements stay in order)."""
+        self.lane.flush()
+        return self.lane.conn
 
     @property
     def request(self) -> repo.SendRequest:
@@ -184,7 +269,11 @@ class Sender:
             min_size=1,
             max_size=settings.sender_threads + settings.sender_retry_threads + 2,
             connection_class=cast(type[DictConnection], psycopg.Connection),
-            kwargs={"row_factory": dict_row, "autocommit": True},
+            kwargs={
+                "row_factory": dict_row,
+                "autocommit": True,
+                "application_name": "mailroom-sender",
+            },
             open=False,
             name="mailroom-sender",
         )
@@ -281,27 +370,86 @@ class Sender:
 
     # --- first attempts (intake threads) ---------------------------------------------------
 
-    def deliver_first(
-        self, command: SendCommand, raw: dict[str, Any], *, redelivered: bool
-    ) -> tuple[Outcome, list[SendResult]]:
-        """The first attempt of a validated command, and the results to publish before the
-        command is acked (the intake publishes them, :mod:`services.sender.results`)."""
-        tenant_id, request_id = command.tenant_id, command.request_id
+    def deliver_batch(self, attempts: list[FirstAttempt], done: Done) -> None:
+        """First attempts of validated commands (distinct requests), in order, on one
+        database connection: one statement records them all, then each mail costs one more.
+
+        ``done`` is called once per command, in order. After an unexpected error (the
+        database or a bug) the commands not handled yet are requeued, never dropped.
+        """
+        handled = 0  # attempts[:handled] went to ``done``, or wait for their ``sent``
         with self.db.connection() as conn:
-            locked, row = repo.start_first_attempt(
-                conn, tenant_id, request_id, raw, self.settings.sender_retry_deadline_seconds
-            )
-            if not locked:
-                if redelivered:  # maybe our own earlier copy, still at work: look again later
-                    return Outcome.REQUEUE, []
-                log.info("sender: request %s is being delivered already; copy dropped", request_id)
-                return Outcome.ACK, []
-            with self._holding(conn, tenant_id, request_id, row, inline=True) as work:
-                if row is not None:
-                    self._resolve_and_attempt(work, command)
-                else:
-                    work.row = repo.get_locked(conn, tenant_id, request_id)
-                    self._seen_before(work, command, redelivered=redelivered)
+            lane = _Lane(conn, done)
+            try:
+                started = repo.start_first_attempts(
+                    conn,
+                    [
+                        repo.NewRequest(
+                            a.command.tenant_id,
+                            a.command.request_id,
+                            a.raw,
+                            self.settings.sender_retry_deadline_seconds,
+                        )
+                        for a in attempts
+                    ],
+                )
+                for index, (attempt, start) in enumerate(zip(attempts, started, strict=True)):
+                    outcome, results = self._first_attempt(lane, attempt, start)
+                    handled = index + 1
+                    if lane.holds_unrecorded:
+                        lane.complete_when_recorded((index, outcome, results))
+                    else:
+                        done(index, outcome, results)
+                lane.flush()
+            except Exception:
+                log.exception(
+                    "sender: could not deliver %d commands now; they are requeued",
+                    len(attempts) - handled,
+                )
+                conn.close()  # releases every request lock the batch still holds
+                self._record_after_failure(lane, done)
+                for index in range(handled, len(attempts)):
+                    done(index, Outcome.REQUEUE, [])
+
+    def _record_after_failure(self, lane: _Lane, done: Done) -> None:
+        """A mail the server accepted whose ``sent`` may not be recorded: try on a fresh
+        connection; if that fails too its command comes again and is closed as uncertain."""
+        sent, completion = lane.unrecorded()
+        if sent is None or completion is None:
+            return
+        try:
+            with self.db.connection() as conn:
+                repo.finish(
+                    conn,
+                    sent.tenant_id,
+                    sent.request_id,
+                    state="sent",
+                    server_id=sent.server_id,
+                    smtp_code=sent.smtp_code,
+                    smtp_response=sent.smtp_response,
+                )
+        except Exception:
+            log.exception("sender: request %s was accepted but not recorded", sent.request_id)
+            done(completion[0], Outcome.REQUEUE, [])
+            return
+        done(*completion)
+
+    def _first_attempt(
+        self, lane: _Lane, attempt: FirstAttempt, start: repo.Started
+    ) -> tuple[Outcome, list[SendResult]]:
+        command = attempt.command
+        tenant_id, request_id = command.tenant_id, command.request_id
+        if not start.locked:
+            if attempt.redelivered:  # maybe our own earlier copy, still at work: later
+                return Outcome.REQUEUE, []
+            log.info("sender: request %s is being delivered already; copy dropped", request_id)
+            return Outcome.ACK, []
+        with self._holding(lane, tenant_id, request_id, start.row, inline=True) as work:
+            if start.row is not None:
+                self._resolve_and_attempt(work, command)
+            else:
+                work.row = repo.get_locked(work.conn, tenant_id, request_id)
+                self._seen_before(work, command, redelivered=attempt.redelivered)
         return Outcome.ACK, work.results
 
     def _seen_before(self, work: _Work, command: SendCommand, *, redelivered: bool) -> None:
@@ -343,7 +491,7 @@ class Sender:
             if not locked:
                 log.info("sender: request %s is being delivered by another thread", request_id)
                 raise dramatiq.Retry("busy", delay=BUSY_RETRY_MILLISECONDS)
-            with self._holding(conn, tenant_id, request_id, row, inline=False) as work:
+            with self._holding(_Lane(conn), tenant_id, request_id, row, inline=False) as work:
                 self._deliver_locked(work, owner)
 
     def _deliver_locked(self, work: _Work, owner: str) -> None:
@@ -369,7 +517,7 @@ class Sender:
     @contextmanager
     def _holding(
         self,
-        conn: DictConnection,
+        lane: _Lane,
         tenant_id: str,
         request_id: str,
         row: repo.SendRequest | None,
@@ -377,12 +525,12 @@ class Sender:
         inline: bool,
     ) -> Iterator[_Work]:
         """The request's lock is held on entry; released on exit unless a finish did it."""
-        work = _Work(conn, tenant_id, request_id, row, inline)
+        work = _Work(lane, tenant_id, request_id, row, inline)
         try:
             yield work
         finally:
-            if work.locked and not conn.closed:
-                repo.unlock(conn, tenant_id, request_id)
+            if work.locked and not lane.conn.closed:
+                repo.unlock(work.conn, tenant_id, request_id)
 
     def _resolve_and_attempt(self, work: _Work, command: SendCommand) -> None:
         try:
@@ -392,6 +540,7 @@ class Sender:
             return
         if route.server.auth_type is AuthType.OAUTH2:
             # A fresh access token per attempt; pooled connections stay logged in with theirs.
+            work.lane.flush()  # asking the provider may take a while
             try:
                 route = replace(route, password=self.login_secrets.for_server(route.server))
             except MailServerError as exc:
@@ -404,7 +553,9 @@ class Sender:
                     handed_over=False,
                 )
                 return
-        self.limiter.wait(route.server.id, self.stopping)
+        if self.limiter.enabled:
+            work.lane.flush()  # the limit may make it wait
+            self.limiter.wait(route.server.id, self.stopping)
         self._attempt(work, command, route)
 
     def _attempt(self, work: _Work, command: SendCommand, route: Route) -> None:
@@ -421,15 +572,25 @@ class Sender:
             nonlocal marking
             if marking is None:  # a replaced stale connection asks again: once is enough
                 marking = repo.begin_mark_data_started(
-                    work.conn, row.tenant_id, row.request_id, route.server_id, mail.message_id
+                    work.lane.conn,
+                    row.tenant_id,
+                    row.request_id,
+                    route.server_id,
+                    mail.message_id,
+                    sent=work.lane.take(),  # the thread's previous mail rides along
                 )
+
+        def marked() -> None:
+            """Until the mark (and the previous mail's ``sent``) is committed."""
+            if marking is not None:
+                marking.wait()
+                work.lane.recorded()
 
         def before_data() -> None:
             nonlocal handed_over
             if marking is None:
                 before_mail()
-            assert marking is not None
-            marking.wait()
+            marked()
             handed_over = True
 
         started = time.monotonic()
@@ -442,16 +603,16 @@ class Sender:
                 mail.data,
                 before_mail=before_mail,
                 before_data=before_data,
+                before_wait=work.lane.flush,
                 smtputf8=mail.smtputf8,
             )
         except SmtpError as exc:
-            if marking is not None:
-                marking.wait()  # the connection is free for the next statement
+            marked()  # the connection is free for the next statement
             self._smtp_failed(work, route, exc, handed_over=handed_over)
             return
         finally:
-            if marking is not None and not handed_over:
-                marking.wait()
+            if not handed_over:
+                marked()
         metrics.SEND_SECONDS.observe(time.monotonic() - started)
         self._finish(
             work,
@@ -485,10 +646,27 @@ class Sender:
         )
 
     def _finish(self, work: _Work, *, state: str, **fields: Any) -> None:
-        """Record the attempt's outcome; releases the lock in the same round trip."""
-        repo.finish(
-            work.conn, work.tenant_id, work.request_id, state=state, unlock=work.locked, **fields
-        )
+        """Record the attempt's outcome; releases the lock in the same round trip. A first
+        attempt's ``sent`` rides along with the thread's next statement (:class:`_Lane`)."""
+        if state == "sent" and work.lane.done is not None and work.locked:
+            work.lane.defer(
+                repo.Sent(
+                    work.tenant_id,
+                    work.request_id,
+                    fields["server_id"],
+                    fields["smtp_code"],
+                    fields["smtp_response"],
+                )
+            )
+        else:
+            repo.finish(
+                work.conn,
+                work.tenant_id,
+                work.request_id,
+                state=state,
+                unlock=work.locked,
+                **fields,
+            )
         work.locked = False
 
     def _smtp_failed(

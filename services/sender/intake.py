@@ -2,8 +2,10 @@
 
 The kombu consumer (:mod:`services.sender.supervisor`) reads up to ``COMMAND_PREFETCH``
 commands ahead and :meth:`Intake.submit` queues each validated one for
-``MAILROOM_SENDER_THREADS`` delivery threads (:meth:`Sender.deliver_first
-<services.sender.delivery.Sender.deliver_first>`). A channel belongs to the thread that
+``MAILROOM_SENDER_THREADS`` delivery threads. A thread takes what is waiting, up to
+``BATCH_LIMIT`` commands of distinct requests, and makes their first attempts in order
+(:meth:`Sender.deliver_batch <services.sender.delivery.Sender.deliver_batch>`: one
+statement records the batch, one more per mail). A channel belongs to the thread that
 consumes from it, so a thread that is done does not ack: it puts the command on the
 ``settled`` list, and the consumer's thread acks (or requeues) it in :meth:`Intake.settle`,
 which it calls on every turn of its loop. While commands are in the threads' hands the
@@ -41,7 +43,7 @@ from typing import Any
 
 from kombu import Message
 
-from services.sender.delivery import Outcome
+from services.sender.delivery import Done, FirstAttempt, Outcome
 from services.sender.results import ResultStream
 from shared.contracts.send import SendCommand, SendResult
 
@@ -50,16 +52,19 @@ log = logging.getLogger(__name__)
 SETTLE_SECONDS = 0.005
 REQUEUE_PAUSE_SECONDS = 0.5
 HELD_ACKS_LIMIT = 50
+BATCH_LIMIT = 32
 
-Deliver = Callable[[SendCommand, dict[str, Any], bool], tuple[Outcome, list[SendResult]]]
+Deliver = Callable[[list[FirstAttempt], Done], None]
 
 
 @dataclass(frozen=True)
 class _Job:
     message: Message
-    command: SendCommand
-    raw: dict[str, Any]
-    redelivered: bool
+    attempt: FirstAttempt
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.attempt.command.tenant_id, self.attempt.command.request_id
 
 
 class Intake:
@@ -100,7 +105,7 @@ class Intake:
         self.pending += 1
         self._in_order.append(message)
         self._tracked.add(id(message))
-        self._jobs.put(_Job(message, command, raw, redelivered))
+        self._jobs.put(_Job(message, FirstAttempt(command, raw, redelivered)))
 
     def settle(self) -> None:
         """Ack (or requeue) the commands whose first attempt is over."""
@@ -190,24 +195,53 @@ class Intake:
     # --- the delivery threads --------------------------------------------------------------
 
     def _run(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            try:
-                outcome, results = self._deliver(job.command, job.raw, job.redelivered)
-            except Exception:
-                log.exception(
-                    "sender: could not deliver request %s now; the command is requeued",
-                    job.command.request_id,
-                )
-                outcome, results = Outcome.REQUEUE, []
+        carry: _Job | None = None  # the first of the next batch
+        while True:
+            first = carry if carry is not None else self._jobs.get()
+            carry = None
+            if first is None:
+                return
+            batch, keys = [first], {first.key}
+            while len(batch) < BATCH_LIMIT:
+                try:
+                    job = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is None:
+                    self._jobs.put(None)  # stop after this batch
+                    break
+                if job.key in keys:  # the same request twice: one after the other
+                    carry = job
+                    break
+                batch.append(job)
+                keys.add(job.key)
+            self._deliver_batch(batch)
+
+    def _deliver_batch(self, batch: list[_Job]) -> None:
+        handled: set[int] = set()
+        requeue: list[Message] = []
+
+        def done(index: int, outcome: Outcome, results: list[SendResult]) -> None:
+            handled.add(index)
+            message = batch[index].message
             if outcome is Outcome.REQUEUE:
-                time.sleep(REQUEUE_PAUSE_SECONDS)
-            if not results:
-                self._settled.append((job.message, outcome))
-                continue
-            # In order: the last result's confirm covers the ones before it.
-            for result in results[:-1]:
-                self.results.publish(result, None)
-            self.results.publish(results[-1], (job.message, outcome))
+                requeue.append(message)
+            elif not results:
+                self._settled.append((message, outcome))
+            else:
+                # In order: the last result's confirm covers the ones before it.
+                for result in results[:-1]:
+                    self.results.publish(result, None)
+                self.results.publish(results[-1], (message, outcome))
+
+        try:
+            self._deliver([job.attempt for job in batch], done)
+        except Exception:
+            log.exception("sender: could not deliver a batch now; its commands are requeued")
+        requeue += [job.message for n, job in enumerate(batch) if n not in handled]
+        if requeue:
+            time.sleep(REQUEUE_PAUSE_SECONDS)  # what failed now will hardly work at once
+            self._settled.extend((message, Outcome.REQUEUE) for message in requeue)
 
     def _confirmed(self, tokens: list[Any]) -> None:
         self._settled.extend(token for token in tokens if token is not None)

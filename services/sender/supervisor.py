@@ -46,13 +46,7 @@ class SenderSupervisor(ConfigFollower):
     def __init__(self, settings: Settings, pool: ConnectionPool[DictConnection]) -> None:
         super().__init__(settings, pool)
         self.sender = Sender(settings, self.directory)
-        self.intake = Intake(
-            lambda command, raw, redelivered: self.sender.deliver_first(
-                command, raw, redelivered=redelivered
-            ),
-            settings.sender_threads,
-            settings.amqp_url,
-        )
+        self.intake = Intake(self.sender.deliver_batch, settings.sender_threads, settings.amqp_url)
         self.commands_accepted = 0
         self._last_tick = 0.0
 

@@ -5,12 +5,15 @@ committed when the statement returns, because a crash must find it (see the migr
 and ``services/sender/delivery.py`` for the state machine).
 
 A request is worked on by one thread at a time, which holds the request's session advisory
-lock (released by PostgreSQL when the process dies). To keep a mail to three round trips
-(:func:`start_first_attempt`, :func:`begin_mark_data_started`, :func:`finish`), taking the
-lock is merged into the first statement and releasing it into the last. Because
-:func:`finish` releases the lock before its own commit, every read made after taking the
-lock (:func:`lock_and_get`, :func:`get_locked`) uses ``FOR UPDATE``: it waits for that commit
-and sees the finished row, never the one before it.
+lock (released by PostgreSQL when the process dies). Taking the lock is merged into the
+statement that records the request and releasing it into the one that finishes it. A
+delivery thread records a whole batch of new commands in one statement
+(:func:`start_first_attempts`), and on the common path a mail then costs one statement
+more: :func:`begin_mark_data_started`, which also records the thread's previous mail as
+``sent`` (:class:`Sent`), so a mail needs one commit, not two. Because a finish releases the
+lock before its own commit, every read made after taking the lock (:func:`lock_and_get`,
+:func:`get_locked`) uses ``FOR UPDATE``: it waits for that commit and sees the finished row,
+never the one before it.
 """
 
 from __future__ import annotations
@@ -71,45 +74,62 @@ def lock_key(tenant_id: str, request_id: str) -> str:
     return f"send\n{tenant_id}\n{request_id}"
 
 
-def start_first_attempt(
-    conn: DictConnection,
-    tenant_id: str,
-    request_id: str,
-    command: dict[str, Any],
-    deadline_seconds: float,
-) -> tuple[bool, SendRequest | None]:
-    """Lock the request and record it, already claimed (``sending``, attempt 1): one statement.
+@dataclass(frozen=True)
+class NewRequest:
+    tenant_id: str
+    request_id: str
+    command: dict[str, Any]
+    deadline_seconds: float
 
-    ``(locked?, row)``: ``row`` is the new request, or ``None`` when the request was seen
-    before (then read it with :func:`get_locked`). Not ``locked``: another thread or process
-    is working on it right now, and nothing was written.
+
+@dataclass(frozen=True)
+class Started:
+    """What :func:`start_first_attempts` found for one request."""
+
+    locked: bool  # else another thread or process works on it right now; nothing was written
+    row: SendRequest | None  # the new request (``sending``, attempt 1); None: seen before
+
+
+def start_first_attempts(conn: DictConnection, requests: list[NewRequest]) -> list[Started]:
+    """Lock each request and record it, already claimed: one statement for the whole batch.
+
+    The requests must be distinct. A request seen before stays locked (when ``locked``) and
+    is read with :func:`get_locked`.
     """
-    row = conn.execute(
+    if not requests:
+        return []
+    rows = conn.execute(
         # synchronous_commit off for this one statement: its commit need not wait for the
         # disk, because nothing is handed over before the next (synchronous) commit, which
-        # flushes the log up to it. A crash of PostgreSQL before that loses only a row whose
-        # command was not acked: it is delivered again and recorded again.
-        f"WITH advisory AS (SELECT pg_try_advisory_lock(hashtextextended(%s, 0)) AS locked,"  # noqa: S608
-        f" set_config('synchronous_commit', 'off', true) AS commit_mode),"
+        # flushes the log up to it. A crash of PostgreSQL before that loses only rows whose
+        # commands were not acked: they are delivered again and recorded again.
+        f"WITH input AS (SELECT * FROM unnest(%s::text[], %s::text[], %s::jsonb[],"  # noqa: S608
+        f" %s::float8[]) WITH ORDINALITY AS i(tenant_id, request_id, command, deadline, n)),"
+        f" advisory AS (SELECT input.*, pg_try_advisory_lock(hashtextextended("
+        f"'send' || chr(10) || tenant_id || chr(10) || request_id, 0)) AS locked,"
+        f" set_config('synchronous_commit', 'off', true) AS commit_mode FROM input),"
         f" inserted AS (INSERT INTO send_requests (tenant_id, request_id, state, command,"
         f" owner_message_id, attempts, deadline_at)"
-        f" SELECT %s, %s, 'sending', %s, %s, 1, now() + make_interval(secs => %s)"
-        f" FROM advisory WHERE advisory.locked"
-        f" ON CONFLICT (tenant_id, request_id) DO NOTHING RETURNING {_COLUMNS_BUT_COMMAND})"
-        f" SELECT advisory.locked, inserted.* FROM advisory LEFT JOIN inserted ON true",
+        f" SELECT tenant_id, request_id, 'sending', command, %s, 1,"
+        f" now() + make_interval(secs => deadline) FROM advisory WHERE advisory.locked"
+        f" ORDER BY n ON CONFLICT (tenant_id, request_id) DO NOTHING"
+        f" RETURNING {_COLUMNS_BUT_COMMAND})"
+        f" SELECT advisory.n, advisory.locked, inserted.* FROM advisory LEFT JOIN inserted"
+        f" USING (tenant_id, request_id) ORDER BY advisory.n",
         (
-            lock_key(tenant_id, request_id),
-            tenant_id,
-            request_id,
-            Jsonb(command),
+            [r.tenant_id for r in requests],
+            [r.request_id for r in requests],
+            [Jsonb(r.command) for r in requests],
+            [r.deadline_seconds for r in requests],
             INTAKE_OWNER,
-            deadline_seconds,
         ),
-    ).fetchone()
-    assert row is not None
-    if row["state"] is None:
-        return bool(row["locked"]), None
-    return bool(row["locked"]), _row({**row, "command": command})
+    ).fetchall()
+    assert len(rows) == len(requests)
+    started = []
+    for request, row in zip(requests, rows, strict=True):
+        new = None if row["state"] is None else _row({**row, "command": request.command})
+        started.append(Started(bool(row["locked"]), new))
+    return started
 
 
 def get_locked(conn: DictConnection, tenant_id: str, request_id: str) -> SendRequest | None:
@@ -171,6 +191,7 @@ class PendingStatement:
     def __init__(self, conn: DictConnection, query: str, params: list[str | None]) -> None:
         self._conn = conn
         self._done = False
+        self._error: psycopg.Error | None = None
         encoded = [p.encode() if p is not None else None for p in params]
         conn.pgconn.send_query_params(query.encode(), encoded)
         if conn.pgconn.flush() != 0:  # rarely: the socket took only part of it
@@ -178,30 +199,97 @@ class PendingStatement:
 
     def wait(self) -> None:
         """Until the statement is committed; raises :class:`psycopg.Error` if it failed."""
+        if self._error is not None:
+            raise self._error  # asked again after it failed: still failed
         if self._done:
             return
         self._done = True
-        results = self._conn.wait(generators.fetch_many(self._conn.pgconn))
+        try:
+            results = self._conn.wait(generators.fetch_many(self._conn.pgconn))
+        except psycopg.Error as exc:
+            self._error = exc
+            raise
         for result in results:
             if result.status not in (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK):
                 message = (result.error_message or b"").decode(errors="replace").strip()
-                raise psycopg.OperationalError(message or f"statement failed ({result.status})")
+                self._error = psycopg.OperationalError(
+                    message or f"statement failed ({result.status})"
+                )
+                raise self._error
+
+
+@dataclass(frozen=True)
+class Sent:
+    """A mail the server accepted, not recorded yet: it rides along with the next statement
+    of the same thread (:func:`begin_mark_data_started`), or goes alone (:func:`finish_sent`).
+    Its request's lock is held on the same connection until then."""
+
+    tenant_id: str
+    request_id: str
+    server_id: str | None
+    smtp_code: int
+    smtp_response: str
+
+
+# Records ``$1`` .. ``$5`` of a Sent and releases its request's lock (reading ``done`` first:
+# the row is updated, and locked, before the unlock runs). Only spliced into statements below.
+_RECORD_SENT = (
+    "done AS (UPDATE send_requests SET state = 'sent', server_id = COALESCE($1, server_id),"
+    " smtp_code = $2, smtp_response = $3, reason = NULL, uncertain = false,"
+    " updated_at = now() WHERE tenant_id = $4 AND request_id = $5 RETURNING 1),"
+    " unlocked AS (SELECT pg_advisory_unlock(hashtextextended("
+    "'send' || chr(10) || $4 || chr(10) || $5, 0)) FROM (SELECT count(*) FROM done) d)"
+)
+
+
+def _sent_params(sent: Sent) -> list[str | None]:
+    return [
+        sent.server_id,
+        str(sent.smtp_code),
+        sent.smtp_response,
+        sent.tenant_id,
+        sent.request_id,
+    ]
 
 
 def begin_mark_data_started(
-    conn: DictConnection, tenant_id: str, request_id: str, server_id: str | None, message_id: str
+    conn: DictConnection,
+    tenant_id: str,
+    request_id: str,
+    server_id: str | None,
+    message_id: str,
+    sent: Sent | None = None,
 ) -> PendingStatement:
     """Record that the mail is about to be handed over; DATA waits for the commit.
 
     Sent before MAIL FROM and committed while MAIL and RCPT are exchanged: from its commit on,
-    a crash means "outcome unknown" (the request is never sent again).
+    a crash means "outcome unknown" (the request is never sent again). ``sent``: the same
+    thread's previous mail, recorded (and unlocked) in the same statement and commit.
     """
+    mark = (
+        "UPDATE send_requests SET data_started_at = now(), server_id = $1, message_id = $2,"
+        " updated_at = now() WHERE tenant_id = $3 AND request_id = $4"
+    )
+    params: list[str | None] = [server_id, message_id, tenant_id, request_id]
+    if sent is None:
+        return PendingStatement(conn, mark, params)
+    # The previous mail's parameters come first ($1-$5); the mark's are shifted by five.
+    shifted = mark.replace("$4", "$9").replace("$3", "$8").replace("$2", "$7").replace("$1", "$6")
     return PendingStatement(
         conn,
-        "UPDATE send_requests SET data_started_at = now(), server_id = $1, message_id = $2,"
-        " updated_at = now() WHERE tenant_id = $3 AND request_id = $4",
-        [server_id, message_id, tenant_id, request_id],
+        f"WITH {_RECORD_SENT}, marked AS ({shifted} RETURNING 1)"  # noqa: S608 - constants
+        " SELECT (SELECT count(*) FROM unlocked), (SELECT count(*) FROM marked)",
+        [*_sent_params(sent), *params],
     )
+
+
+def finish_sent(conn: DictConnection, sent: Sent) -> None:
+    """Record ``sent`` on its own (nothing else to ride along with), and unlock."""
+    PendingStatement(
+        conn,
+        f"WITH {_RECORD_SENT} SELECT count(*) FROM unlocked",  # noqa: S608 - a constant
+        _sent_params(sent),
+    ).wait()
 
 
 def finish(

@@ -42,6 +42,7 @@ from tests.support.sender import (
     start_sender,
     wait_known,
 )
+from tests.support.waiting import eventually
 
 
 @pytest.fixture(scope="module")
@@ -570,6 +571,43 @@ def test_invalid_commands_are_answered_and_dead_lettered_and_the_worker_goes_on(
     assert lab.count() == 1
     assert sender.process.poll() is None
     assert "Traceback" not in sender.log()
+
+
+def test_a_burst_of_commands_is_sent_once_each_and_leaves_no_request_locked(
+    sender: ServiceProcess,
+    labs: tuple[SmtpLab, SmtpLab],
+    company: tuple[ApiClient, str],
+    results: rabbit.EventTap,
+    settings: Settings,
+    pool: ConnectionPool[DictConnection],
+) -> None:
+    """Commands waiting together are recorded as a batch and each mail's ``sent`` rides
+    along with the next mail's statement: every one still arrives once, is recorded, and
+    gives its lock back. A copy of one inside the burst changes nothing."""
+    lab, _ = labs
+    api, tenant = company
+    _server(api, sender, lab, "agent1@lab.test")
+    bodies = [command(tenant, to=[f"burst{n}@example.org"]) for n in range(120)]
+    publish(settings.amqp_url, *bodies[:60], bodies[10], *bodies[60:])
+    finals = [results_for(results, body["request_id"], timeout=30)[-1] for body in bodies]
+    assert [r["status"] for r in finals] == ["sent"] * len(bodies)
+    eventually(lambda: lab.count() >= len(bodies), timeout=5)
+    time.sleep(0.5)  # a mail sent twice would arrive now
+    arrived = sorted(m.recipients[0] for m in lab.mails())
+    assert arrived == sorted(f"burst{n}@example.org" for n in range(120))
+    request_ids = [body["request_id"] for body in bodies]
+    with pool.connection() as conn:
+        rows = conn.execute(
+            "SELECT state, data_started_at IS NOT NULL AS marked, smtp_code,"
+            " pg_try_advisory_lock(hashtextextended(%s || tenant_id || %s || request_id, 0))"
+            " AS free FROM send_requests WHERE tenant_id = %s AND request_id = ANY(%s)",
+            ("send\n", "\n", tenant, request_ids),
+        ).fetchall()
+        conn.execute("SELECT pg_advisory_unlock_all()")
+    assert len(rows) == len(bodies)
+    assert {(r["state"], r["marked"], r["smtp_code"], r["free"]) for r in rows} == {
+        ("sent", True, 250, True)
+    }
 
 
 def test_a_command_published_twice_arrives_once(

@@ -29,6 +29,7 @@ from tests.support.sender import (
     start_sender,
     wait_known,
 )
+from tests.support.waiting import eventually
 
 
 def test_a_sender_killed_right_after_data_never_sends_twice(
@@ -82,6 +83,50 @@ def test_a_sender_killed_right_after_data_never_sends_twice(
         ]
     finally:
         second.terminate()
+
+
+def test_database_connections_cut_during_a_burst_lose_no_command_and_send_none_twice(
+    mail_lab_certs: LabCertificates,
+    smtp_lab: SmtpLab,
+    smtp_default_lab: SmtpLab,
+    client: TestClient,
+    settings: Settings,
+    pool: ConnectionPool[DictConnection],
+    results: rabbit.EventTap,
+) -> None:
+    """PostgreSQL drops the sender's sessions (and with them its request locks) while mails
+    flow: the batches in hand are requeued and every command still ends with one final
+    result; a mail whose ``sent`` was not recorded yet is closed as uncertain, never resent."""
+    smtp_lab.clear()
+    api, tenant = new_tenant(client, settings)
+    sender = start_sender(sender_env(mail_lab_certs, smtp_default_lab))
+    try:
+        server = api.create(**smtp_server(smtp_lab, "agent1@lab.test"))
+        wait_known(sender, server)
+        bodies = [command(tenant, to=[f"cut{n}@example.org"]) for n in range(150)]
+        publish(settings.amqp_url, *bodies)
+        eventually(lambda: smtp_lab.count() >= 20, timeout=20, what="20 mails sent")
+        with pool.connection() as conn:
+            cut = conn.execute(
+                "SELECT count(pg_terminate_backend(pid)) AS n FROM pg_stat_activity"
+                " WHERE application_name = 'mailroom-sender'"
+            ).fetchone()
+        assert cut is not None and cut["n"] >= 1
+        finals = {
+            body["request_id"]: results_for(results, body["request_id"], timeout=40)[-1]
+            for body in bodies
+        }
+    finally:
+        sender.terminate()
+    arrived = [m.recipients[0] for m in smtp_lab.mails()]
+    assert len(arrived) == len(set(arrived)), "a mail arrived twice"
+    by_recipient = {body["to"][0]: finals[body["request_id"]] for body in bodies}
+    for recipient, final in by_recipient.items():
+        if final["status"] == "sent":
+            assert recipient in arrived
+        else:  # only the one mail in flight when its record was lost
+            assert final["uncertain"] is True, final
+    assert sum(final["status"] == "sent" for final in finals.values()) >= len(bodies) - 8
 
 
 STANDALONE_CLIENT = textwrap.dedent(

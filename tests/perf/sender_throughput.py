@@ -4,10 +4,16 @@
 process (STARTTLS + AUTH PLAIN, the lab's certificates) receives:
 
 1. the floor: a bare ``smtplib`` loop over one reused connection sending N ready-made mails;
-2. N JSON commands published to ``mailroom.send`` and delivered by one ``mailroom run sender``
-   process (one SMTP connection per server and process), timed from the first publish to the
-   last ``sent`` result;
+2. N JSON commands, all waiting in ``mailroom.send`` before one ``mailroom run sender``
+   process starts (one SMTP connection per server and process), timed from the first ``sent``
+   result to the last (so neither the benchmark's own publishing nor the sender's start-up
+   shares the CPU with the measured part);
 3. the same with two sender processes.
+
+The machine's speed drifts within minutes (a shared host: the bare loop alone has been seen
+at 280 and 510 mails/s ten minutes apart), so the rounds alternate (``BENCH_ROUNDS``,
+default 3: bare, sender, bare, sender, ...), each sender run is set against the bare loop of
+its own round, and the median of those ratios is the result.
 
 Mails are ~2 KB. The database is ``mailroom_bench`` (``mailroom_bench_<name>`` with
 ``MAILROOM_TEST_INSTANCE=<name>``, like the suite's), the vhost the test suite's. ``BENCH_MAILS``
@@ -27,6 +33,7 @@ import os
 import secrets
 import smtplib
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,6 +49,7 @@ from cryptography.fernet import Fernet
 MAILS = int(os.environ.get("BENCH_MAILS", "5000"))
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "1"))
 PROCESSES = [int(n) for n in os.environ.get("BENCH_PROCESSES", "1,2").split(",") if n.strip()]
+ROUNDS = max(1, int(os.environ.get("BENCH_ROUNDS", "3")))
 ROOT = Path(__file__).resolve().parents[2]
 USER = "bench@lab.test"
 TENANT = "bench"
@@ -86,6 +94,7 @@ class SentCounter:
 
     def __init__(self, amqp_url: str) -> None:
         self.count = 0
+        self.first_at = 0.0
         self.last_at = 0.0
         self._amqp_url = amqp_url
         self._ready = threading.Event()
@@ -111,6 +120,8 @@ class SentCounter:
         def on_message(ch: Any, method: Any, props: Any, body: bytes) -> None:
             self.count += 1
             self.last_at = time.perf_counter()
+            if self.count == 1:
+                self.first_at = self.last_at
 
         channel.basic_consume(queue, on_message, auto_ack=True)
         self._ready.set()
@@ -126,6 +137,25 @@ def cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def service_cpu_seconds() -> tuple[float, float]:
+    """CPU seconds so far of every PostgreSQL process and of RabbitMQ (``beam.smp``)."""
+    postgres = rabbit = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        name = text[text.find("(") + 1 : text.rfind(")")]
+        if name in ("postgres", "beam.smp"):
+            fields = text.rpartition(")")[2].split()
+            seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            if name == "postgres":
+                postgres += seconds
+            else:
+                rabbit += seconds
+    return postgres, rabbit
 
 
 def machine_busy() -> tuple[float, float]:
@@ -151,11 +181,21 @@ def bare_loop(port: int, password: str, ca: Path, mails: list[bytes]) -> float:
 
 def through_sender(
     env: dict[str, str], processes: int, amqp_url: str, log_dir: Path, sink_pid: int
-) -> tuple[float, int, float, float, float]:
-    """``(mails/s, sent, sender CPU ms per mail, sink CPU ms per mail, machine busy share)``."""
+) -> tuple[float, int, float, float, float, float, float]:
+    """``(mails/s, sent, CPU ms per mail of the senders, the sink, PostgreSQL and RabbitMQ,
+    machine busy share)``."""
+    counter = SentCounter(amqp_url).start()
+    bodies = [json.dumps(command(n)).encode() for n in range(MAILS)]
+    conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
+    channel = conn.channel()
+    channel.queue_declare("mailroom.send", durable=True)
+    channel.confirm_delivery()
+    for body in bodies:
+        channel.basic_publish("", "mailroom.send", body, pika.BasicProperties(delivery_mode=2))
+    conn.close()
     senders = []
     for n in range(processes):
-        log = (log_dir / f"sender-{processes}-{n}.log").open("wb")
+        log = (log_dir / f"sender-{processes}-{n}.log").open("ab")
         senders.append(
             subprocess.Popen(
                 [str(ROOT / ".venv" / "bin" / "mailroom"), "run", "sender"],
@@ -165,42 +205,36 @@ def through_sender(
             )
         )
     try:
-        for n in range(processes):
-            path = log_dir / f"sender-{processes}-{n}.log"
-            deadline = time.monotonic() + 30
-            while "delivery threads started" not in path.read_text(errors="replace"):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(path.read_text(errors="replace"))
-                time.sleep(0.05)
-        counter = SentCounter(amqp_url).start()
-        bodies = [json.dumps(command(n)).encode() for n in range(MAILS)]
-        conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
-        channel = conn.channel()
-        channel.queue_declare("mailroom.send", durable=True)
         pids = [sender.pid for sender in senders]
+        deadline = time.monotonic() + 30
+        while counter.count == 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no result after 30 s; see the logs in {log_dir}")
+            time.sleep(0.001)
         cpu_before = sum(cpu_seconds(pid) for pid in pids), cpu_seconds(sink_pid)
+        services_before = service_cpu_seconds()
         machine_before = machine_busy()
-        started = time.perf_counter()
-        for body in bodies:
-            channel.basic_publish("", "mailroom.send", body, pika.BasicProperties(delivery_mode=2))
-        conn.close()
         deadline = time.monotonic() + 600
         while counter.count < MAILS and time.monotonic() < deadline:
             time.sleep(0.05)
         counter.stop()
         sender_cpu = sum(cpu_seconds(pid) for pid in pids) - cpu_before[0]
         sink_cpu = cpu_seconds(sink_pid) - cpu_before[1]
+        services_after = service_cpu_seconds()
         machine_after = machine_busy()
         busy = (machine_after[0] - machine_before[0]) / max(
             1e-9, machine_after[1] - machine_before[1]
         )
-        elapsed = counter.last_at - started
-        per_mail = 1000 / max(1, counter.count)
+        measured = counter.count - 1  # from the first result on
+        elapsed = counter.last_at - counter.first_at
+        per_mail = 1000 / max(1, measured)
         return (
-            counter.count / elapsed,
+            measured / elapsed,
             counter.count,
             sender_cpu * per_mail,
             sink_cpu * per_mail,
+            (services_after[0] - services_before[0]) * per_mail,
+            (services_after[1] - services_before[1]) * per_mail,
             busy,
         )
     finally:
@@ -262,33 +296,49 @@ def main() -> None:
             for n in range(MAILS)
         ]
         size = sum(len(m) for m in mails) / len(mails)
-        sink_before, machine_before = cpu_seconds(lab.pid), machine_busy()
-        bare = bare_loop(lab.port, secret, certs.ca, mails)
-        bare_sink_cpu = (cpu_seconds(lab.pid) - sink_before) * 1000 / MAILS
-        machine_after = machine_busy()
-        bare_busy = (machine_after[0] - machine_before[0]) / (machine_after[1] - machine_before[1])
-        assert lab.count() == MAILS
-        lab.clear()
         sender_env = {**env, "MAILROOM_CA_BUNDLE": str(certs.ca)}
-        runs = []
-        for processes in PROCESSES:
-            rate, sent, sender_cpu, sink_cpu, busy = through_sender(
-                sender_env, processes, settings.amqp_url, work, lab.pid
+        rounds: list[tuple[float, float, float, list[tuple[Any, ...]]]] = []
+        for _ in range(ROUNDS):
+            sink_before, machine_before = cpu_seconds(lab.pid), machine_busy()
+            bare = bare_loop(lab.port, secret, certs.ca, mails)
+            bare_sink_cpu = (cpu_seconds(lab.pid) - sink_before) * 1000 / MAILS
+            machine_after = machine_busy()
+            bare_busy = (machine_after[0] - machine_before[0]) / (
+                machine_after[1] - machine_before[1]
             )
-            runs.append((processes, rate, sent, lab.count(), sender_cpu, sink_cpu, busy))
+            assert lab.count() == MAILS
             lab.clear()
+            runs = []
+            for processes in PROCESSES:
+                rate, sent, sender_cpu, sink_cpu, pg_cpu, mq_cpu, busy = through_sender(
+                    sender_env, processes, settings.amqp_url, work, lab.pid
+                )
+                runs.append(
+                    (processes, rate, sent, lab.count(), sender_cpu, sink_cpu, pg_cpu, mq_cpu, busy)
+                )
+                lab.clear()
+            rounds.append((bare, bare_sink_cpu, bare_busy, runs))
     print(f"mails: {MAILS} of {size:.0f} bytes, aiosmtpd sink with STARTTLS + AUTH PLAIN")
-    print(
-        f"bare smtplib loop, one reused connection: {bare:8.0f} mails/s"
-        f"  (CPU per mail: sink {bare_sink_cpu:.2f} ms; machine {bare_busy:.0%} busy)"
-    )
-    for processes, rate, sent, arrived, sender_cpu, sink_cpu, busy in runs:
-        plural = "es" if processes > 1 else ""
-        label = f"sender, {processes} process{plural} ({processes * CONNECTIONS} conn.):"
+    for number, (bare, bare_sink_cpu, bare_busy, runs) in enumerate(rounds, 1):
         print(
-            f"{label:<42}{rate:8.0f} mails/s  = {rate / bare:.0%} of the bare loop"
-            f"  ({sent} sent, {arrived} arrived; CPU per mail: sender {sender_cpu:.2f} ms,"
-            f" sink {sink_cpu:.2f} ms; machine {busy:.0%} busy)"
+            f"round {number}: bare smtplib loop, one reused connection: {bare:6.0f} mails/s"
+            f"  (CPU per mail: sink {bare_sink_cpu:.2f} ms; machine {bare_busy:.0%} busy)"
+        )
+        for processes, rate, sent, arrived, sender_cpu, sink_cpu, pg_cpu, mq_cpu, busy in runs:
+            plural = "es" if processes > 1 else ""
+            label = f"  sender, {processes} process{plural} ({processes * CONNECTIONS} conn.):"
+            print(
+                f"{label:<42}{rate:6.0f} mails/s = {rate / bare:4.0%} of the bare loop"
+                f"  ({sent} sent, {arrived} arrived; CPU per mail: sender {sender_cpu:.2f} ms,"
+                f" sink {sink_cpu:.2f}, PostgreSQL {pg_cpu:.2f}, RabbitMQ {mq_cpu:.2f} ms;"
+                f" machine {busy:.0%} busy)"
+            )
+    for index, processes in enumerate(PROCESSES):
+        ratios = [runs[index][1] / bare for bare, _, _, runs in rounds]
+        plural = "es" if processes > 1 else ""
+        print(
+            f"sender, {processes} process{plural}: median {statistics.median(ratios):.0%} of the"
+            f" bare loop over {len(ratios)} rounds (each against its own round's bare loop)"
         )
     print(f"logs: {work}")
     sys.stdout.flush()

@@ -103,20 +103,21 @@ def command(tenant_id: str, **fields: Any) -> dict[str, Any]:
 
 
 def publish(
-    amqp_url: str, body: dict[str, Any] | bytes, content_type: str = "application/json"
+    amqp_url: str, *bodies: dict[str, Any] | bytes, content_type: str = "application/json"
 ) -> None:
-    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    """Publish commands to ``mailroom.send``, in order, over one connection, confirmed."""
     conn = rabbit.connect(amqp_url)
     try:
         channel = conn.channel()
         channel.queue_declare(SEND_QUEUE, durable=True)
         channel.confirm_delivery()
-        channel.basic_publish(
-            "",
-            SEND_QUEUE,
-            raw,
-            pika.BasicProperties(content_type=content_type, delivery_mode=2),
-        )
+        for body in bodies:
+            channel.basic_publish(
+                "",
+                SEND_QUEUE,
+                body if isinstance(body, bytes) else json.dumps(body).encode(),
+                pika.BasicProperties(content_type=content_type, delivery_mode=2),
+            )
     finally:
         conn.close()
 

@@ -363,7 +363,7 @@ def test_intake_acks_a_settled_prefix_at_once_and_never_past_an_unsettled_comman
     from services.sender.intake import HELD_ACKS_LIMIT, Intake
 
     channel = _FakeChannel()
-    intake = Intake(lambda *args: (Outcome.ACK, []), 1, "amqp://unused")
+    intake = Intake(lambda *args: None, 1, "amqp://unused")
     messages = [_FakeMessage(channel, tag) for tag in range(1, 6)]
     for message in messages:
         intake.submit(cast(Any, message), cmd(), {})

@@ -1,0 +1,118 @@
+"""The send_requests statements the delivery threads use, against the real PostgreSQL.
+
+The lock a batch takes in SQL must be the very lock every other reader takes by
+:func:`~shared.db.send_requests.lock_key`, and a ``sent`` that rides along with the next
+mail's mark must be recorded, and its lock given back, in that one commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import cast
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from shared.db import send_requests as repo
+from shared.db.pool import DictConnection
+from shared.settings import Settings
+
+TENANT = "tenant-db"
+
+
+@pytest.fixture
+def worker_and_other(
+    settings: Settings, pool: ConnectionPool[DictConnection]
+) -> Iterator[tuple[DictConnection, DictConnection]]:
+    """Two autocommit sessions, as the sender's delivery threads have them."""
+    sessions = [
+        cast(
+            DictConnection,
+            psycopg.connect(settings.database_url, autocommit=True, row_factory=dict_row),
+        )
+        for _ in range(2)
+    ]
+    try:
+        yield sessions[0], sessions[1]
+    finally:
+        for session in sessions:
+            session.close()
+
+
+def _new(request_id: str) -> repo.NewRequest:
+    command = {"request_id": request_id, "tenant_id": TENANT, "to": ["a@example.org"]}
+    return repo.NewRequest(TENANT, request_id, command, 60.0)
+
+
+def _locked_elsewhere(other: DictConnection, request_id: str) -> bool:
+    locked, _ = repo.lock_and_get(other, TENANT, request_id)
+    if locked:
+        repo.unlock(other, TENANT, request_id)
+    return not locked
+
+
+def test_a_batch_records_each_request_claimed_and_holds_the_lock_others_ask_for(
+    worker_and_other: tuple[DictConnection, DictConnection],
+) -> None:
+    worker, other = worker_and_other
+    started = repo.start_first_attempts(worker, [_new("r1"), _new("r2"), _new("r3")])
+    assert [s.locked for s in started] == [True, True, True]
+    assert [(s.row.request_id, s.row.state, s.row.attempts) for s in started if s.row] == [
+        ("r1", "sending", 1),
+        ("r2", "sending", 1),
+        ("r3", "sending", 1),
+    ]
+    assert started[0].row is not None and started[0].row.command["to"] == ["a@example.org"]
+    assert all(_locked_elsewhere(other, r) for r in ("r1", "r2", "r3"))
+
+    # Seen before: locked again by the same session (it reads the row next), nothing written.
+    again = repo.start_first_attempts(worker, [_new("r1"), _new("r4")])
+    assert (again[0].locked, again[0].row) == (True, None)
+    assert again[1].row is not None and again[1].row.request_id == "r4"
+    # Another session's copy of a request at work: not locked, nothing written.
+    elsewhere = repo.start_first_attempts(other, [_new("r2")])
+    assert (elsewhere[0].locked, elsewhere[0].row) == (False, None)
+
+
+def test_a_sent_riding_along_with_the_next_mark_is_recorded_and_unlocked_in_one_commit(
+    worker_and_other: tuple[DictConnection, DictConnection],
+) -> None:
+    worker, other = worker_and_other
+    repo.start_first_attempts(worker, [_new("k0"), _new("k1")])
+    repo.begin_mark_data_started(worker, TENANT, "k0", "server-1", "<m0@x>").wait()
+    previous = repo.Sent(TENANT, "k0", "server-1", 250, "2.0.0 OK")
+    repo.begin_mark_data_started(worker, TENANT, "k1", "server-1", "<m1@x>", sent=previous).wait()
+
+    k0, k1 = repo.get(other, TENANT, "k0"), repo.get(other, TENANT, "k1")
+    assert k0 is not None and (k0.state, k0.smtp_code, k0.smtp_response) == (
+        "sent",
+        250,
+        "2.0.0 OK",
+    )
+    assert k1 is not None and (k1.state, k1.message_id) == ("sending", "<m1@x>")
+    assert k1.data_started_at is not None
+    assert not _locked_elsewhere(other, "k0")
+    assert _locked_elsewhere(other, "k1")
+
+    repo.finish_sent(worker, repo.Sent(TENANT, "k1", "server-1", 250, "queued"))
+    k1 = repo.get(other, TENANT, "k1")
+    assert k1 is not None and (k1.state, k1.smtp_response) == ("sent", "queued")
+    assert not _locked_elsewhere(other, "k1")
+    leftover = worker.execute(
+        "SELECT count(*) AS n FROM pg_locks WHERE pid = pg_backend_pid() AND locktype = 'advisory'"
+    ).fetchone()
+    assert leftover is not None and leftover["n"] == 0
+
+
+def test_a_failed_mark_stays_failed_when_asked_again(
+    worker_and_other: tuple[DictConnection, DictConnection],
+) -> None:
+    """The mail's DATA must never start after its mark failed, however often it asks."""
+    worker, _ = worker_and_other
+    repo.start_first_attempts(worker, [_new("f1")])
+    statement = repo.PendingStatement(worker, "SELECT 1 / 0", [])
+    for _ in range(2):
+        with pytest.raises(psycopg.Error, match="division by zero"):
+            statement.wait()

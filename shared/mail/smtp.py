@@ -254,13 +254,15 @@ def send_transaction(
     if before_mail is not None:
         before_mail()
     try:
-        code, message = client.mail(envelope_from, options)
+        if smtputf8:
+            client.command_encoding = "utf-8"  # as smtplib's mail() does; rset() undoes it
+        code, message = _envelope_command(client, "FROM", envelope_from, options)
         if code != 250:
             raise smtplib.SMTPSenderRefused(code, message, envelope_from)
         step = "RCPT TO"
         refused: dict[str, tuple[int, bytes]] = {}
         for recipient in recipients:
-            code, message = client.rcpt(recipient)
+            code, message = _envelope_command(client, "TO", recipient, [])
             if code not in (250, 251):
                 refused[recipient] = (code, message)
         if refused:
@@ -281,6 +283,18 @@ def send_transaction(
             except (smtplib.SMTPException, OSError):
                 client.close()
         raise error from exc
+
+
+def _envelope_command(
+    client: smtplib.SMTP, field: str, address: str, options: list[str]
+) -> tuple[int, bytes]:
+    """``MAIL FROM:<address>`` or ``RCPT TO:<address>``, for an address the sender built
+    itself (a bare ``local@domain``, no line breaks): nothing to quote. smtplib's ``mail()``
+    and ``rcpt()`` would parse each address again (``email.utils.parseaddr``), which cost a
+    tenth of the sender's CPU per mail, between two round trips of the SMTP connection."""
+    verb = "mail" if field == "FROM" else "rcpt"
+    client.putcmd(verb, f"{field}:<{address}>" + "".join(f" {option}" for option in options))
+    return client.getreply()
 
 
 @dataclass(frozen=True)

@@ -175,6 +175,26 @@ def test_implicit_tls_server(
     assert mail.login == "agent1@lab.test"
 
 
+def test_a_non_ascii_address_goes_out_with_smtputf8(
+    sender: ServiceProcess,
+    labs: tuple[SmtpLab, SmtpLab],
+    company: tuple[ApiClient, str],
+    results: rabbit.EventTap,
+    settings: Settings,
+) -> None:
+    """A local part in UTF-8 needs the server's SMTPUTF8; the envelope carries it as is."""
+    lab, _ = labs
+    api, tenant = company
+    _server(api, sender, lab, "agent1@lab.test")
+    body = command(tenant, to=["Jörg <jörg.müller@example.org>"], cc=["ann@example.org"])
+    [result] = send(settings.amqp_url, results, body)
+    assert result["status"] == "sent", result
+    [mail] = lab.wait_for(1)
+    assert mail.envelope_from == "agent1@lab.test"
+    assert sorted(mail.recipients) == ["ann@example.org", "jörg.müller@example.org"]
+    assert "<jörg.müller@example.org>".encode() in mail.raw.split(b"\r\n\r\n")[0]
+
+
 # --- resolution ------------------------------------------------------------------------------
 
 

@@ -28,6 +28,6 @@ def configure_logging(level: str = "INFO") -> None:
         force=True,
     )
     # Third-party loggers that would otherwise narrate every connection at INFO.
-    for noisy in ("amqp", "kombu", "alembic"):
+    for noisy in ("amqp", "kombu", "pika", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("uvicorn.access").addFilter(PrivateQueryFilter())

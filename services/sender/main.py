@@ -7,9 +7,5 @@ from shared.settings import Settings
 
 
 def run(settings: Settings) -> None:
-    import os
-    import sys
-
-    sys.setswitchinterval(float(os.environ.get("XSWITCH", "0.005")))
     serve_metrics(settings.metrics_host, settings.sender_metrics_port, "sender")
     run_follower(SenderSupervisor, settings)

@@ -193,8 +193,8 @@ class _Lane:
         self._waiting: _Completion | None = None  # the deferred mail's ``done`` arguments
 
     @property
-    def holds_unrecorded(self) -> bool:
-        return self._deferred is not None or self._in_flight is not None
+    def has_deferred(self) -> bool:
+        return self._deferred is not None
 
     def defer(self, sent: repo.Sent) -> None:
         self.flush()
@@ -396,7 +396,7 @@ class Sender:
                 for index, (attempt, start) in enumerate(zip(attempts, started, strict=True)):
                     outcome, results = self._first_attempt(lane, attempt, start)
                     handled = index + 1
-                    if lane.holds_unrecorded:
+                    if lane.has_deferred:
                         lane.complete_when_recorded((index, outcome, results))
                     else:
                         done(index, outcome, results)
@@ -419,15 +419,7 @@ class Sender:
             return
         try:
             with self.db.connection() as conn:
-                repo.finish(
-                    conn,
-                    sent.tenant_id,
-                    sent.request_id,
-                    state="sent",
-                    server_id=sent.server_id,
-                    smtp_code=sent.smtp_code,
-                    smtp_response=sent.smtp_response,
-                )
+                repo.finish_sent(conn, sent, unlock=False)  # the lock went with the old one
         except Exception:
             log.exception("sender: request %s was accepted but not recorded", sent.request_id)
             done(completion[0], Outcome.REQUEUE, [])

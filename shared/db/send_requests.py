@@ -103,11 +103,11 @@ def start_first_attempts(conn: DictConnection, requests: list[NewRequest]) -> li
         # disk, because nothing is handed over before the next (synchronous) commit, which
         # flushes the log up to it. A crash of PostgreSQL before that loses only rows whose
         # commands were not acked: they are delivered again and recorded again.
-        f"WITH input AS (SELECT * FROM unnest(%s::text[], %s::text[], %s::jsonb[],"  # noqa: S608
-        f" %s::float8[]) WITH ORDINALITY AS i(tenant_id, request_id, command, deadline, n)),"
-        f" advisory AS (SELECT input.*, pg_try_advisory_lock(hashtextextended("
-        f"'send' || chr(10) || tenant_id || chr(10) || request_id, 0)) AS locked,"
-        f" set_config('synchronous_commit', 'off', true) AS commit_mode FROM input),"
+        f"WITH input AS (SELECT * FROM unnest(%s::text[], %s::text[], %s::text[],"  # noqa: S608
+        f" %s::jsonb[], %s::float8[]) WITH ORDINALITY"
+        f" AS i(lock_key, tenant_id, request_id, command, deadline, n)),"
+        f" advisory AS (SELECT input.*, pg_try_advisory_lock(hashtextextended(lock_key, 0))"
+        f" AS locked, set_config('synchronous_commit', 'off', true) AS commit_mode FROM input),"
         f" inserted AS (INSERT INTO send_requests (tenant_id, request_id, state, command,"
         f" owner_message_id, attempts, deadline_at)"
         f" SELECT tenant_id, request_id, 'sending', command, %s, 1,"
@@ -117,6 +117,7 @@ def start_first_attempts(conn: DictConnection, requests: list[NewRequest]) -> li
         f" SELECT advisory.n, advisory.locked, inserted.* FROM advisory LEFT JOIN inserted"
         f" USING (tenant_id, request_id) ORDER BY advisory.n",
         (
+            [lock_key(r.tenant_id, r.request_id) for r in requests],
             [r.tenant_id for r in requests],
             [r.request_id for r in requests],
             [Jsonb(r.command) for r in requests],
@@ -231,25 +232,14 @@ class Sent:
     smtp_response: str
 
 
-# Records ``$1`` .. ``$5`` of a Sent and releases its request's lock (reading ``done`` first:
-# the row is updated, and locked, before the unlock runs). Only spliced into statements below.
-_RECORD_SENT = (
-    "done AS (UPDATE send_requests SET state = 'sent', server_id = COALESCE($1, server_id),"
-    " smtp_code = $2, smtp_response = $3, reason = NULL, uncertain = false,"
-    " updated_at = now() WHERE tenant_id = $4 AND request_id = $5 RETURNING 1),"
-    " unlocked AS (SELECT pg_advisory_unlock(hashtextextended("
-    "'send' || chr(10) || $4 || chr(10) || $5, 0)) FROM (SELECT count(*) FROM done) d)"
-)
-
-
-def _sent_params(sent: Sent) -> list[str | None]:
-    return [
-        sent.server_id,
-        str(sent.smtp_code),
-        sent.smtp_response,
-        sent.tenant_id,
-        sent.request_id,
-    ]
+def _mark_data_started(first: int) -> str:
+    """The mark, with its four parameters numbered from ``$first`` on."""
+    server, message, tenant, request = (f"${n}" for n in range(first, first + 4))
+    return (
+        f"UPDATE send_requests SET data_started_at = now(), server_id = {server},"  # noqa: S608
+        f" message_id = {message}, updated_at = now()"
+        f" WHERE tenant_id = {tenant} AND request_id = {request}"
+    )
 
 
 def begin_mark_data_started(
@@ -266,30 +256,45 @@ def begin_mark_data_started(
     a crash means "outcome unknown" (the request is never sent again). ``sent``: the same
     thread's previous mail, recorded (and unlocked) in the same statement and commit.
     """
-    mark = (
-        "UPDATE send_requests SET data_started_at = now(), server_id = $1, message_id = $2,"
-        " updated_at = now() WHERE tenant_id = $3 AND request_id = $4"
-    )
     params: list[str | None] = [server_id, message_id, tenant_id, request_id]
     if sent is None:
-        return PendingStatement(conn, mark, params)
-    # The previous mail's parameters come first ($1-$5); the mark's are shifted by five.
-    shifted = mark.replace("$4", "$9").replace("$3", "$8").replace("$2", "$7").replace("$1", "$6")
+        return PendingStatement(conn, _mark_data_started(1), params)
+    # ``sent`` as :func:`finish` records it; the unlock reads ``done`` first, so the row is
+    # updated (and locked) before the lock goes.
     return PendingStatement(
         conn,
-        f"WITH {_RECORD_SENT}, marked AS ({shifted} RETURNING 1)"  # noqa: S608 - constants
+        "WITH done AS (UPDATE send_requests SET state = 'sent',"  # noqa: S608 - placeholders only
+        " server_id = COALESCE($1, server_id), smtp_code = $2, smtp_response = $3,"
+        " reason = NULL, uncertain = false, updated_at = now()"
+        " WHERE tenant_id = $4 AND request_id = $5 RETURNING 1),"
+        " unlocked AS (SELECT pg_advisory_unlock(hashtextextended($6, 0))"
+        " FROM (SELECT count(*) FROM done) d),"
+        f" marked AS ({_mark_data_started(7)} RETURNING 1)"
         " SELECT (SELECT count(*) FROM unlocked), (SELECT count(*) FROM marked)",
-        [*_sent_params(sent), *params],
+        [
+            sent.server_id,
+            str(sent.smtp_code),
+            sent.smtp_response,
+            sent.tenant_id,
+            sent.request_id,
+            lock_key(sent.tenant_id, sent.request_id),
+            *params,
+        ],
     )
 
 
-def finish_sent(conn: DictConnection, sent: Sent) -> None:
-    """Record ``sent`` on its own (nothing else to ride along with), and unlock."""
-    PendingStatement(
+def finish_sent(conn: DictConnection, sent: Sent, *, unlock: bool = True) -> None:
+    """Record ``sent`` on its own (nothing to ride along with)."""
+    finish(
         conn,
-        f"WITH {_RECORD_SENT} SELECT count(*) FROM unlocked",  # noqa: S608 - a constant
-        _sent_params(sent),
-    ).wait()
+        sent.tenant_id,
+        sent.request_id,
+        state="sent",
+        server_id=sent.server_id,
+        smtp_code=sent.smtp_code,
+        smtp_response=sent.smtp_response,
+        unlock=unlock,
+    )
 
 
 def finish(

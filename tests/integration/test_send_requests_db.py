@@ -13,7 +13,6 @@ from typing import cast
 import psycopg
 import pytest
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool
 
 from shared.db import send_requests as repo
 from shared.db.pool import DictConnection
@@ -23,9 +22,7 @@ TENANT = "tenant-db"
 
 
 @pytest.fixture
-def worker_and_other(
-    settings: Settings, pool: ConnectionPool[DictConnection]
-) -> Iterator[tuple[DictConnection, DictConnection]]:
+def worker_and_other(settings: Settings) -> Iterator[tuple[DictConnection, DictConnection]]:
     """Two autocommit sessions, as the sender's delivery threads have them."""
     sessions = [
         cast(
@@ -111,7 +108,6 @@ def test_a_failed_mark_stays_failed_when_asked_again(
 ) -> None:
     """The mail's DATA must never start after its mark failed, however often it asks."""
     worker, _ = worker_and_other
-    repo.start_first_attempts(worker, [_new("f1")])
     statement = repo.PendingStatement(worker, "SELECT 1 / 0", [])
     for _ in range(2):
         with pytest.raises(psycopg.Error, match="division by zero"):

@@ -4,6 +4,12 @@ A connection is keyed by the server's id and version: after an admin edits the s
 sends open new connections with the new settings, and the old ones are closed. A reused
 connection that the server closed meanwhile (servers drop idle sessions) is replaced once,
 transparently, as long as nothing was handed over yet (before DATA).
+
+A thread that sends several mails in a row keeps its connection between them (a
+:class:`Turn`). Handing the connection to another thread after every mail cost about a
+millisecond of an otherwise idle connection per mail (the next thread has to wake up and get
+Python's GIL from the one that just sent): measured on the wire, the gap between the server's
+250 and the next MAIL FROM was 1.3 ms against 0.3 ms in a bare smtplib loop.
 """
 
 from __future__ import annotations
@@ -35,6 +41,38 @@ class _ServerConnections:
     idle: list[_Idle] = field(default_factory=list)
 
 
+class Turn:
+    """One thread's hold on a pooled connection (and its slot) from one send to the next.
+
+    :meth:`SmtpConnections.send` with a turn keeps the connection after a successful
+    transaction; the next send to the same server goes on without giving it back. A send to
+    another server, a failed transaction or :meth:`release` gives it back. A thread holds at
+    most one connection, so two threads can never wait for each other's.
+    """
+
+    def __init__(self, connections: SmtpConnections) -> None:
+        self._connections = connections
+        self._entry: _ServerConnections | None = None
+        self._session: SmtpSession | None = None
+
+    def _take(self, entry: _ServerConnections) -> SmtpSession | None:
+        """The held connection if it is ``entry``'s (its slot passes to the caller)."""
+        if self._entry is entry and self._session is not None:
+            session, self._entry, self._session = self._session, None, None
+            return session
+        self.release()
+        return None
+
+    def _hold(self, entry: _ServerConnections, session: SmtpSession) -> None:
+        self._entry, self._session = entry, session
+
+    def release(self) -> None:
+        entry, session, self._entry, self._session = self._entry, self._session, None, None
+        if entry is not None and session is not None:
+            self._connections._give_back(entry, session)
+            entry.slots.release()
+
+
 class SmtpConnections:
     def __init__(
         self,
@@ -60,25 +98,32 @@ class SmtpConnections:
         recipients: list[str],
         data: bytes,
         *,
-        before_mail: Callable[[], None] | None = None,
+        while_mail: Callable[[], None] | None = None,
         before_data: Callable[[], None] | None = None,
         before_wait: Callable[[], None] | None = None,
         smtputf8: bool = False,
+        turn: Turn | None = None,
     ) -> tuple[int, str]:
         """One transaction on a pooled connection; raises :class:`SmtpError`.
 
-        ``before_mail`` runs before MAIL FROM (again if a stale connection is replaced),
-        ``before_data`` just before DATA, ``before_wait`` before anything that may take long:
-        waiting for a free connection, or opening one.
+        ``while_mail`` runs while the server answers MAIL FROM (again if a stale connection is
+        replaced), ``before_data`` just before DATA, ``before_wait`` before anything that may
+        take long: waiting for a free connection, or opening one. With a ``turn``, the
+        connection stays with it after a success (see :class:`Turn`).
         """
         entry = self._entry(server)
-        if not entry.slots.acquire(blocking=False):
+        held = turn._take(entry) if turn is not None else None
+        if held is None and not entry.slots.acquire(blocking=False):
             if before_wait is not None:
                 before_wait()
             entry.slots.acquire()
+        kept = False
         try:
             for attempt in (1, 2):
-                session, reused = self._take(entry, password, before_wait)
+                if held is not None:
+                    session, reused, held = held, True, None
+                else:
+                    session, reused = self._take(entry, password, before_wait)
                 data_started = False
 
                 def mark() -> None:
@@ -101,7 +146,7 @@ class SmtpConnections:
                         envelope_from,
                         recipients,
                         data,
-                        before_mail=before_mail,
+                        while_mail=while_mail,
                         before_data=mark,
                         smtputf8=smtputf8,
                     )
@@ -119,11 +164,19 @@ class SmtpConnections:
                 except BaseException:
                     session.client.close()
                     raise
-                self._give_back(entry, session)
+                if turn is not None:
+                    turn._hold(entry, session)
+                    kept = True
+                else:
+                    self._give_back(entry, session)
                 return reply
             raise AssertionError("unreachable")
         finally:
-            entry.slots.release()
+            if not kept:
+                entry.slots.release()
+
+    def turn(self) -> Turn:
+        return Turn(self)
 
     def _entry(self, server: EmailServer) -> _ServerConnections:
         with self._lock:

@@ -103,9 +103,14 @@ def start_first_attempts(conn: DictConnection, requests: list[NewRequest]) -> li
         # disk, because nothing is handed over before the next (synchronous) commit, which
         # flushes the log up to it. A crash of PostgreSQL before that loses only rows whose
         # commands were not acked: they are delivered again and recorded again.
-        f"WITH input AS (SELECT * FROM unnest(%s::text[], %s::text[], %s::text[],"  # noqa: S608
-        f" %s::jsonb[], %s::float8[]) WITH ORDINALITY"
-        f" AS i(lock_key, tenant_id, request_id, command, deadline, n)),"
+        #
+        # The batch travels as one JSON array: psycopg dumps a JSON document in C, whereas
+        # text and jsonb arrays are quoted element by element in Python (measured: 7% of the
+        # sender's CPU time went to that).
+        f"WITH input AS (SELECT r->>'lock_key' AS lock_key, r->>'tenant_id' AS tenant_id,"  # noqa: S608
+        f" r->>'request_id' AS request_id, r->'command' AS command,"
+        f" (r->>'deadline')::float8 AS deadline, n"
+        f" FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS i(r, n)),"
         f" advisory AS (SELECT input.*, pg_try_advisory_lock(hashtextextended(lock_key, 0))"
         f" AS locked, set_config('synchronous_commit', 'off', true) AS commit_mode FROM input),"
         f" inserted AS (INSERT INTO send_requests (tenant_id, request_id, state, command,"
@@ -117,11 +122,18 @@ def start_first_attempts(conn: DictConnection, requests: list[NewRequest]) -> li
         f" SELECT advisory.n, advisory.locked, inserted.* FROM advisory LEFT JOIN inserted"
         f" USING (tenant_id, request_id) ORDER BY advisory.n",
         (
-            [lock_key(r.tenant_id, r.request_id) for r in requests],
-            [r.tenant_id for r in requests],
-            [r.request_id for r in requests],
-            [Jsonb(r.command) for r in requests],
-            [r.deadline_seconds for r in requests],
+            Jsonb(
+                [
+                    {
+                        "lock_key": lock_key(r.tenant_id, r.request_id),
+                        "tenant_id": r.tenant_id,
+                        "request_id": r.request_id,
+                        "command": r.command,
+                        "deadline": r.deadline_seconds,
+                    }
+                    for r in requests
+                ]
+            ),
             INTAKE_OWNER,
         ),
     ).fetchall()

@@ -14,9 +14,9 @@
   connections) or not (5xx).
 
 :func:`send_transaction` runs MAIL/RCPT/DATA itself (not ``sendmail``) so that the caller can
-record its intent before DATA: ``before_mail`` may start that record (it is committed while
-MAIL and RCPT go back and forth) and ``before_data`` waits for it. That is what makes "never
-twice" work without a database round trip between RCPT and DATA.
+record its intent before DATA: ``while_mail`` may start that record once MAIL FROM is on its
+way (it is committed while MAIL and RCPT go back and forth) and ``before_data`` waits for it.
+That is what makes "never twice" work without a database round trip between RCPT and DATA.
 :func:`smtp_probe` is the connection test for SMTP servers (connect, EHLO, STARTTLS, AUTH,
 NOOP; it never sends mail).
 """
@@ -236,12 +236,12 @@ def send_transaction(
     recipients: list[str],
     data: bytes,
     *,
-    before_mail: Callable[[], None] | None = None,
+    while_mail: Callable[[], None] | None = None,
     before_data: Callable[[], None] | None = None,
     smtputf8: bool = False,
 ) -> tuple[int, str]:
-    """``before_mail()``, MAIL, RCPT (all or nothing), ``before_data()``, DATA; the final
-    reply ``(code, text)``.
+    """MAIL (``while_mail()`` runs while the server answers it), RCPT (all or nothing),
+    ``before_data()``, DATA; the final reply ``(code, text)``.
 
     Any refused recipient aborts the transaction (RSET) before DATA, so a retry can never
     deliver twice to the recipients that were accepted.
@@ -251,18 +251,20 @@ def send_transaction(
     if client.has_extn("size"):
         options.append(f"SIZE={len(data)}")
     step = "MAIL FROM"
-    if before_mail is not None:
-        before_mail()
     try:
         if smtputf8:
             client.command_encoding = "utf-8"  # as smtplib's mail() does; rset() undoes it
-        code, message = _envelope_command(client, "FROM", envelope_from, options)
+        _write_envelope(client, "FROM", envelope_from, options)
+        if while_mail is not None:
+            while_mail()
+        code, message = client.getreply()
         if code != 250:
             raise smtplib.SMTPSenderRefused(code, message, envelope_from)
         step = "RCPT TO"
         refused: dict[str, tuple[int, bytes]] = {}
         for recipient in recipients:
-            code, message = _envelope_command(client, "TO", recipient, [])
+            _write_envelope(client, "TO", recipient, [])
+            code, message = client.getreply()
             if code not in (250, 251):
                 refused[recipient] = (code, message)
         if refused:
@@ -285,16 +287,13 @@ def send_transaction(
         raise error from exc
 
 
-def _envelope_command(
-    client: smtplib.SMTP, field: str, address: str, options: list[str]
-) -> tuple[int, bytes]:
+def _write_envelope(client: smtplib.SMTP, field: str, address: str, options: list[str]) -> None:
     """``MAIL FROM:<address>`` or ``RCPT TO:<address>``, for an address the sender built
     itself (a bare ``local@domain``, no line breaks): nothing to quote. smtplib's ``mail()``
     and ``rcpt()`` would parse each address again (``email.utils.parseaddr``), which cost a
     tenth of the sender's CPU per mail, between two round trips of the SMTP connection."""
     verb = "mail" if field == "FROM" else "rcpt"
     client.putcmd(verb, f"{field}:<{address}>" + "".join(f" {option}" for option in options))
-    return client.getreply()
 
 
 @dataclass(frozen=True)

@@ -10,38 +10,20 @@ from dataclasses import replace
 
 import pytest
 
-from shared.email_servers import AuthType, EmailServer, ServerType
+from shared.email_servers import AuthType, ServerType
 from shared.mail.network_policy import NetworkPolicy
 from shared.probe import NO_ROUTING_PLAN, ConnectionProbe
 from tests.lab.certs import LabCertificates
 from tests.lab.dovecot import NON_ASCII_FOLDER, DovecotLab, LabUser
 from tests.lab.fixtures import SMTP_LAB_USER
 from tests.lab.smtp_server import SmtpLab
-from tests.support.mail_servers import lab_server
+from tests.support.mail_servers import lab_server, smtp_lab_server
 from tests.support.tcp import closed_port, listening_port
 
 
 @pytest.fixture
 def probe(mail_lab_certs: LabCertificates) -> ConnectionProbe:
     return ConnectionProbe(2.0, NetworkPolicy.parse("169.254.0.0/16"), mail_lab_certs.ca)
-
-
-def smtp_server(lab: SmtpLab, **changes: object) -> EmailServer:
-    values: dict[str, object] = {
-        "id": "",
-        "tenant_id": "acme",
-        "type": ServerType.SMTP,
-        "name": "out",
-        "host": "127.0.0.1",
-        "port": lab.port,
-        "tls": False,
-        "auth_type": AuthType.BASIC,
-        "enabled": True,
-        "version": 0,
-        "username": SMTP_LAB_USER,
-    }
-    values.update(changes)
-    return EmailServer(**values)  # type: ignore[arg-type]
 
 
 # --- IMAP ----------------------------------------------------------------------------------
@@ -184,24 +166,24 @@ def test_smtp_ok_with_starttls_and_auth_mechanisms(
     probe: ConnectionProbe, smtp_lab: SmtpLab
 ) -> None:
     stored = smtp_lab.count()  # the session's SMTP lab may hold earlier tests' mail
-    result = probe(smtp_server(smtp_lab), smtp_lab.users[SMTP_LAB_USER])
+    result = probe(smtp_lab_server(smtp_lab), smtp_lab.users[SMTP_LAB_USER])
     assert result.ok, result.reason
     assert {"STARTTLS", "AUTH=PLAIN", "AUTH=LOGIN"} <= set(result.capabilities)
     implicit = probe(
-        smtp_server(smtp_lab, tls=True, port=smtp_lab.tls_port), smtp_lab.users[SMTP_LAB_USER]
+        smtp_lab_server(smtp_lab, tls=True, port=smtp_lab.tls_port), smtp_lab.users[SMTP_LAB_USER]
     )
     assert implicit.ok and "STARTTLS" not in implicit.capabilities
     assert smtp_lab.count() == stored  # a probe never sends
 
 
 def test_smtp_wrong_password(probe: ConnectionProbe, smtp_lab: SmtpLab) -> None:
-    result = probe(smtp_server(smtp_lab), "not-the-password")
+    result = probe(smtp_lab_server(smtp_lab), "not-the-password")
     assert not result.ok and result.category == "authentication"
     assert result.reason is not None and result.reason.startswith("authentication failed")
 
 
 def test_smtp_certificate_for_another_name(probe: ConnectionProbe, smtp_lab: SmtpLab) -> None:
-    server = replace(smtp_server(smtp_lab), sni_hostname="mx.example.org")
+    server = replace(smtp_lab_server(smtp_lab), sni_hostname="mx.example.org")
     result = probe(server, smtp_lab.users[SMTP_LAB_USER])
     assert result.category == "certificate"
     assert result.reason == (

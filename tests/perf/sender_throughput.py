@@ -20,7 +20,8 @@ Mails are ~2 KB. The database is ``mailroom_bench`` (``mailroom_bench_<name>`` w
 changes N (default 5,000); ``BENCH_PROCESSES`` which sender runs are made (default ``1,2``);
 ``BENCH_CONNECTIONS`` the SMTP connections per sender process (default 1, as the bare loop; 2 is
 the default of ``MAILROOM_SENDER_CONNECTIONS_PER_SERVER``);
-``BENCH_SENDER_TREE`` runs the sender from another checkout, for a before/after comparison.
+``BENCH_BASELINE_TREE`` also runs, in every round, the sender of another checkout, for a
+before/after comparison.
 Each run also prints the CPU time the sender processes and the sink spent per mail (from
 ``/proc``): on a 2-core machine the sink, the sender, PostgreSQL and RabbitMQ share the CPU,
 so the sender's CPU per mail is what decides its rate.
@@ -40,10 +41,12 @@ import tempfile
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pika
+import psycopg
 from cryptography.fernet import Fernet
 
 MAILS = int(os.environ.get("BENCH_MAILS", "5000"))
@@ -70,11 +73,12 @@ def _environment() -> dict[str, str]:
     }
 
 
-def _sender_tree() -> dict[str, str]:
-    """``BENCH_SENDER_TREE``: run the sender from another checkout (A/B against a commit,
-    e.g. ``git archive HEAD | tar -x -C /tmp/before``), in the same run conditions."""
-    tree = os.environ.get("BENCH_SENDER_TREE")
-    return {"PYTHONPATH": tree} if tree else {}
+def _variants() -> list[tuple[str, str | None]]:
+    """The senders each round runs: this checkout, and with ``BENCH_BASELINE_TREE`` another
+    one (e.g. ``git archive HEAD | tar -x -C /tmp/before``) as a before/after comparison in
+    the same conditions."""
+    baseline = os.environ.get("BENCH_BASELINE_TREE")
+    return [("", None)] + ([(" [baseline]", baseline)] if baseline else [])
 
 
 def command(number: int) -> dict[str, Any]:
@@ -179,11 +183,35 @@ def bare_loop(port: int, password: str, ca: Path, mails: list[bytes]) -> float:
     return len(mails) / (time.perf_counter() - started)
 
 
+@dataclass
+class SenderRun:
+    rate: float  # mails/s
+    sent: int
+    sender_cpu: float  # CPU ms per mail of the sender processes, the sink, PostgreSQL, RabbitMQ
+    sink_cpu: float
+    postgres_cpu: float
+    rabbit_cpu: float
+    busy: float  # share of the whole machine's CPU time
+    commits: float  # PostgreSQL transactions committed per mail in the bench database
+
+
+def committed(database_url: str) -> int:
+    """Transactions committed so far in the bench database (``pg_stat_database``)."""
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
 def through_sender(
-    env: dict[str, str], processes: int, amqp_url: str, log_dir: Path, sink_pid: int
-) -> tuple[float, int, float, float, float, float, float]:
-    """``(mails/s, sent, CPU ms per mail of the senders, the sink, PostgreSQL and RabbitMQ,
-    machine busy share)``."""
+    env: dict[str, str],
+    processes: int,
+    amqp_url: str,
+    log_dir: Path,
+    sink_pid: int,
+    tree: str | None = None,
+) -> SenderRun:
     counter = SentCounter(amqp_url).start()
     bodies = [json.dumps(command(n)).encode() for n in range(MAILS)]
     conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
@@ -199,7 +227,12 @@ def through_sender(
         senders.append(
             subprocess.Popen(
                 [str(ROOT / ".venv" / "bin" / "mailroom"), "run", "sender"],
-                env={**os.environ, **env, "MAILROOM_LOG_LEVEL": "INFO", **_sender_tree()},
+                env={
+                    **os.environ,
+                    **env,
+                    "MAILROOM_LOG_LEVEL": "INFO",
+                    **({"PYTHONPATH": tree} if tree else {}),
+                },
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -212,6 +245,7 @@ def through_sender(
                 raise RuntimeError(f"no result after 30 s; see the logs in {log_dir}")
             time.sleep(0.001)
         cpu_before = sum(cpu_seconds(pid) for pid in pids), cpu_seconds(sink_pid)
+        commits_before = committed(env["MAILROOM_DATABASE_URL"])
         services_before = service_cpu_seconds()
         machine_before = machine_busy()
         deadline = time.monotonic() + 600
@@ -228,20 +262,23 @@ def through_sender(
         measured = counter.count - 1  # from the first result on
         elapsed = counter.last_at - counter.first_at
         per_mail = 1000 / max(1, measured)
-        return (
-            measured / elapsed,
-            counter.count,
-            sender_cpu * per_mail,
-            sink_cpu * per_mail,
-            (services_after[0] - services_before[0]) * per_mail,
-            (services_after[1] - services_before[1]) * per_mail,
-            busy,
-        )
     finally:
         for sender in senders:
             sender.terminate()
         for sender in senders:
             sender.wait(30)
+    time.sleep(1)  # PostgreSQL's sessions report their counts within a second of ending
+    commits = committed(env["MAILROOM_DATABASE_URL"]) - commits_before
+    return SenderRun(
+        rate=measured / elapsed,
+        sent=counter.count,
+        sender_cpu=sender_cpu * per_mail,
+        sink_cpu=sink_cpu * per_mail,
+        postgres_cpu=(services_after[0] - services_before[0]) * per_mail,
+        rabbit_cpu=(services_after[1] - services_before[1]) * per_mail,
+        busy=busy,
+        commits=commits / max(1, measured),
+    )
 
 
 def main() -> None:
@@ -297,7 +334,7 @@ def main() -> None:
         ]
         size = sum(len(m) for m in mails) / len(mails)
         sender_env = {**env, "MAILROOM_CA_BUNDLE": str(certs.ca)}
-        rounds: list[tuple[float, float, float, list[tuple[Any, ...]]]] = []
+        rounds: list[tuple[float, float, float, list[tuple[int, str, SenderRun, int]]]] = []
         for _ in range(ROUNDS):
             sink_before, machine_before = cpu_seconds(lab.pid), machine_busy()
             bare = bare_loop(lab.port, secret, certs.ca, mails)
@@ -310,13 +347,12 @@ def main() -> None:
             lab.clear()
             runs = []
             for processes in PROCESSES:
-                rate, sent, sender_cpu, sink_cpu, pg_cpu, mq_cpu, busy = through_sender(
-                    sender_env, processes, settings.amqp_url, work, lab.pid
-                )
-                runs.append(
-                    (processes, rate, sent, lab.count(), sender_cpu, sink_cpu, pg_cpu, mq_cpu, busy)
-                )
-                lab.clear()
+                for variant, tree in _variants():
+                    run = through_sender(
+                        sender_env, processes, settings.amqp_url, work, lab.pid, tree
+                    )
+                    runs.append((processes, variant, run, lab.count()))
+                    lab.clear()
             rounds.append((bare, bare_sink_cpu, bare_busy, runs))
     print(f"mails: {MAILS} of {size:.0f} bytes, aiosmtpd sink with STARTTLS + AUTH PLAIN")
     for number, (bare, bare_sink_cpu, bare_busy, runs) in enumerate(rounds, 1):
@@ -324,21 +360,25 @@ def main() -> None:
             f"round {number}: bare smtplib loop, one reused connection: {bare:6.0f} mails/s"
             f"  (CPU per mail: sink {bare_sink_cpu:.2f} ms; machine {bare_busy:.0%} busy)"
         )
-        for processes, rate, sent, arrived, sender_cpu, sink_cpu, pg_cpu, mq_cpu, busy in runs:
+        for processes, variant, run, arrived in runs:
             plural = "es" if processes > 1 else ""
-            label = f"  sender, {processes} process{plural} ({processes * CONNECTIONS} conn.):"
-            print(
-                f"{label:<42}{rate:6.0f} mails/s = {rate / bare:4.0%} of the bare loop"
-                f"  ({sent} sent, {arrived} arrived; CPU per mail: sender {sender_cpu:.2f} ms,"
-                f" sink {sink_cpu:.2f}, PostgreSQL {pg_cpu:.2f}, RabbitMQ {mq_cpu:.2f} ms;"
-                f" machine {busy:.0%} busy)"
+            label = (
+                f"  sender{variant}, {processes} process{plural} ({processes * CONNECTIONS} conn.):"
             )
-    for index, processes in enumerate(PROCESSES):
-        ratios = [runs[index][1] / bare for bare, _, _, runs in rounds]
+            print(
+                f"{label:<42}{run.rate:6.0f} mails/s = {run.rate / bare:4.0%} of the bare loop"
+                f"  ({run.sent} sent, {arrived} arrived; CPU per mail: sender"
+                f" {run.sender_cpu:.2f} ms, sink {run.sink_cpu:.2f}, PostgreSQL"
+                f" {run.postgres_cpu:.2f}, RabbitMQ {run.rabbit_cpu:.2f} ms; PostgreSQL commits"
+                f" per mail {run.commits:.2f}; machine {run.busy:.0%} busy)"
+            )
+    for index, (processes, variant, _, _) in enumerate(rounds[0][3]):
+        ratios = [runs[index][2].rate / bare for bare, _, _, runs in rounds]
         plural = "es" if processes > 1 else ""
         print(
-            f"sender, {processes} process{plural}: median {statistics.median(ratios):.0%} of the"
-            f" bare loop over {len(ratios)} rounds (each against its own round's bare loop)"
+            f"sender{variant}, {processes} process{plural}: median"
+            f" {statistics.median(ratios):.0%} of the bare loop over {len(ratios)} rounds"
+            " (each against its own round's bare loop)"
         )
     print(f"logs: {work}")
     sys.stdout.flush()

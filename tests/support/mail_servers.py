@@ -6,6 +6,8 @@ from typing import Any
 
 from shared.email_servers import AuthType, EmailServer, ServerType
 from tests.lab.dovecot import DovecotLab, LabUser
+from tests.lab.fixtures import SMTP_LAB_USER
+from tests.lab.smtp_server import SmtpLab
 
 
 def lab_server(
@@ -38,4 +40,23 @@ def lab_server(
         "routing_plan_id": "plan",
     }
     values.update(overrides)
+    return EmailServer(**values)
+
+
+def smtp_lab_server(lab: SmtpLab, **changes: Any) -> EmailServer:
+    """The lab's SMTP server on its STARTTLS port, logging in as ``SMTP_LAB_USER``."""
+    values: dict[str, Any] = {
+        "id": "",
+        "tenant_id": "acme",
+        "type": ServerType.SMTP,
+        "name": "out",
+        "host": "127.0.0.1",
+        "port": lab.port,
+        "tls": False,
+        "auth_type": AuthType.BASIC,
+        "enabled": True,
+        "version": 0,
+        "username": SMTP_LAB_USER,
+    }
+    values.update(changes)
     return EmailServer(**values)

@@ -11,9 +11,11 @@ process (STARTTLS + AUTH PLAIN, the lab's certificates) receives:
 3. the same with two sender processes.
 
 The machine's speed drifts within minutes (a shared host: the bare loop alone has been seen
-at 280 and 510 mails/s ten minutes apart), so the rounds alternate (``BENCH_ROUNDS``,
-default 3: bare, sender, bare, sender, ...), each sender run is set against the bare loop of
-its own round, and the median of those ratios is the result.
+at 160 and 350 mails/s a few minutes apart, while the hypervisor took CPU time away from it,
+"steal"), so the runs alternate (``BENCH_ROUNDS``, default 5: bare, sender, bare, sender, ...,
+bare), each sender run is set against the mean of the two bare runs around it, and the median
+of those ratios is the result. Every run prints the share of the machine's CPU time that was
+busy and that was stolen.
 
 Mails are ~2 KB. The database is ``mailroom_bench`` (``mailroom_bench_<name>`` with
 ``MAILROOM_TEST_INSTANCE=<name>``, like the suite's), the vhost the test suite's. ``BENCH_MAILS``
@@ -52,7 +54,7 @@ from cryptography.fernet import Fernet
 MAILS = int(os.environ.get("BENCH_MAILS", "5000"))
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "1"))
 PROCESSES = [int(n) for n in os.environ.get("BENCH_PROCESSES", "1,2").split(",") if n.strip()]
-ROUNDS = max(1, int(os.environ.get("BENCH_ROUNDS", "3")))
+ROUNDS = max(1, int(os.environ.get("BENCH_ROUNDS", "5")))
 ROOT = Path(__file__).resolve().parents[2]
 USER = "bench@lab.test"
 TENANT = "bench"
@@ -162,13 +164,40 @@ def service_cpu_seconds() -> tuple[float, float]:
     return postgres, rabbit
 
 
-def machine_busy() -> tuple[float, float]:
-    """``(busy, total)`` CPU seconds of the whole machine so far (Linux ``/proc/stat``)."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle + iowait
-    total = sum(fields[:8])
-    tick = os.sysconf("SC_CLK_TCK")
-    return (total - idle) / tick, total / tick
+class MachineClock:
+    """The whole machine's CPU time since it was made (Linux ``/proc/stat``): how much of it
+    was busy, and how much the hypervisor gave to other machines (steal)."""
+
+    def __init__(self) -> None:
+        self._start = self._read()
+
+    @staticmethod
+    def _read() -> list[int]:
+        return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+
+    def shares(self) -> tuple[float, float]:
+        """``(busy, stolen)`` shares of the CPU time since the start."""
+        spent = [now - then for now, then in zip(self._read(), self._start, strict=True)]
+        total = max(1, sum(spent))
+        idle = spent[3] + spent[4]  # idle + iowait
+        return (total - idle) / total, spent[7] / total
+
+
+@dataclass
+class BareRun:
+    rate: float
+    sink_cpu: float  # ms per mail
+    busy: float
+    stolen: float
+
+
+def bare_run(lab: Any, password: str, ca: Path, mails: list[bytes]) -> BareRun:
+    clock, sink_before = MachineClock(), cpu_seconds(lab.pid)
+    rate = bare_loop(lab.port, password, ca, mails)
+    sink_cpu = (cpu_seconds(lab.pid) - sink_before) * 1000 / len(mails)
+    assert lab.count() == len(mails)
+    lab.clear()
+    return BareRun(rate, sink_cpu, *clock.shares())
 
 
 def bare_loop(port: int, password: str, ca: Path, mails: list[bytes]) -> float:
@@ -192,6 +221,7 @@ class SenderRun:
     postgres_cpu: float
     rabbit_cpu: float
     busy: float  # share of the whole machine's CPU time
+    stolen: float  # share of it the hypervisor gave to other machines
     commits: float  # PostgreSQL transactions committed per mail in the bench database
 
 
@@ -247,7 +277,7 @@ def through_sender(
         cpu_before = sum(cpu_seconds(pid) for pid in pids), cpu_seconds(sink_pid)
         commits_before = committed(env["MAILROOM_DATABASE_URL"])
         services_before = service_cpu_seconds()
-        machine_before = machine_busy()
+        clock = MachineClock()
         deadline = time.monotonic() + 600
         while counter.count < MAILS and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -255,10 +285,7 @@ def through_sender(
         sender_cpu = sum(cpu_seconds(pid) for pid in pids) - cpu_before[0]
         sink_cpu = cpu_seconds(sink_pid) - cpu_before[1]
         services_after = service_cpu_seconds()
-        machine_after = machine_busy()
-        busy = (machine_after[0] - machine_before[0]) / max(
-            1e-9, machine_after[1] - machine_before[1]
-        )
+        busy, stolen = clock.shares()
         measured = counter.count - 1  # from the first result on
         elapsed = counter.last_at - counter.first_at
         per_mail = 1000 / max(1, measured)
@@ -277,7 +304,16 @@ def through_sender(
         postgres_cpu=(services_after[0] - services_before[0]) * per_mail,
         rabbit_cpu=(services_after[1] - services_before[1]) * per_mail,
         busy=busy,
+        stolen=stolen,
         commits=commits / max(1, measured),
+    )
+
+
+def _print_bare(run: BareRun) -> None:
+    print(
+        f"bare smtplib loop, one reused connection: {run.rate:6.0f} mails/s"
+        f"  (CPU per mail: sink {run.sink_cpu:.2f} ms; machine {run.busy:.0%} busy,"
+        f" {run.stolen:.0%} stolen)"
     )
 
 
@@ -334,17 +370,9 @@ def main() -> None:
         ]
         size = sum(len(m) for m in mails) / len(mails)
         sender_env = {**env, "MAILROOM_CA_BUNDLE": str(certs.ca)}
-        rounds: list[tuple[float, float, float, list[tuple[int, str, SenderRun, int]]]] = []
+        bares = [bare_run(lab, secret, certs.ca, mails)]
+        rounds: list[list[tuple[int, str, SenderRun, int]]] = []
         for _ in range(ROUNDS):
-            sink_before, machine_before = cpu_seconds(lab.pid), machine_busy()
-            bare = bare_loop(lab.port, secret, certs.ca, mails)
-            bare_sink_cpu = (cpu_seconds(lab.pid) - sink_before) * 1000 / MAILS
-            machine_after = machine_busy()
-            bare_busy = (machine_after[0] - machine_before[0]) / (
-                machine_after[1] - machine_before[1]
-            )
-            assert lab.count() == MAILS
-            lab.clear()
             runs = []
             for processes in PROCESSES:
                 for variant, tree in _variants():
@@ -353,32 +381,38 @@ def main() -> None:
                     )
                     runs.append((processes, variant, run, lab.count()))
                     lab.clear()
-            rounds.append((bare, bare_sink_cpu, bare_busy, runs))
+            rounds.append(runs)
+            bares.append(bare_run(lab, secret, certs.ca, mails))
     print(f"mails: {MAILS} of {size:.0f} bytes, aiosmtpd sink with STARTTLS + AUTH PLAIN")
-    for number, (bare, bare_sink_cpu, bare_busy, runs) in enumerate(rounds, 1):
-        print(
-            f"round {number}: bare smtplib loop, one reused connection: {bare:6.0f} mails/s"
-            f"  (CPU per mail: sink {bare_sink_cpu:.2f} ms; machine {bare_busy:.0%} busy)"
-        )
+    ratios: dict[tuple[int, str], list[float]] = {}
+    for number, runs in enumerate(rounds):
+        before, after = bares[number], bares[number + 1]
+        reference = (before.rate + after.rate) / 2
+        if number == 0:
+            _print_bare(before)
         for processes, variant, run, arrived in runs:
+            ratio = run.rate / reference
+            ratios.setdefault((processes, variant), []).append(ratio)
             plural = "es" if processes > 1 else ""
             label = (
                 f"  sender{variant}, {processes} process{plural} ({processes * CONNECTIONS} conn.):"
             )
             print(
-                f"{label:<42}{run.rate:6.0f} mails/s = {run.rate / bare:4.0%} of the bare loop"
+                f"{label:<42}{run.rate:6.0f} mails/s = {ratio:4.0%} of the bare loops around it"
                 f"  ({run.sent} sent, {arrived} arrived; CPU per mail: sender"
                 f" {run.sender_cpu:.2f} ms, sink {run.sink_cpu:.2f}, PostgreSQL"
                 f" {run.postgres_cpu:.2f}, RabbitMQ {run.rabbit_cpu:.2f} ms; PostgreSQL commits"
-                f" per mail {run.commits:.2f}; machine {run.busy:.0%} busy)"
+                f" per mail {run.commits:.2f}; machine {run.busy:.0%} busy,"
+                f" {run.stolen:.0%} stolen)"
             )
-    for index, (processes, variant, _, _) in enumerate(rounds[0][3]):
-        ratios = [runs[index][2].rate / bare for bare, _, _, runs in rounds]
+        _print_bare(after)
+    for (processes, variant), values in ratios.items():
         plural = "es" if processes > 1 else ""
         print(
             f"sender{variant}, {processes} process{plural}: median"
-            f" {statistics.median(ratios):.0%} of the bare loop over {len(ratios)} rounds"
-            " (each against its own round's bare loop)"
+            f" {statistics.median(values):.0%} of the bare loop over {len(values)} rounds"
+            f" ({', '.join(f'{v:.0%}' for v in values)}; each against the mean of the bare"
+            " runs before and after it)"
         )
     print(f"logs: {work}")
     sys.stdout.flush()

@@ -3,7 +3,7 @@
 A connection is keyed by the server's id and version: after an admin edits the server, new
 sends open new connections with the new settings, and the old ones are closed. A reused
 connection that the server closed meanwhile (servers drop idle sessions) is replaced once,
-transparently, as long as nothing was handed over yet (before DATA).
+transparently, as long as nothing was handed over yet (before the mail's final ``.``).
 
 A thread that sends several mails in a row keeps its connection between them (a
 :class:`Turn`). Handing the connection to another thread after every mail cost about a
@@ -99,7 +99,7 @@ class SmtpConnections:
         data: bytes,
         *,
         while_mail: Callable[[], None] | None = None,
-        before_data: Callable[[], None] | None = None,
+        before_handover: Callable[[], None] | None = None,
         before_wait: Callable[[], None] | None = None,
         smtputf8: bool = False,
         turn: Turn | None = None,
@@ -107,7 +107,8 @@ class SmtpConnections:
         """One transaction on a pooled connection; raises :class:`SmtpError`.
 
         ``while_mail`` runs while the server answers MAIL FROM (again if a stale connection is
-        replaced), ``before_data`` just before DATA, ``before_wait`` before anything that may
+        replaced), ``before_handover`` just before the mail's final ``.`` (from then on the
+        server may accept it), ``before_wait`` before anything that may
         take long: waiting for a free connection, or opening one. With a ``turn``, the
         connection stays with it after a success (see :class:`Turn`).
         """
@@ -124,13 +125,13 @@ class SmtpConnections:
                     session, reused, held = held, True, None
                 else:
                     session, reused = self._take(entry, password, before_wait)
-                data_started = False
+                handing_over = False
 
                 def mark() -> None:
-                    nonlocal data_started
-                    data_started = True
-                    if before_data is not None:
-                        before_data()
+                    nonlocal handing_over
+                    handing_over = True
+                    if before_handover is not None:
+                        before_handover()
 
                 if smtputf8 and not session.smtputf8:
                     self._give_back(entry, session)
@@ -147,7 +148,7 @@ class SmtpConnections:
                         recipients,
                         data,
                         while_mail=while_mail,
-                        before_data=mark,
+                        before_handover=mark,
                         smtputf8=smtputf8,
                     )
                 except SmtpError as exc:
@@ -156,7 +157,7 @@ class SmtpConnections:
                         session.client.close()
                     else:
                         self._give_back(entry, session)
-                    stale = dropped and reused and not data_started
+                    stale = dropped and reused and not handing_over
                     if stale and attempt == 1 and exc.category is FailureCategory.NETWORK:
                         log.debug("SMTP connection to %s was closed; opening a new one", server.id)
                         continue

@@ -14,9 +14,11 @@
   connections) or not (5xx).
 
 :func:`send_transaction` runs MAIL/RCPT/DATA itself (not ``sendmail``) so that the caller can
-record its intent before DATA: ``while_mail`` may start that record once MAIL FROM is on its
-way (it is committed while MAIL and RCPT go back and forth) and ``before_data`` waits for it.
-That is what makes "never twice" work without a database round trip between RCPT and DATA.
+record its intent before the mail is handed over: ``while_mail`` may start that record once
+MAIL FROM is on its way, and ``before_handover`` waits for it just before the end of the mail
+data (the final ``.``) is written. A server accepts a mail only at that line (RFC 5321 4.1.1.4;
+a connection that breaks before it delivers nothing), so the record has MAIL, RCPT and DATA's
+round trips to commit in, and "never twice" costs no database round trip of its own.
 :func:`smtp_probe` is the connection test for SMTP servers (connect, EHLO, STARTTLS, AUTH,
 NOOP; it never sends mail).
 """
@@ -24,6 +26,7 @@ NOOP; it never sends mail).
 from __future__ import annotations
 
 import base64
+import re
 import smtplib
 import socket
 import ssl
@@ -172,6 +175,7 @@ def open_session(
             )
         else:
             client = smtplib.SMTP(host, port, local_hostname=local_hostname, timeout=timeout)
+        _without_delay(client)
         step = "EHLO"
         client.ehlo()
         secure = server.tls
@@ -208,6 +212,15 @@ def open_session(
         raise _fail(exc, server, step) from exc
 
 
+def _without_delay(client: smtplib.SMTP) -> None:
+    """Every write leaves at once (``TCP_NODELAY``; STARTTLS keeps the socket). The mail's
+    final ``.`` is written on its own, after the mail (:func:`send_transaction`): Nagle's
+    algorithm would hold it until the server acknowledged the mail, which a server waiting
+    for that very line delays by up to 40 ms (Linux). Measured: 21 instead of 150 mails/s."""
+    if client.sock is not None:
+        client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
 def _token_login(client: smtplib.SMTP, user: str, access_token: str) -> None:
     """AUTH OAUTHBEARER or XOAUTH2 with the initial response (RFC 4954); a refused token is
     answered with a 334 challenge, the client replies, and 535 follows.
@@ -237,11 +250,11 @@ def send_transaction(
     data: bytes,
     *,
     while_mail: Callable[[], None] | None = None,
-    before_data: Callable[[], None] | None = None,
+    before_handover: Callable[[], None] | None = None,
     smtputf8: bool = False,
 ) -> tuple[int, str]:
-    """MAIL (``while_mail()`` runs while the server answers it), RCPT (all or nothing),
-    ``before_data()``, DATA; the final reply ``(code, text)``.
+    """MAIL (``while_mail()`` runs while the server answers it), RCPT (all or nothing), DATA
+    and the mail, ``before_handover()``, the final ``.``; the final reply ``(code, text)``.
 
     Any refused recipient aborts the transaction (RSET) before DATA, so a retry can never
     deliver twice to the recipients that were accepted.
@@ -270,10 +283,16 @@ def send_transaction(
         if refused:
             client.rset()
             raise smtplib.SMTPRecipientsRefused(refused)
-        if before_data is not None:
-            before_data()
         step = "DATA"
-        code, message = client.data(data)
+        client.putcmd("data")
+        code, message = client.getreply()
+        if code != 354:
+            raise smtplib.SMTPDataError(code, message)
+        client.send(_dot_stuffed(data))
+        if before_handover is not None:
+            before_handover()
+        client.send(b".\r\n")
+        code, message = client.getreply()
         if code != 250:
             raise smtplib.SMTPDataError(code, message)
         return code, _text(message)
@@ -285,6 +304,12 @@ def send_transaction(
             except (smtplib.SMTPException, OSError):
                 client.close()
         raise error from exc
+
+
+def _dot_stuffed(data: bytes) -> bytes:
+    """The mail as DATA carries it (RFC 5321 4.5.2), ending in CRLF, without the final dot."""
+    stuffed = re.sub(rb"(?m)^\.", b"..", data)
+    return stuffed if stuffed.endswith(b"\r\n") else stuffed + b"\r\n"
 
 
 def _write_envelope(client: smtplib.SMTP, field: str, address: str, options: list[str]) -> None:

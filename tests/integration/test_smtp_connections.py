@@ -4,6 +4,7 @@ a thread keeps its connection from one mail to the next (a turn) without ever ho
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -107,7 +108,7 @@ def test_a_turn_gives_a_connection_back_before_it_takes_another_servers(
     assert [m.recipients[0] for m in smtp_default_lab.wait_for(1)] == ["b@example.org"]
 
 
-def test_a_mark_that_cannot_start_stops_the_mail_before_data_and_drops_the_connection(
+def test_a_mark_that_cannot_start_stops_the_mail_before_handover_and_drops_the_connection(
     connections: SmtpConnections, smtp_lab: SmtpLab
 ) -> None:
     """``while_mail`` starts the caller's record while MAIL FROM is answered; if it fails,
@@ -129,7 +130,7 @@ def test_a_mark_that_cannot_start_stops_the_mail_before_data_and_drops_the_conne
             ["lost@example.org"],
             _mail("lost@example.org"),
             while_mail=broken_mark,
-            before_data=lambda: steps.append("before_data"),
+            before_handover=lambda: steps.append("before_handover"),
             turn=turn,
         )
     assert steps == ["while_mail"]
@@ -140,11 +141,37 @@ def test_a_mark_that_cannot_start_stops_the_mail_before_data_and_drops_the_conne
         ["next@example.org"],
         _mail("next@example.org"),
         while_mail=lambda: steps.append("while_mail"),
-        before_data=lambda: steps.append("before_data"),
+        before_handover=lambda: steps.append("before_handover"),
         turn=turn,
     )
     assert code == 250
-    assert steps == ["while_mail", "while_mail", "before_data"]
+    assert steps == ["while_mail", "while_mail", "before_handover"]
     assert connections.opened == 2  # the broken transaction's connection was closed
     turn.release()
     assert [m.recipients[0] for m in smtp_lab.wait_for(1)] == ["next@example.org"]
+
+
+def test_a_sender_that_stops_before_the_final_dot_hands_nothing_over(
+    connections: SmtpConnections, smtp_lab: SmtpLab
+) -> None:
+    """The mark is awaited only before the mail's final ``.``: MAIL, RCPT, DATA and the mail
+    itself went out already. A sender that stops there (its record failed, or it died) hands
+    over nothing: the server accepts a mail only at that line."""
+    smtp_lab.clear()
+    server = smtp_lab_server(smtp_lab)
+
+    def record_fails() -> None:
+        raise RuntimeError("the record of the handover could not be committed")
+
+    with pytest.raises(RuntimeError):
+        connections.send(
+            server,
+            smtp_lab.users[SMTP_LAB_USER],
+            "agent@acme.com",
+            ["half@example.org"],
+            _mail("half@example.org"),
+            before_handover=record_fails,
+        )
+    _send(connections, smtp_lab, server, "whole@example.org")
+    time.sleep(0.5)  # a mail accepted without its final dot would be stored by now
+    assert [m.recipients[0] for m in smtp_lab.mails()] == ["whole@example.org"]

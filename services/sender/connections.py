@@ -108,9 +108,9 @@ class SmtpConnections:
 
         ``while_mail`` runs while the server answers MAIL FROM (again if a stale connection is
         replaced), ``before_handover`` just before the mail's final ``.`` (from then on the
-        server may accept it), ``before_wait`` before anything that may
-        take long: waiting for a free connection, or opening one. With a ``turn``, the
-        connection stays with it after a success (see :class:`Turn`).
+        server may accept it), ``before_wait`` before anything that may take long: waiting
+        for a free connection, or opening one. With a ``turn``, the connection stays with it
+        after a success (see :class:`Turn`).
         """
         entry = self._entry(server)
         held = turn._take(entry) if turn is not None else None

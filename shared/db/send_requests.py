@@ -262,11 +262,12 @@ def begin_mark_data_started(
     message_id: str,
     sent: Sent | None = None,
 ) -> PendingStatement:
-    """Record that the mail is about to be handed over; DATA waits for the commit.
+    """Record that the mail is about to be handed over; its final ``.`` waits for the commit.
 
-    Sent before MAIL FROM and committed while MAIL and RCPT are exchanged: from its commit on,
-    a crash means "outcome unknown" (the request is never sent again). ``sent``: the same
-    thread's previous mail, recorded (and unlocked) in the same statement and commit.
+    Sent once MAIL FROM is written and committed while MAIL, RCPT and DATA are exchanged:
+    from its commit on, a crash means "outcome unknown" (the request is never sent again).
+    ``sent``: the same thread's previous mail, recorded (and unlocked) in the same statement
+    and commit.
     """
     params: list[str | None] = [server_id, message_id, tenant_id, request_id]
     if sent is None:

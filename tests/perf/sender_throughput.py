@@ -45,11 +45,14 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pika
 import psycopg
 from cryptography.fernet import Fernet
+
+if TYPE_CHECKING:
+    from tests.lab.smtp_server import SmtpLab
 
 MAILS = int(os.environ.get("BENCH_MAILS", "5000"))
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "1"))
@@ -136,32 +139,32 @@ class SentCounter:
         conn.close()
 
 
+def _stat_cpu_seconds(stat: str) -> float:
+    """User + system CPU seconds in a ``/proc/<pid>/stat`` line."""
+    fields = stat.rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (Linux ``/proc``)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return _stat_cpu_seconds(Path(f"/proc/{pid}/stat").read_text())
     except OSError:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def service_cpu_seconds() -> tuple[float, float]:
     """CPU seconds so far of every PostgreSQL process and of RabbitMQ (``beam.smp``)."""
-    postgres = rabbit = 0.0
+    seconds = {"postgres": 0.0, "beam.smp": 0.0}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             text = stat.read_text()
         except OSError:
             continue
         name = text[text.find("(") + 1 : text.rfind(")")]
-        if name in ("postgres", "beam.smp"):
-            fields = text.rpartition(")")[2].split()
-            seconds = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-            if name == "postgres":
-                postgres += seconds
-            else:
-                rabbit += seconds
-    return postgres, rabbit
+        if name in seconds:
+            seconds[name] += _stat_cpu_seconds(text)
+    return seconds["postgres"], seconds["beam.smp"]
 
 
 class MachineClock:
@@ -191,7 +194,7 @@ class BareRun:
     stolen: float
 
 
-def bare_run(lab: Any, password: str, ca: Path, mails: list[bytes]) -> BareRun:
+def bare_run(lab: SmtpLab, password: str, ca: Path, mails: list[bytes]) -> BareRun:
     clock, sink_before = MachineClock(), cpu_seconds(lab.pid)
     rate = bare_loop(lab.port, password, ca, mails)
     sink_cpu = (cpu_seconds(lab.pid) - sink_before) * 1000 / len(mails)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from shared.contracts.status_reports import FailureCategory
 from shared.email_servers import EmailServer
-from shared.mail.smtp import SmtpError, SmtpSession, open_session, send_transaction
+from shared.mail.smtp import Handover, SmtpError, SmtpSession, open_session, send_transaction
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,27 @@ class _ServerConnections:
     server: EmailServer
     slots: threading.BoundedSemaphore
     idle: list[_Idle] = field(default_factory=list)
+
+
+class _Watched:
+    """The caller's :class:`Handover`, noting when the mail's final ``.`` may have gone out:
+    a connection that breaks after that is not retried on a new one."""
+
+    def __init__(self, handover: Handover | None) -> None:
+        self._handover = handover
+        self.handing_over = False
+
+    def start(self) -> None:
+        if self._handover is not None:
+            self._handover.start()
+
+    def ready(self) -> bool:
+        return self._handover is None or self._handover.ready()
+
+    def wait(self) -> None:
+        self.handing_over = True
+        if self._handover is not None:
+            self._handover.wait()
 
 
 class Turn:
@@ -98,19 +119,18 @@ class SmtpConnections:
         recipients: list[str],
         data: bytes,
         *,
-        while_mail: Callable[[], None] | None = None,
-        before_handover: Callable[[], None] | None = None,
+        handover: Handover | None = None,
         before_wait: Callable[[], None] | None = None,
         smtputf8: bool = False,
         turn: Turn | None = None,
     ) -> tuple[int, str]:
         """One transaction on a pooled connection; raises :class:`SmtpError`.
 
-        ``while_mail`` runs while the server answers MAIL FROM (again if a stale connection is
-        replaced), ``before_handover`` just before the mail's final ``.`` (from then on the
-        server may accept it), ``before_wait`` before anything that may take long: waiting
-        for a free connection, or opening one. With a ``turn``, the connection stays with it
-        after a success (see :class:`Turn`).
+        The ``handover`` starts while the server answers MAIL FROM (again if a stale
+        connection is replaced) and is awaited before the mail's final ``.`` (from then on the
+        server may accept it); ``before_wait`` runs before anything that may take long:
+        waiting for a free connection, or opening one. With a ``turn``, the connection stays
+        with it after a success (see :class:`Turn`).
         """
         entry = self._entry(server)
         held = turn._take(entry) if turn is not None else None
@@ -125,14 +145,7 @@ class SmtpConnections:
                     session, reused, held = held, True, None
                 else:
                     session, reused = self._take(entry, password, before_wait)
-                handing_over = False
-
-                def mark() -> None:
-                    nonlocal handing_over
-                    handing_over = True
-                    if before_handover is not None:
-                        before_handover()
-
+                watched = _Watched(handover)
                 if smtputf8 and not session.smtputf8:
                     self._give_back(entry, session)
                     raise SmtpError(
@@ -147,8 +160,7 @@ class SmtpConnections:
                         envelope_from,
                         recipients,
                         data,
-                        while_mail=while_mail,
-                        before_handover=mark,
+                        handover=watched,
                         smtputf8=smtputf8,
                     )
                 except SmtpError as exc:
@@ -157,7 +169,7 @@ class SmtpConnections:
                         session.client.close()
                     else:
                         self._give_back(entry, session)
-                    stale = dropped and reused and not handing_over
+                    stale = dropped and reused and not watched.handing_over
                     if stale and attempt == 1 and exc.category is FailureCategory.NETWORK:
                         log.debug("SMTP connection to %s was closed; opening a new one", server.id)
                         continue

@@ -257,6 +257,44 @@ class _Lane:
         return sent, completion
 
 
+class _Mark:
+    """An attempt's "DATA starts" mark, as its SMTP transaction's
+    :class:`~shared.mail.smtp.Handover`: sent once MAIL FROM is written, with the thread's
+    previous mail's ``sent`` riding along, and committed before the mail's final ``.``."""
+
+    def __init__(self, work: _Work, route: Route, mail: BuiltMail) -> None:
+        self._work, self._route, self._mail = work, route, mail
+        self._statement: repo.PendingStatement | None = None
+        self.handed_over = False  # the final ``.`` may have gone out
+
+    def start(self) -> None:
+        if self._statement is None:  # a replaced stale connection asks again: once is enough
+            row, lane = self._work.request, self._work.lane
+            self._statement = repo.begin_mark_data_started(
+                lane.conn,
+                row.tenant_id,
+                row.request_id,
+                self._route.server_id,
+                self._mail.message_id,
+                sent=lane.take(),
+            )
+
+    def ready(self) -> bool:
+        return self._statement is not None and self._statement.ready()
+
+    def wait(self) -> None:
+        self.start()
+        self.committed()
+        self.handed_over = True
+
+    def committed(self) -> None:
+        """Until the mark (and the previous mail's ``sent``) is committed, if it was sent:
+        the thread's connection is free for its next statement then."""
+        if self._statement is not None:
+            self._statement.wait()
+            self._work.lane.recorded()
+
+
 @dataclass(frozen=True)
 class _BuiltAhead:
     """A mail built before its turn on the SMTP connection, for the route it had then, so
@@ -617,34 +655,7 @@ class Sender:
 
     def _attempt(self, work: _Work, route: Route, mail: BuiltMail) -> None:
         row = work.request
-        handed_over = False
-        marking: repo.PendingStatement | None = None
-
-        def start_mark() -> None:
-            nonlocal marking
-            if marking is None:  # a replaced stale connection asks again: once is enough
-                marking = repo.begin_mark_data_started(
-                    work.lane.conn,
-                    row.tenant_id,
-                    row.request_id,
-                    route.server_id,
-                    mail.message_id,
-                    sent=work.lane.take(),  # the thread's previous mail rides along
-                )
-
-        def marked() -> None:
-            """Until the mark (and the previous mail's ``sent``) is committed."""
-            if marking is not None:
-                marking.wait()
-                work.lane.recorded()
-
-        def before_handover() -> None:
-            nonlocal handed_over
-            if marking is None:
-                start_mark()
-            marked()
-            handed_over = True
-
+        mark = _Mark(work, route, mail)
         started = time.monotonic()
         try:
             code, text = self.connections.send(
@@ -653,19 +664,18 @@ class Sender:
                 mail.envelope_from,
                 mail.recipients,
                 mail.data,
-                while_mail=start_mark,
-                before_handover=before_handover,
+                handover=mark,
                 before_wait=work.lane.flush,
                 smtputf8=mail.smtputf8,
                 turn=work.lane.turn,
             )
         except SmtpError as exc:
-            marked()  # the connection is free for the next statement
-            self._smtp_failed(work, route, exc, handed_over=handed_over)
+            mark.committed()  # the connection is free for the next statement
+            self._smtp_failed(work, route, exc, handed_over=mark.handed_over)
             return
         finally:
-            if not handed_over:
-                marked()
+            if not mark.handed_over:
+                mark.committed()
         metrics.SEND_SECONDS.observe(time.monotonic() - started)
         self._finish(
             work,

@@ -210,6 +210,17 @@ class PendingStatement:
         if conn.pgconn.flush() != 0:  # rarely: the socket took only part of it
             conn.wait(generators.send(conn.pgconn))
 
+    def ready(self) -> bool:
+        """Whether its outcome is here (then :meth:`wait` returns at once); never waits.
+        libpq's socket is non-blocking: reading what has arrived cannot block."""
+        if self._done:
+            return True
+        try:
+            self._conn.pgconn.consume_input()
+        except psycopg.Error:
+            return True  # broken: :meth:`wait` raises at once
+        return not self._conn.pgconn.is_busy()
+
     def wait(self) -> None:
         """Until the statement is committed; raises :class:`psycopg.Error` if it failed."""
         if self._error is not None:

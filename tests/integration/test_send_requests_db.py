@@ -108,7 +108,24 @@ def test_a_failed_mark_stays_failed_when_asked_again(
 ) -> None:
     """The mail's DATA must never start after its mark failed, however often it asks."""
     worker, _ = worker_and_other
-    statement = repo.PendingStatement(worker, "SELECT 1 / 0", [])
+    statement = repo.PendingStatement(worker, "divide", "SELECT 1 / $1::int", ["0"])
     for _ in range(2):
         with pytest.raises(psycopg.Error, match="division by zero"):
             statement.wait()
+
+
+def test_a_mark_whose_prepared_statement_was_dropped_fails_once_then_prepares_it_again(
+    worker_and_other: tuple[DictConnection, DictConnection],
+) -> None:
+    """Marks are the session's prepared statements. A session that lost them (``DEALLOCATE
+    ALL``) fails the next mark, so that mail is not handed over, and heals with the one after."""
+    worker, _ = worker_and_other
+    first = repo.PendingStatement(worker, "answer", "SELECT $1::int + 1", ["41"])
+    first.wait()
+    assert first.ready()
+    worker.execute("DEALLOCATE ALL")
+    lost = repo.PendingStatement(worker, "answer", "SELECT $1::int + 1", ["41"])
+    with pytest.raises(psycopg.Error, match="does not exist"):
+        lost.wait()
+    again = repo.PendingStatement(worker, "answer", "SELECT $1::int + 1", ["41"])
+    again.wait()

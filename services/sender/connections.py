@@ -61,6 +61,10 @@ class _Watched:
         if self._handover is not None:
             self._handover.wait()
 
+    def deciding(self) -> None:
+        if self._handover is not None:
+            self._handover.deciding()
+
 
 class Turn:
     """One thread's hold on a pooled connection (and its slot) from one send to the next.

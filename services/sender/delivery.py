@@ -34,8 +34,8 @@ Watching the SMTP connection on the wire (tcpdump, benchmark) showed where the r
 sender took 1.3 ms between the server's 250 and the next MAIL FROM (the bare loop 0.3 ms),
 because the connection passed to another thread after every mail, which then built its MIME
 and started its mark first. Now a thread keeps the connection for its whole batch
-(:class:`~services.sender.connections.Turn`), prepares the batch's mails (route, MIME) before
-it takes the connection (:class:`_BuiltAhead`), and starts the mark only once MAIL FROM is on
+(:class:`~services.sender.connections.Turn`), prepares each mail (route, MIME) before its turn
+(:class:`_BuiltAhead`), and starts the mark only once MAIL FROM is on
 its way; ``main`` shortens Python's GIL switch interval so that a thread whose SMTP reply has
 arrived does not wait behind one that is computing. The mark then had MAIL and RCPT to commit
 in and DATA still waited for it (1.0 ms against 0.25 ms in the bare loop): only the mail's
@@ -102,6 +102,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, cast
 
 import dramatiq
@@ -206,6 +207,9 @@ class _Lane:
         self.conn = conn
         self.done = done  # first attempts only defer; a dramatiq retry records at once
         self.turn = turn  # the SMTP connection kept from one mail of the batch to the next
+        # Work for the time the server takes to decide on a mail (building the next one): done
+        # by the thread that waits anyway, not by another thread competing with it for the GIL.
+        self.spare_time: Callable[[], None] | None = None
         self._deferred: repo.Sent | None = None
         self._in_flight: repo.Sent | None = None  # sent along with a statement on its way
         self._waiting: _Completion | None = None  # the deferred mail's ``done`` arguments
@@ -287,6 +291,15 @@ class _Mark:
         self.committed()
         self.handed_over = True
 
+    def deciding(self) -> None:
+        """While the server decides: the thread's spare work (:attr:`_Lane.spare_time`)."""
+        spare, self._work.lane.spare_time = self._work.lane.spare_time, None
+        if spare is not None:
+            try:
+                spare()
+            except Exception:  # never the mail's outcome: its reply comes next
+                log.exception("sender: preparing the next mail failed; it is prepared in its turn")
+
     def committed(self) -> None:
         """Until the mark (and the previous mail's ``sent``) is committed, if it was sent:
         the thread's connection is free for its next statement then."""
@@ -298,9 +311,12 @@ class _Mark:
 @dataclass(frozen=True)
 class _BuiltAhead:
     """A mail built before its turn on the SMTP connection, for the route it had then, so
-    that a thread holding the connection between two mails only talks to the servers (a
-    batch builds all its mails first: building one cost about 0.35 ms of that gap). Its turn
-    resolves again and builds anew if the route changed meanwhile (an admin's edit)."""
+    that a thread holding the connection between two mails only talks to the servers
+    (building one cost about 0.35 ms of that gap). A batch's first mail is built before the
+    thread takes the connection, each other one while the server decides on the mail before
+    it (:attr:`_Lane.spare_time`): built all at once by a thread waiting for its turn, they
+    held the GIL in bursts of milliseconds while another thread's SMTP replies came in. Its
+    turn resolves again and builds anew if the route changed meanwhile (an admin's edit)."""
 
     route: Route
     mail: BuiltMail
@@ -469,9 +485,19 @@ class Sender:
                         for a in attempts
                     ],
                 )
-                ahead = [self._build_ahead(a, s) for a, s in zip(attempts, started, strict=True)]
+                ahead: dict[int, _BuiltAhead | None] = {}
+
+                def build_ahead(index: int) -> None:
+                    ahead[index] = self._build_ahead(attempts[index], started[index])
+
+                build_ahead(0)
                 for index, (attempt, start) in enumerate(zip(attempts, started, strict=True)):
-                    outcome, results = self._first_attempt(lane, attempt, start, ahead[index])
+                    following = index + 1
+                    lane.spare_time = (
+                        partial(build_ahead, following) if following < len(attempts) else None
+                    )
+                    built = ahead.pop(index, None)
+                    outcome, results = self._first_attempt(lane, attempt, start, built)
                     handled = index + 1
                     if lane.has_deferred:
                         lane.complete_when_recorded((index, outcome, results))

@@ -257,6 +257,10 @@ class Handover(Protocol):
     def wait(self) -> None:
         """Until it is committed; raises if it cannot be (then nothing is handed over)."""
 
+    def deciding(self) -> None:
+        """The final ``.`` is written and the server is deciding: the caller's spare time,
+        before the reply is read. It must not raise."""
+
 
 def send_transaction(
     session: SmtpSession,
@@ -310,6 +314,8 @@ def send_transaction(
                 mail = b""
             handover.wait()
         client.send(mail + b".\r\n")
+        if handover is not None:
+            handover.deciding()
         code, message = client.getreply()
         if code != 250:
             raise smtplib.SMTPDataError(code, message)

@@ -69,6 +69,9 @@ class _Recorded:
     def wait(self) -> None:
         self._step("wait")
 
+    def deciding(self) -> None:
+        self._step("deciding")
+
     def _step(self, name: str) -> None:
         self.steps.append(name)
         if name == self.fail_at:
@@ -162,7 +165,7 @@ def test_a_mark_that_cannot_start_stops_the_mail_before_handover_and_drops_the_c
         turn=turn,
     )
     assert code == 250
-    assert steps == ["start", "start", "wait"]
+    assert steps == ["start", "start", "wait", "deciding"]
     assert connections.opened == 2  # the broken transaction's connection was closed
     turn.release()
     assert [m.recipients[0] for m in smtp_lab.wait_for(1)] == ["next@example.org"]

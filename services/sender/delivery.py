@@ -42,13 +42,23 @@ in and DATA still waited for it (1.0 ms against 0.25 ms in the bare loop): only 
 final ``.`` waits for it now (step 2), which gave 61-63% of the bare loop against 42-52% in
 the same rounds.
 
-Profiled during the benchmark (py-spy, the sender process), the rest of a mail's CPU time is
-mostly Python around those steps: smtplib itself (as in the bare loop), kombu receiving the
-command, pydantic validating it and building the result, and py-amqp publishing it. The
-SMTP server the benchmark uses (aiosmtpd) spends more CPU per mail whenever anything else
-runs beside it on the 2-core machine (2.0-2.6 ms alone, 2.5-3.5 ms beside the sender), and
-every one of a mail's four SMTP round trips waits for it, which is what bounds one
-connection's rate.
+Then the benchmark's sink moved into memory (it had spent two thirds of its time creating
+files), which doubled the bare loop's rate to 700-800 mails/s and made the sender's own time
+count twice as much. Four more steps, each measured in the same rounds: the mail and its final
+``.`` in one write when the mark is committed by then (0.36 ms less per mail on the wire); the
+results published in batches that linger 20 ms (RabbitMQ's CPU per mail halved); the mark as a
+prepared statement (PostgreSQL's CPU per mail down by a third); each next mail built while the
+server decides on the one before (:class:`_BuiltAhead`). One process reached a median of 53-63%
+of the bare loop in the runs that followed, two processes 80%.
+
+Profiled during the benchmark (py-spy ``--gil``, the sender process), the rest of a mail's CPU
+time is spread thinly over Python around those steps: smtplib itself (as in the bare loop),
+py-amqp receiving the command and publishing the result, pydantic validating the one and
+building the other, psycopg, the MIME. On the wire, a mail's cycle in the sender is about 0.9
+ms longer than in the bare loop: about 0.4 ms is the SMTP server (aiosmtpd) answering more
+slowly while the sender, PostgreSQL and RabbitMQ share the 2 cores with it, and most of the
+rest is the sender's thread waiting for the GIL when a reply arrives while another of its
+threads computes (the means of those gaps are two to three times their medians).
 
 **Never twice (the state machine of a request).** ``sending`` → ``sent`` | ``failed``, with
 ``retry_wait`` between attempts (``received`` is only found in rows of older versions); each
@@ -288,11 +298,16 @@ class _Mark:
 
     def wait(self) -> None:
         self.start()
-        self.committed()
+        assert self._statement is not None
+        self._statement.wait()
         self.handed_over = True
 
     def deciding(self) -> None:
-        """While the server decides: the thread's spare work (:attr:`_Lane.spare_time`)."""
+        """While the server decides: the previous mail's completion (its result goes to the
+        publishing thread, which wakes up) and the thread's spare work
+        (:attr:`_Lane.spare_time`). Done here rather than between DATA's 354 and the mail,
+        where the woken thread competed for the GIL with the one about to write the mail."""
+        self._work.lane.recorded()
         spare, self._work.lane.spare_time = self._work.lane.spare_time, None
         if spare is not None:
             try:

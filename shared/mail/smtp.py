@@ -21,7 +21,7 @@ delivers nothing), so the record has MAIL, RCPT and DATA's round trips to commit
 twice" costs no database round trip of its own. When it is committed by the time the mail is
 written (the usual case), the mail and its final ``.`` go out in one write, as ``sendmail``
 sends them: on the benchmark's machine, writing the ``.`` on its own cost each mail 0.36 ms on
-the wire, most of it the SMTP server reading and decrypting a second TLS record.
+the wire (the gap before it, and a second TLS record for the server to read).
 :func:`smtp_probe` is the connection test for SMTP servers (connect, EHLO, STARTTLS, AUTH,
 NOOP; it never sends mail).
 """

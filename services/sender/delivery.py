@@ -508,10 +508,8 @@ class Sender:
 
                 build_ahead(0)
                 for index, (attempt, start) in enumerate(zip(attempts, started, strict=True)):
-                    following = index + 1
-                    lane.spare_time = (
-                        partial(build_ahead, following) if following < len(attempts) else None
-                    )
+                    last = index + 1 == len(attempts)
+                    lane.spare_time = None if last else partial(build_ahead, index + 1)
                     built = ahead.pop(index, None)
                     outcome, results = self._first_attempt(lane, attempt, start, built)
                     handled = index + 1
@@ -710,7 +708,7 @@ class Sender:
                 mail.recipients,
                 mail.data,
                 handover=mark,
-                before_wait=work.lane.flush,
+                before_wait=work.lane.before_wait,
                 smtputf8=mail.smtputf8,
                 turn=work.lane.turn,
             )

@@ -7,6 +7,7 @@ mail's mark must be recorded, and its lock given back, in that one commit.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import cast
 
@@ -121,8 +122,11 @@ def test_a_mark_whose_prepared_statement_was_dropped_fails_once_then_prepares_it
     ALL``) fails the next mark, so that mail is not handed over, and heals with the one after."""
     worker, _ = worker_and_other
     first = repo.PendingStatement(worker, "answer", "SELECT $1::int + 1", ["41"])
+    deadline = time.monotonic() + 5
+    while not first.ready():  # its outcome arrives without anyone waiting for it
+        assert time.monotonic() < deadline, "ready() never saw the outcome"
+        time.sleep(0.001)
     first.wait()
-    assert first.ready()
     worker.execute("DEALLOCATE ALL")
     lost = repo.PendingStatement(worker, "answer", "SELECT $1::int + 1", ["41"])
     with pytest.raises(psycopg.Error, match="does not exist"):

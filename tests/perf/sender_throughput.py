@@ -14,7 +14,7 @@ the sender's ``sent`` results wait in a queue and are counted, not consumed, mea
 (:class:`SentResults`).
 
 The machine's speed drifts within minutes (a shared host: the bare loop alone has been seen
-at 160 and 350 mails/s a few minutes apart, while the hypervisor took CPU time away from it,
+at 540 and 840 mails/s a few minutes apart, while the hypervisor took CPU time away from it,
 "steal"), so the runs alternate (``BENCH_ROUNDS``, default 5: bare, sender, bare, sender, ...,
 bare), each sender run is set against the mean of the two bare runs around it, and the median
 of those ratios is the result. Every run prints the share of the machine's CPU time that was
@@ -291,7 +291,8 @@ def through_sender(
         services_after = service_cpu_seconds()
         busy, stolen = clock.shares()
         sent = results.count()
-        per_mail = 1000 / max(1, sent - 1)  # from the first arrival on
+        measured = sent - 1  # from the first arrival on
+        per_mail = 1000 / max(1, measured)
     finally:
         for sender in senders:
             sender.terminate()
@@ -300,7 +301,6 @@ def through_sender(
         results.close()
     time.sleep(1)  # PostgreSQL's sessions report their counts within a second of ending
     commits = committed(env["MAILROOM_DATABASE_URL"]) - commits_before
-    measured = sent - 1
     return SenderRun(
         rate=arrival_rate(lab),
         sent=sent,

@@ -46,6 +46,9 @@ class ServerDirectory:
         self._lock = threading.Lock()
         self._resync_due = True
         self._last_resync = 0.0
+        # Goes up with every change of a server: what was derived from the servers at one
+        # generation (a sender's routes) holds as long as it is current.
+        self.generation = 0
 
     # --- reads -----------------------------------------------------------------------------
 
@@ -117,6 +120,8 @@ class ServerDirectory:
                 self._servers.pop(server_id, None)
             else:
                 self._servers[server_id] = current
+            if before != current:
+                self.generation += 1
         if before == current:
             return
         if self._on_change is not None:

@@ -33,6 +33,7 @@ from shared.server_directory import ServerDirectory
 from shared.settings import Settings
 
 SYSTEM_DEFAULT_ID = "system-default"
+ROUTES_KEPT = 10_000
 
 
 class NoRoute(Exception):
@@ -101,8 +102,33 @@ class Resolver:
         # Decrypting a password (Fernet) for every mail is needless work: kept per server
         # version, as the pooled connections logged in with it are.
         self._passwords: dict[tuple[str, int], tuple[bytes, str]] = {}
+        # Routes found at the directory's current generation, by what decides them. Resolving
+        # anew scans every server of the directory, once when a mail is prepared and once more
+        # in its turn on the SMTP connection (to notice an admin's edit in between), the second
+        # time between the server's reply to one mail and the next MAIL FROM.
+        self._routes: dict[tuple[str, str, str | None], Route] = {}
+        self._routes_generation = -1
 
     def resolve(self, command: SendCommand) -> Route:
+        """The route for ``command``; raises :class:`NoRoute`. Follows every server change
+        the directory has applied (its ``generation``)."""
+        # A reply without ``from`` asks the database which address the mail was sent to.
+        from_database = command.kind == "agent" and command.from_ is None and command.in_reply_to
+        if from_database:
+            return self._resolve(command)
+        generation = self._directory.generation
+        if generation != self._routes_generation or len(self._routes) > ROUTES_KEPT:
+            self._routes = {}
+            self._routes_generation = generation
+        key = (command.tenant_id, command.kind, command.from_)
+        route = self._routes.get(key)
+        if route is None:
+            route = self._resolve(command)
+            if self._routes_generation == generation:
+                self._routes[key] = route
+        return route
+
+    def _resolve(self, command: SendCommand) -> Route:
         servers = [
             s
             for s in self._directory.all()

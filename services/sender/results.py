@@ -10,7 +10,9 @@ connection or a nack, the unconfirmed batch is published again on a new connecti
 are at least once, as the contract says.
 
 Lingering took RabbitMQ from 0.40-0.47 to 0.18-0.22 ms of CPU per mail in the benchmark, and
-the sender from a median of 46% to 53% of the bare loop (three rounds each, same run).
+the sender from a median of 46% to 53% of the bare loop (three rounds each, same run). The
+thread sleeps while a batch fills instead of waiting on the queue, which woke it (and gave it
+the GIL) once per result: its CPU time per mail fell from 0.16 to 0.09 ms.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import amqp
 from kombu import Connection
+from kombu.transport import pyamqp
 
 from shared.contracts.send import SendResult
 from shared.topology import SEND_RESULTS_EXCHANGE
@@ -44,6 +47,24 @@ Confirmed = Callable[[list[Any]], None]
 
 class _Nacked(Exception):
     pass
+
+
+class _QuietConnection(amqp.Connection):  # type: ignore[misc]
+    """Asks the broker for no ``connection.blocked`` notifications. py-amqp reads the socket
+    before every publish on a connection that gets them (a system call and an exception when
+    nothing came), and nothing here would act on one: a blocked broker shows up as confirms
+    that do not come, and the batch is published again after ``CONFIRM_TIMEOUT_SECONDS``. In
+    a stripped-down sender that published each result from the thread holding the SMTP
+    connection, that read took the rate from 69% to 58% of the bare loop (three rounds each)."""
+
+    negotiate_capabilities: ClassVar[dict[str, bool]] = {
+        **amqp.Connection.negotiate_capabilities,
+        "connection.blocked": False,
+    }
+
+
+class _QuietTransport(pyamqp.Transport):  # type: ignore[misc]
+    Connection = _QuietConnection
 
 
 class ResultStream:
@@ -88,10 +109,12 @@ class ResultStream:
             if first is None:
                 return
             batch = [first]
-            until = time.monotonic() + LINGER_SECONDS
+            # Asleep while the batch fills: a thread waiting on the queue would wake up for
+            # every result, each time taking the GIL from the thread holding an SMTP connection.
+            time.sleep(LINGER_SECONDS)
             while len(batch) < BATCH_LIMIT:
                 try:
-                    item = self._waiting.get(timeout=max(0.0, until - time.monotonic()))
+                    item = self._waiting.get_nowait()
                 except queue.Empty:
                     break
                 if item is None:
@@ -146,7 +169,9 @@ class ResultStream:
     def _open_channel(self) -> Any:
         if self._channel is not None:
             return self._channel
-        connection = Connection(self._amqp_url, connect_timeout=5, heartbeat=0)
+        connection = Connection(
+            self._amqp_url, connect_timeout=5, heartbeat=0, transport=_QuietTransport
+        )
         connection.connect()
         channel = connection.channel()
         SEND_RESULTS_EXCHANGE(channel).declare()

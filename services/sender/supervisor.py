@@ -13,7 +13,6 @@ under a command, the command is requeued (after a short pause), never dropped.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -125,7 +124,7 @@ class SenderSupervisor(ConfigFollower):
         body: bytes = message.body if isinstance(message.body, bytes) else bytes(message.body)
         try:
             try:
-                command = parse_command(body)
+                command, raw = parse_command(body)
                 if not self.sender.tenant_known(command.tenant_id):
                     raise InvalidCommand(
                         f"unknown tenant {command.tenant_id!r}",
@@ -141,6 +140,5 @@ class SenderSupervisor(ConfigFollower):
             time.sleep(REQUEUE_PAUSE_SECONDS)
             message.requeue()
             return
-        raw: dict[str, Any] = json.loads(body)
         self.intake.submit(message, command, raw)
         self.commands_accepted += 1

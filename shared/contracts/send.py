@@ -21,7 +21,7 @@ import uuid
 from datetime import UTC, datetime
 from email.header import decode_header
 from email.utils import parseaddr as _parseaddr
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import (
     AfterValidator,
@@ -203,7 +203,12 @@ class InvalidCommand(Exception):
         self.tenant_id = tenant_id
 
 
-def parse_command(body: Any) -> SendCommand:
+class ParsedCommand(NamedTuple):
+    command: SendCommand
+    raw: dict[str, Any]  # the JSON object as published: what is kept for retries
+
+
+def parse_command(body: Any) -> ParsedCommand:
     """The command in an AMQP body (bytes, str or already decoded JSON); raises InvalidCommand."""
     import json
 
@@ -223,7 +228,7 @@ def parse_command(body: Any) -> SendCommand:
     request_id = data.get("request_id")
     tenant_id = data.get("tenant_id")
     try:
-        return SendCommand.model_validate(data)
+        return ParsedCommand(SendCommand.model_validate(data), data)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in error['loc']) or 'command'}: {error['msg']}"

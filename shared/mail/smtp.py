@@ -333,7 +333,9 @@ def send_transaction(
 
 def _dot_stuffed(data: bytes) -> bytes:
     """The mail as DATA carries it (RFC 5321 4.5.2), ending in CRLF, without the final dot."""
-    stuffed = re.sub(rb"(?m)^\.", b"..", data)
+    # Most mails have no line that starts with a dot: a search instead of a regex pass.
+    dotted = data.startswith(b".") or b"\n." in data
+    stuffed = re.sub(rb"(?m)^\.", b"..", data) if dotted else data
     return stuffed if stuffed.endswith(b"\r\n") else stuffed + b"\r\n"
 
 

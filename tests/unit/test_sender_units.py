@@ -92,7 +92,8 @@ def test_the_contract_shape_parses_and_results_round_trip() -> None:
         "in_reply_to": None,
         "future_field": "ignored",
     }
-    command = parse_command(json.dumps(body).encode())
+    command, raw = parse_command(json.dumps(body).encode())
+    assert raw == body  # kept as published, for retries
     assert command.kind == "template" and command.from_ is None
     assert command.recipients == ["a@example.org", "b@example.org"]
     result = SendResult(request_id="r-9", tenant_id="acme", status="sent", attempts=1)
@@ -261,6 +262,7 @@ def smtp(
 class FakeDirectory:
     def __init__(self, *servers: EmailServer) -> None:
         self.servers = list(servers)
+        self.generation = 0
 
     def all(self) -> list[EmailServer]:
         return self.servers
@@ -313,6 +315,21 @@ def test_an_address_on_two_servers_is_ambiguous() -> None:
     twice = (smtp("a", "a@acme.com", "x@acme.com"), smtp("b", "b@acme.com", "x@acme.com"))
     with pytest.raises(NoRoute, match=r"several SMTP servers may send as x@acme\.com"):
         resolver(*twice).resolve(cmd(**{"from": "x@acme.com"}))
+
+
+def test_a_route_follows_the_servers_the_directory_applied() -> None:
+    directory = FakeDirectory(smtp("a", "agent@acme.com", "support@acme.com"))
+    routes = Resolver(
+        Settings(), cast(ServerDirectory, directory), cast(Any, None), cast(Any, None)
+    )
+    assert routes.resolve(cmd(**{"from": "support@acme.com"})).server.id == "a"
+    directory.servers = [smtp("b", "desk@acme.com", "support@acme.com")]
+    directory.generation += 1
+    assert routes.resolve(cmd(**{"from": "support@acme.com"})).server.id == "b"
+    directory.servers = []
+    directory.generation += 1
+    with pytest.raises(NoRoute):
+        routes.resolve(cmd(**{"from": "support@acme.com"}))
 
 
 def test_template_uses_the_designated_server_or_the_default() -> None:

@@ -210,6 +210,10 @@ class _Lane:
     the connection or may block: a batch's end, a wait for a connection slot, a new SMTP
     connection, the rate limit, a token request. The mail's command is acked, and its result
     published, only once its ``sent`` is committed (``waiting``).
+
+    The accepted mail's result, metrics and status report are made later as well
+    (:meth:`report_later`): while the server answers the next mail's MAIL FROM, not between the
+    server's 250 and that MAIL FROM, where they took about 45 us of every mail's cycle.
     """
 
     def __init__(
@@ -224,6 +228,7 @@ class _Lane:
         self._deferred: repo.Sent | None = None
         self._in_flight: repo.Sent | None = None  # sent along with a statement on its way
         self._waiting: _Completion | None = None  # the deferred mail's ``done`` arguments
+        self._report: Callable[[], None] | None = None  # the deferred mail's result and reports
 
     @property
     def has_deferred(self) -> bool:
@@ -232,6 +237,16 @@ class _Lane:
     def defer(self, sent: repo.Sent) -> None:
         self.flush()
         self._deferred = sent
+
+    def report_later(self, report: Callable[[], None]) -> None:
+        """For the deferred mail: made by :meth:`report_now`, at the latest when it is
+        recorded (its results are complete before its command is)."""
+        self._report = report
+
+    def report_now(self) -> None:
+        report, self._report = self._report, None
+        if report is not None:
+            report()
 
     def complete_when_recorded(self, completion: _Completion) -> None:
         assert self._deferred is not None
@@ -244,6 +259,7 @@ class _Lane:
         return sent
 
     def recorded(self) -> None:
+        self.report_now()
         if self._in_flight is None:
             return
         self._in_flight = None
@@ -266,6 +282,7 @@ class _Lane:
 
     def unrecorded(self) -> tuple[repo.Sent | None, _Completion | None]:
         """After a failure: the accepted mail not known to be recorded, and its completion."""
+        self.report_now()
         sent = self._in_flight or self._deferred
         self._in_flight = self._deferred = None
         completion, self._waiting = self._waiting, None
@@ -293,6 +310,7 @@ class _Mark:
                 self._mail.message_id,
                 sent=lane.take(),
             )
+            lane.report_now()  # the previous mail's, while the server answers MAIL FROM
 
     def ready(self) -> bool:
         return self._statement is not None and self._statement.ready()
@@ -697,7 +715,6 @@ class Sender:
         self._attempt(work, route, mail)
 
     def _attempt(self, work: _Work, route: Route, mail: BuiltMail) -> None:
-        row = work.request
         mark = _Mark(work, route, mail)
         started = time.monotonic()
         try:
@@ -719,7 +736,7 @@ class Sender:
         finally:
             if not mark.handed_over:
                 mark.committed()
-        metrics.SEND_SECONDS.observe(time.monotonic() - started)
+        seconds = time.monotonic() - started
         self._finish(
             work,
             state="sent",
@@ -727,6 +744,19 @@ class Sender:
             smtp_code=code,
             smtp_response=text,
         )
+        report = partial(self._report_sent, work, route, mail, code, text, seconds)
+        if work.lane.has_deferred:
+            work.lane.report_later(report)  # :class:`_Lane`: after the next MAIL FROM
+        else:
+            report()
+
+    def _report_sent(
+        self, work: _Work, route: Route, mail: BuiltMail, code: int, text: str, seconds: float
+    ) -> None:
+        """An accepted mail's result, metrics and status report. It must not use the
+        thread's database connection (a statement may be on its way there)."""
+        row = work.request
+        metrics.SEND_SECONDS.observe(seconds)
         self.reporter.record(route.server, ok=True, sent=True)
         self._emit(
             work,

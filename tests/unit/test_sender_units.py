@@ -18,6 +18,7 @@ from services.sender.resolver import NoRoute, Resolver
 from services.sender.results import ResultStream
 from shared.contracts.send import InvalidCommand, SendCommand, SendResult, parse_command
 from shared.email_servers import AuthType, EmailServer, Role, ServerType
+from shared.mail.smtp import _dot_stuffed as dot_stuffed
 from shared.server_directory import ServerDirectory
 from shared.settings import Settings
 
@@ -216,6 +217,16 @@ def test_fast_path_is_taken_for_the_common_mail() -> None:
     sender = mime.to_address("Bench <bench@acme.com>")
     to = [mime.to_address(m) for m in command.to]
     assert mime._fast_data(command, sender, to, "<m@acme.com>") is not None
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b".", b"..\r\n", b"a\r\n.b\r\n..c", b"a\n.b", b"\r\n.\r\n", b"x.y\r\n. \r\n"],
+)
+def test_dot_stuffing_doubles_the_dot_that_starts_any_line(data: bytes) -> None:
+    expected = re.sub(rb"(?m)^\.", b"..", data)  # RFC 5321 4.5.2, as smtplib writes it
+    expected += b"" if expected.endswith(b"\r\n") else b"\r\n"
+    assert dot_stuffed(data) == expected
 
 
 def test_results_count_as_confirmed_only_without_gaps() -> None:

@@ -12,9 +12,9 @@ from urllib.parse import urlsplit
 
 import psycopg
 import redis
-from kombu import Connection
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from shared.broker import broker_connection
 from shared.settings import KeysMissing, Settings
 
 TIMEOUT_SECONDS = 3
@@ -52,7 +52,7 @@ def _check_postgres(settings: Settings) -> None:
 
 
 def _check_rabbitmq(settings: Settings) -> None:
-    with Connection(settings.amqp_url, connect_timeout=TIMEOUT_SECONDS) as conn:
+    with broker_connection(settings.amqp_url, connect_timeout=TIMEOUT_SECONDS) as conn:
         conn.connect()
 
 

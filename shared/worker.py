@@ -16,8 +16,10 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
-from kombu import Connection, Message, Queue
+from kombu import Message, Queue
 from kombu.mixins import ConsumerMixin
+
+from shared.broker import broker_connection
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ class Worker(ConsumerMixin):  # type: ignore[misc]
     service_name = "worker"
 
     def __init__(self, amqp_url: str) -> None:
-        self.connection = Connection(amqp_url, heartbeat=30, connect_timeout=5)
+        self.connection = broker_connection(amqp_url, heartbeat=30, connect_timeout=5)
         self.connected = threading.Event()
         self.connections_made = 0  # 1 after the first connect; more after every reconnect
         self.should_stop = False

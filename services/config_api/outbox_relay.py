@@ -24,6 +24,7 @@ from kombu.exceptions import KombuError
 from prometheus_client import Counter, Gauge, Histogram
 from psycopg.rows import dict_row
 
+from shared.broker import broker_connection
 from shared.db import outbox
 from shared.db.pool import DictConnection
 from shared.topology import CONFIG_EXCHANGE, ROUTING_PLAN_CREATED, inbound_queue
@@ -160,7 +161,7 @@ class OutboxRelay:
 
     def _ensure_producer(self) -> Producer:
         if self._producer is None:
-            broker = Connection(
+            broker = broker_connection(
                 self._amqp_url, connect_timeout=5, transport_options={"confirm_publish": True}
             )
             broker.connect()

@@ -23,6 +23,7 @@ from typing import Any
 from kombu import Connection, Producer
 
 from shared import metrics
+from shared.broker import broker_connection
 from shared.contracts.send import SendResult
 from shared.contracts.status_reports import FailureCategory, StatusReport
 from shared.email_servers import EmailServer, ServerType
@@ -50,7 +51,7 @@ class Publisher:
     def _producer(self) -> Producer:
         producer: Producer | None = getattr(self._local, "producer", None)
         if producer is None:
-            connection = Connection(
+            connection = broker_connection(
                 self._amqp_url,
                 connect_timeout=5,
                 heartbeat=0,

@@ -18,6 +18,7 @@ from kombu import Connection, Producer
 from prometheus_client import Counter
 
 from services.status.store import ALERT_OUTBOX
+from shared.broker import broker_connection
 from shared.topology import STATUS_EXCHANGE
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class AlertRelay:
 
     def _ready_producer(self) -> Producer:
         if self._producer is None:
-            self._connection = Connection(
+            self._connection = broker_connection(
                 self._amqp_url,
                 connect_timeout=5,
                 heartbeat=0,

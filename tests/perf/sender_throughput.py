@@ -5,8 +5,10 @@ process (STARTTLS + AUTH PLAIN, the lab's certificates) receives:
 
 1. the floor: a bare ``smtplib`` loop over one reused connection sending N ready-made mails;
 2. N JSON commands, all waiting in ``mailroom.send`` before one ``mailroom run sender``
-   process starts (one SMTP connection per server and process);
-3. the same with two sender processes.
+   process starts, with one SMTP connection to the sink (as the bare loop);
+3. the same with two sender processes (one connection each);
+4. one process with the product's default of two connections per server
+   (``MAILROOM_SENDER_CONNECTIONS_PER_SERVER``).
 
 Both are timed at the sink, from the first mail stored to the last (so neither the
 benchmark's own publishing nor the sender's start-up shares the CPU with the measured part);
@@ -23,9 +25,8 @@ busy and that was stolen.
 Mails are ~2 KB; the sink keeps them in memory (``/dev/shm``, see ``MEMORY``). The database
 is ``mailroom_bench`` (``mailroom_bench_<name>`` with ``MAILROOM_TEST_INSTANCE=<name>``, like
 the suite's), the vhost the test suite's. ``BENCH_MAILS``
-changes N (default 5,000); ``BENCH_PROCESSES`` which sender runs are made (default ``1,2``);
-``BENCH_CONNECTIONS`` the SMTP connections per sender process (default 1, as the bare loop; 2 is
-the default of ``MAILROOM_SENDER_CONNECTIONS_PER_SERVER``);
+changes N (default 5,000); ``BENCH_SENDERS`` which sender runs are made, as processes x SMTP
+connections per process (default ``1x1,2x1,1x2``);
 ``BENCH_BASELINE_TREE`` also runs, in every round, the sender of another checkout, for a
 before/after comparison.
 Each run also prints the CPU time the sender processes and the sink spent per mail (from
@@ -58,8 +59,14 @@ if TYPE_CHECKING:
     from tests.lab.smtp_server import SmtpLab
 
 MAILS = int(os.environ.get("BENCH_MAILS", "5000"))
-CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "1"))
-PROCESSES = [int(n) for n in os.environ.get("BENCH_PROCESSES", "1,2").split(",") if n.strip()]
+# (processes, SMTP connections per process) of each sender run in a round.
+SENDERS = [
+    (int(p), int(c))
+    for p, _, c in (
+        run.strip().partition("x")
+        for run in os.environ.get("BENCH_SENDERS", "1x1,2x1,1x2").split(",")
+    )
+]
 ROUNDS = max(1, int(os.environ.get("BENCH_ROUNDS", "5")))
 ROOT = Path(__file__).resolve().parents[2]
 USER = "bench@lab.test"
@@ -81,7 +88,6 @@ def _environment() -> dict[str, str]:
         "MAILROOM_SECRET_KEYS": Fernet.generate_key().decode(),
         "MAILROOM_TOKEN_SIGNING_KEY": secrets.token_urlsafe(48),
         "MAILROOM_LOG_LEVEL": "WARNING",
-        "MAILROOM_SENDER_CONNECTIONS_PER_SERVER": str(CONNECTIONS),
         "MAILROOM_SENDER_THREADS": os.environ.get("BENCH_SENDER_THREADS", "8"),
     }
 
@@ -242,6 +248,7 @@ def committed(database_url: str) -> int:
 def through_sender(
     env: dict[str, str],
     processes: int,
+    connections: int,
     amqp_url: str,
     log_dir: Path,
     lab: SmtpLab,
@@ -265,6 +272,7 @@ def through_sender(
                 env={
                     **os.environ,
                     **env,
+                    "MAILROOM_SENDER_CONNECTIONS_PER_SERVER": str(connections),
                     "MAILROOM_LOG_LEVEL": "INFO",
                     **({"PYTHONPATH": tree} if tree else {}),
                 },
@@ -312,6 +320,12 @@ def through_sender(
         stolen=stolen,
         commits=commits / max(1, measured),
     )
+
+
+def _label(processes: int, connections: int, variant: str) -> str:
+    plural = "es" if processes > 1 else ""
+    each = " each" if processes > 1 else ""
+    return f"sender{variant}, {processes} process{plural} x {connections} conn.{each}"
 
 
 def _print_bare(run: BareRun) -> None:
@@ -376,32 +390,31 @@ def main() -> None:
         size = sum(len(m) for m in mails) / len(mails)
         sender_env = {**env, "MAILROOM_CA_BUNDLE": str(certs.ca)}
         bares = [bare_run(lab, secret, certs.ca, mails)]
-        rounds: list[list[tuple[int, str, SenderRun, int]]] = []
+        rounds: list[list[tuple[int, int, str, SenderRun, int]]] = []
         for _ in range(ROUNDS):
             runs = []
-            for processes in PROCESSES:
+            for processes, connections in SENDERS:
                 for variant, tree in _variants():
-                    run = through_sender(sender_env, processes, settings.amqp_url, work, lab, tree)
-                    runs.append((processes, variant, run, lab.count()))
+                    run = through_sender(
+                        sender_env, processes, connections, settings.amqp_url, work, lab, tree
+                    )
+                    runs.append((processes, connections, variant, run, lab.count()))
                     lab.clear()
             rounds.append(runs)
             bares.append(bare_run(lab, secret, certs.ca, mails))
     print(f"mails: {MAILS} of {size:.0f} bytes, aiosmtpd sink with STARTTLS + AUTH PLAIN")
-    ratios: dict[tuple[int, str], list[float]] = {}
+    ratios: dict[tuple[int, int, str], list[float]] = {}
     for number, runs in enumerate(rounds):
         before, after = bares[number], bares[number + 1]
         reference = (before.rate + after.rate) / 2
         if number == 0:
             _print_bare(before)
-        for processes, variant, run, arrived in runs:
+        for processes, connections, variant, run, arrived in runs:
             ratio = run.rate / reference
-            ratios.setdefault((processes, variant), []).append(ratio)
-            plural = "es" if processes > 1 else ""
-            label = (
-                f"  sender{variant}, {processes} process{plural} ({processes * CONNECTIONS} conn.):"
-            )
+            ratios.setdefault((processes, connections, variant), []).append(ratio)
+            label = f"  {_label(processes, connections, variant)}:"
             print(
-                f"{label:<42}{run.rate:6.0f} mails/s = {ratio:4.0%} of the bare loops around it"
+                f"{label:<45}{run.rate:6.0f} mails/s = {ratio:4.0%} of the bare loops around it"
                 f"  ({run.sent} sent, {arrived} arrived; CPU per mail: sender"
                 f" {run.sender_cpu:.2f} ms, sink {run.sink_cpu:.2f}, PostgreSQL"
                 f" {run.postgres_cpu:.2f}, RabbitMQ {run.rabbit_cpu:.2f} ms; PostgreSQL commits"
@@ -409,10 +422,9 @@ def main() -> None:
                 f" {run.stolen:.0%} stolen)"
             )
         _print_bare(after)
-    for (processes, variant), values in ratios.items():
-        plural = "es" if processes > 1 else ""
+    for (processes, connections, variant), values in ratios.items():
         print(
-            f"sender{variant}, {processes} process{plural}: median"
+            f"{_label(processes, connections, variant)}: median"
             f" {statistics.median(values):.0%} of the bare loop over {len(values)} rounds"
             f" ({', '.join(f'{v:.0%}' for v in values)}; each against the mean of the bare"
             " runs before and after it)"

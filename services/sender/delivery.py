@@ -50,16 +50,29 @@ results published in batches that linger 20 ms (RabbitMQ's CPU per mail halved);
 prepared statement (PostgreSQL's CPU per mail down by a third); each next mail built while the
 server decides on the one before (:class:`_BuiltAhead`), and the previous mail's completion
 moved there too. In the same rounds one process went from a median of 44% to 62% of the bare
-loop (290-334 → 400-444 mails/s); over five rounds it reached 59%, two processes 66%.
+loop (290-334 → 400-444 mails/s); over five rounds it reached 59%, two processes 66%. Then
+the protocol alone between a 250 and the next MAIL FROM (the accepted mail's result and
+reports made while the server answers that MAIL FROM, :meth:`_Lane.report_later`; routes kept
+per directory generation; dot-stuffing without a regex), a results thread that sleeps while a
+batch fills, and AMQP reads that take many frames at once (:mod:`shared.broker`): on the wire
+250 → MAIL FROM fell from 0.13-0.16 to 0.09 ms (median), the sender's CPU per mail to
+0.74-1.1 ms; the median over five rounds stayed at 59% (46-63%), with the bare loop at
+960-1,050 mails/s instead of 680-840 (the machine was faster that day: 450-660 mails/s).
 
-Profiled during the benchmark (py-spy ``--gil``, the sender process), the rest of a mail's CPU
-time is spread thinly over Python around those steps: smtplib itself (as in the bare loop),
-py-amqp receiving the command and publishing the result, pydantic validating the one and
-building the other, psycopg, the MIME. On the wire, a mail's cycle in the sender is about 0.9
-ms longer than in the bare loop: about 0.4 ms is the SMTP server (aiosmtpd) answering more
-slowly while the sender, PostgreSQL and RabbitMQ share the 2 cores with it, and most of the
-rest is the sender's thread waiting for the GIL when a reply arrives while another of its
-threads computes (the means of those gaps are two to three times their medians).
+Where a mail's time goes now (benchmark, one connection, 2 cores). Per thread (``/proc``): the
+delivery threads 0.65 ms of CPU per mail, the consumer 0.14, the results thread 0.09. Of the
+delivery threads' share, about 0.33 ms is the SMTP exchange itself, as in the bare loop (every
+TLS read or write of a reply or command costs about 40 us, nearly all of it in the kernel), and
+0.05-0.07 ms sending the mark and reading its outcome. On the wire, the sender's reaction to a
+reply now has the bare loop's median except after a mail's 250 (0.09 against 0.06 ms); what it
+adds is tails (means twice the medians: the thread that holds the connection waits for a CPU
+or the GIL while PostgreSQL, RabbitMQ and its other threads run), and the SMTP server answers
+more slowly beside them. None of it is one cost: with the mark replaced by ``SELECT 1`` (an
+experiment, not at-most-once) one process went from 56% to 64% of the bare loop; a stripped
+loop that consumed, validated, built and sent without PostgreSQL and without results reached
+79%, and 58% once it published each result. With two connections (the default), the sender
+overlaps one mail's exchange with the other's, and one process sends 690-830 mails/s, 67-81% of
+the bare loop's rate on its one connection.
 
 **Never twice (the state machine of a request).** ``sending`` → ``sent`` | ``failed``, with
 ``retry_wait`` between attempts (``received`` is only found in rows of older versions); each

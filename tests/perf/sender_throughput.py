@@ -22,6 +22,14 @@ bare), each sender run is set against the mean of the two bare runs around it, a
 of those ratios is the result. Every run prints the share of the machine's CPU time that was
 busy and that was stolen.
 
+Much of the bare loop's own drift is where the kernel runs it. A request-reply loop between two
+processes is fastest on one CPU, where each hands over to the other without waking an idle
+virtual CPU: pinned to one CPU with the sink, the bare loop ran at 1,150-1,450 mails/s, pinned
+to the other CPU than the sink's 800-920, and unpinned anywhere between (three runs each, same
+session; with a busy loop on the other CPU, unpinned, 1,190-1,370). The sender shares the
+machine with PostgreSQL and RabbitMQ, which wake up for every mail, so it is seldom in that
+luck. Nothing is pinned here: a remote SMTP server is never on the sender's CPU.
+
 Mails are ~2 KB; the sink keeps them in memory (``/dev/shm``, see ``MEMORY``). The database
 is ``mailroom_bench`` (``mailroom_bench_<name>`` with ``MAILROOM_TEST_INSTANCE=<name>``, like
 the suite's), the vhost the test suite's. ``BENCH_MAILS``

@@ -106,8 +106,15 @@ class _PublishingSSLTransport(pyamqp.SSLTransport):  # type: ignore[misc]
 
 
 def broker_connection(amqp_url: str, *, blocked_notices: bool = True, **options: Any) -> Connection:
-    """A kombu connection to ``amqp_url`` (not connected yet); ``options`` as kombu takes them."""
-    secure = amqp_url.partition("://")[0].lower() == "amqps"
+    """A kombu connection to ``amqp_url`` (not connected yet); ``options`` as kombu takes them.
+
+    The URL names one broker: kombu's failover between several (``;``) would switch back to
+    its own transport for the next one.
+    """
+    scheme = amqp_url.partition("://")[0].lower()
+    if scheme not in ("amqp", "amqps", "pyamqp"):
+        raise ValueError(f"MAILROOM_AMQP_URL must be amqp:// or amqps://, not {scheme}://")
+    secure = scheme == "amqps"
     if blocked_notices:
         transport = _SSLTransport if secure else _Transport
     else:

@@ -257,18 +257,30 @@ class _Lane:
         self._report = report
 
     def report_now(self) -> None:
+        """Runs where an SMTP exchange is under way (after MAIL FROM), so it never raises: a
+        report that fails leaves the mail's command to come again, acked only once its result
+        was published again from its row (``_seen_before``), never acked without one."""
         report, self._report = self._report, None
-        if report is not None:
+        if report is None:
+            return
+        try:
             report()
+        except Exception:
+            log.exception("sender: an accepted mail's result could not be made; it comes again")
+            if self._waiting is not None:
+                self._waiting = (self._waiting[0], Outcome.REQUEUE, [])
 
     def complete_when_recorded(self, completion: _Completion) -> None:
         assert self._deferred is not None
         self._waiting = completion
 
     def take(self) -> repo.Sent | None:
-        """The deferred ``sent`` for a statement about to go; :meth:`recorded` once it did."""
+        """The deferred ``sent`` for a statement about to go; :meth:`recorded` once it did.
+        With none deferred, one still on its way (a mark sent before its connection was
+        replaced) stays in flight."""
         sent, self._deferred = self._deferred, None
-        self._in_flight = sent
+        if sent is not None:
+            self._in_flight = sent
         return sent
 
     def recorded(self) -> None:
@@ -336,7 +348,7 @@ class _Mark:
 
     def deciding(self) -> None:
         """While the server decides: the previous mail's completion (its result goes to the
-        publishing thread, which wakes up) and the thread's spare work
+        publishing thread's queue) and the thread's spare work
         (:attr:`_Lane.spare_time`). Done here rather than between DATA's 354 and the mail,
         where the woken thread competed for the GIL with the one about to write the mail."""
         self._work.lane.recorded()
@@ -827,6 +839,7 @@ class Sender:
         handed_over: bool,
     ) -> None:
         row = work.request
+        work.lane.report_now()  # the previous mail's success is reported before this failure
         if route.server.auth_type is AuthType.OAUTH2 and exc.category is (
             FailureCategory.AUTHENTICATION
         ):

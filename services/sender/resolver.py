@@ -106,8 +106,8 @@ class Resolver:
         # anew scans every server of the directory, once when a mail is prepared and once more
         # in its turn on the SMTP connection (to notice an admin's edit in between), the second
         # time between the server's reply to one mail and the next MAIL FROM.
-        self._routes: dict[tuple[str, str, str | None], Route] = {}
-        self._routes_generation = -1
+        # One tuple, replaced whole: a thread reads generation and routes together.
+        self._routes: tuple[int, dict[tuple[str, str, str | None], Route]] = (-1, {})
 
     def resolve(self, command: SendCommand) -> Route:
         """The route for ``command``; raises :class:`NoRoute`. Follows every server change
@@ -116,16 +116,18 @@ class Resolver:
         from_database = command.kind == "agent" and command.from_ is None and command.in_reply_to
         if from_database:
             return self._resolve(command)
-        generation = self._directory.generation
-        if generation != self._routes_generation or len(self._routes) > ROUTES_KEPT:
-            self._routes = {}
-            self._routes_generation = generation
+        generation = self._directory.generation  # read before the servers are
+        known, routes = self._routes
+        if known != generation or len(routes) > ROUTES_KEPT:
+            routes = {}
+            self._routes = (generation, routes)
         key = (command.tenant_id, command.kind, command.from_)
-        route = self._routes.get(key)
+        route = routes.get(key)
         if route is None:
+            # Found from servers at this generation or a newer one; kept under this one,
+            # which is current only as long as no server changed.
             route = self._resolve(command)
-            if self._routes_generation == generation:
-                self._routes[key] = route
+            routes[key] = route
         return route
 
     def _resolve(self, command: SendCommand) -> Route:

@@ -2,10 +2,11 @@
 
 A command is acked only once its result is confirmed by the broker. Waiting for one confirm
 per mail cost each delivery thread a round trip through RabbitMQ and most of the sender's
-publishing time (kombu's ``Producer`` with ``confirm_publish``). Here one thread takes every
-result waiting, and those that come within ``LINGER_SECONDS`` of the first, publishes them
-(persistent, to ``mailroom.send.results``), waits once for the broker's confirms (``multiple``
-acks) and then hands the commands back for their acks (``on_confirmed``). After a broken
+publishing time (kombu's ``Producer`` with ``confirm_publish``). Here one thread takes the
+first result waiting and every one that came within ``LINGER_SECONDS`` after it (at most
+``BATCH_LIMIT``), publishes them (persistent, to ``mailroom.send.results``), waits once for
+the broker's confirms (``multiple`` acks) and then hands the commands back for their acks
+(``on_confirmed``). After a broken
 connection or a nack, the unconfirmed batch is published again on a new connection: results
 are at least once, as the contract says.
 

@@ -209,7 +209,8 @@ class ParsedCommand(NamedTuple):
 
 
 def parse_command(body: Any) -> ParsedCommand:
-    """The command in an AMQP body (bytes, str or already decoded JSON); raises InvalidCommand."""
+    """The command in an AMQP body (bytes, str or already decoded JSON), and the JSON object it
+    came as; raises InvalidCommand."""
     import json
 
     data: Any = body

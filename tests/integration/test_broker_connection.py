@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import amqp
 import pytest
+from amqp import transport as amqp_transport
 from kombu import Consumer, Message, Queue
 
 from shared import broker
@@ -91,6 +92,18 @@ def test_a_publishing_connection_asks_for_no_blocked_notices(settings: Settings)
         assert conn.connection.client_properties["capabilities"]["connection.blocked"] is True
 
 
-def test_amqps_urls_keep_tls() -> None:
-    conn = broker.broker_connection("amqps://guest:guest@127.0.0.1:5671/x")
-    assert conn.transport_cls.__mro__[1].__name__ == "SSLTransport"
+@pytest.mark.parametrize("blocked_notices", [True, False])
+def test_amqps_urls_keep_tls_and_plain_ones_read_ahead(blocked_notices: bool) -> None:
+    for url, expected in (
+        ("amqps://guest:guest@127.0.0.1:5671/x", amqp_transport.SSLTransport),
+        ("amqp://guest:guest@127.0.0.1:5672/x", broker._ReadAheadTCPTransport),
+    ):
+        conn = broker.broker_connection(url, blocked_notices=blocked_notices)
+        client = conn.transport.Connection(host="127.0.0.1")  # py-amqp's, not connected
+        made = client.Transport("127.0.0.1", 5, ssl=conn.ssl)
+        assert type(made) is expected, url
+
+
+def test_a_url_of_another_broker_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="MAILROOM_AMQP_URL must be amqp:// or amqps://"):
+        broker.broker_connection("redis://127.0.0.1:6379/0")

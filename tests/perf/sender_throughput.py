@@ -10,7 +10,7 @@ process (STARTTLS + AUTH PLAIN, the lab's certificates) receives:
 4. one process with the product's default of two connections per server
    (``MAILROOM_SENDER_CONNECTIONS_PER_SERVER``).
 
-Both are timed at the sink, from the first mail stored to the last (so neither the
+Every run is timed at the sink, from the first mail stored to the last (so neither the
 benchmark's own publishing nor the sender's start-up shares the CPU with the measured part);
 the sender's ``sent`` results wait in a queue and are counted, not consumed, meanwhile
 (:class:`SentResults`).
@@ -69,10 +69,11 @@ if TYPE_CHECKING:
 MAILS = int(os.environ.get("BENCH_MAILS", "5000"))
 # (processes, SMTP connections per process) of each sender run in a round.
 SENDERS = [
-    (int(p), int(c))
-    for p, _, c in (
+    (int(processes), int(connections or "1"))
+    for processes, _, connections in (
         run.strip().partition("x")
         for run in os.environ.get("BENCH_SENDERS", "1x1,2x1,1x2").split(",")
+        if run.strip()
     )
 ]
 ROUNDS = max(1, int(os.environ.get("BENCH_ROUNDS", "5")))

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import email
 import email.policy
 import json
 import re
+import types
+from collections.abc import Iterator
 from email.message import EmailMessage
 from typing import Any, cast
 
 import pytest
 
 from services.sender import mime
+from services.sender.delivery import Outcome, _Lane
 from services.sender.mime import MimeError, build
 from services.sender.resolver import NoRoute, Resolver
 from services.sender.results import ResultStream
 from shared.contracts.send import InvalidCommand, SendCommand, SendResult, parse_command
+from shared.db import send_requests
 from shared.email_servers import AuthType, EmailServer, Role, ServerType
 from shared.mail.smtp import _dot_stuffed as dot_stuffed
 from shared.server_directory import ServerDirectory
@@ -343,6 +348,47 @@ def test_a_route_follows_the_servers_the_directory_applied() -> None:
         routes.resolve(cmd(**{"from": "support@acme.com"}))
 
 
+def test_a_route_is_found_once_while_no_server_changes() -> None:
+    routes = resolver(*SERVERS)
+    first = routes.resolve(cmd(**{"from": "support@acme.com"}))
+    assert routes.resolve(cmd(**{"from": "support@acme.com"})) is first
+
+
+class _InboundRows:
+    """A pool whose connection answers ``inbound_messages.find`` from a dict."""
+
+    def __init__(self, mailbox_of: dict[str, str]) -> None:
+        self.mailbox_of = mailbox_of
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[Any]:
+        yield self
+
+    def execute(self, query: str, params: tuple[str, str]) -> Any:
+        tenant_id, message_id = params
+        mailbox = self.mailbox_of.get(message_id)
+        row = None
+        if mailbox is not None:
+            row = {
+                "tenant_id": tenant_id,
+                "message_id": message_id,
+                "server_id": "imap-1",
+                "mailbox": mailbox,
+                "routing_plan_id": "plan",
+            }
+        return types.SimpleNamespace(fetchone=lambda: row)
+
+
+def test_replies_without_from_each_leave_from_the_address_their_mail_was_sent_to() -> None:
+    rows = _InboundRows({"m1@x": "support@acme.com", "m2@x": "sales@acme.com"})
+    routes = Resolver(
+        Settings(), cast(ServerDirectory, FakeDirectory(*SERVERS)), cast(Any, rows), cast(Any, None)
+    )
+    assert routes.resolve(cmd(in_reply_to="<m1@x>")).server.id == "a"
+    assert routes.resolve(cmd(in_reply_to="<m2@x>")).server.id == "b"  # not the first's route
+    assert routes.resolve(cmd(in_reply_to="<m1@x>")).server.id == "a"
+
+
 def test_template_uses_the_designated_server_or_the_default() -> None:
     route = resolver(*SERVERS).resolve(cmd(kind="template"))
     assert route.server.id == "t" and route.from_mailbox == "templates@acme.com"
@@ -358,6 +404,38 @@ def test_template_uses_the_designated_server_or_the_default() -> None:
     ).resolve(cmd(kind="template"))
     assert route.system_default and route.server_id is None
     assert route.from_mailbox == "noreply@example.net"
+
+
+# --- an accepted mail's completion ----------------------------------------------------------
+
+
+def _lane_with_accepted_mail(report: Any) -> tuple[_Lane, list[Any], list[SendResult]]:
+    completions: list[Any] = []
+    lane = _Lane(cast(Any, None), done=lambda *completion: completions.append(completion))
+    results: list[SendResult] = []
+    lane.defer(send_requests.Sent("acme", "r-1", "smtp-1", 250, "queued"))
+    lane.report_later(lambda: report(results))
+    lane.complete_when_recorded((0, Outcome.ACK, results))
+    assert lane.take() is not None  # the next mark, carrying this sent, goes out
+    lane.report_now()  # as the mark does once it is sent
+    return lane, completions, results
+
+
+def test_an_accepted_mail_completes_with_its_result_once_its_sent_is_recorded() -> None:
+    result = SendResult(request_id="r-1", tenant_id="acme", status="sent", attempts=1)
+    lane, completions, results = _lane_with_accepted_mail(lambda results: results.append(result))
+    assert completions == [] and results == [result]
+    lane.recorded()
+    assert completions == [(0, Outcome.ACK, [result])]
+
+
+def test_an_accepted_mail_whose_result_fails_comes_again_instead_of_an_ack() -> None:
+    def broken(results: list[SendResult]) -> None:
+        raise ValueError("a bug")
+
+    lane, completions, _ = _lane_with_accepted_mail(broken)  # the exchange under way goes on
+    lane.recorded()
+    assert completions == [(0, Outcome.REQUEUE, [])]
 
 
 # --- acks -----------------------------------------------------------------------------------

@@ -52,7 +52,8 @@ def message_id_of(raw: bytes) -> str | None:
     if match is None:
         return None
     value = re.sub(rb"\r?\n[ \t]+", b" ", match.group(1)).strip()
-    text = value.decode("utf-8", "replace")
+    # PostgreSQL stores no NUL (it is recorded for replies): as U+FFFD, as Dovecot writes 0x80.
+    text = value.decode("utf-8", "replace").replace("\x00", "\ufffd")
     return text or None
 
 

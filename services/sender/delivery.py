@@ -113,6 +113,15 @@ published again, a ``sending`` row is retried or closed as uncertain as above, a
 ``retry_wait`` row gets a new dramatiq message as its owner). A *published again* command
 (same ``request_id``, e.g. a client's retry) changes nothing and is dropped: results are at
 least once, mails at most once.
+
+**A command that keeps failing.** An attempt that fails unexpectedly requeues its command
+(and the batch's others not handled yet). So that one bad command cannot come back forever and
+take its neighbours with it, :meth:`Sender.deliver_batch` tells the errors of a service that is
+away (``INFRASTRUCTURE_ERRORS``: never held against a command) from the rest: when the
+statement recording a batch fails that way, each of its commands is tried on its own; the
+command on which an attempt failed that way ``POISON_STRIKES`` times is closed as ``failed``
+(``internal_error``; uncertain instead when its mail may have been handed over) and
+dead-lettered.
 """
 
 from __future__ import annotations
@@ -129,7 +138,10 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import Any, cast
 
+import amqp.exceptions
 import dramatiq
+import dramatiq.errors
+import kombu.exceptions
 import psycopg
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.common import compute_backoff
@@ -162,6 +174,23 @@ log = logging.getLogger(__name__)
 ACTOR_NAME = "mailroom_sender_deliver"
 UNEXPECTED_ERROR_RETRIES = 5
 BUSY_RETRY_MILLISECONDS = 1000
+# A command the sender failed on this often, the same unexpected way, is quarantined: it would
+# otherwise come again forever, and fail the commands delivered with it each time.
+POISON_STRIKES = 3
+MAX_STRUCK_REQUESTS = 10_000
+POISON_REASON = (
+    "the sender failed on this command {strikes} times ({error}); it is not tried again and is"
+    " kept in the dead-letter queue"
+)
+# Errors that say a service is away, not that a command is bad: they never count against one.
+INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    OSError,
+    amqp.exceptions.AMQPError,
+    kombu.exceptions.KombuError,
+    dramatiq.errors.BrokerConnectionError,
+)
 UNCERTAIN_REASON = (
     "delivery outcome unknown: the mail was handed to the SMTP server ({detail}) but its answer "
     "was not recorded; it is not sent again, so it arrived once or not at all"
@@ -171,6 +200,13 @@ UNCERTAIN_REASON = (
 def _retry_when(retries: int, exc: BaseException) -> bool:
     """A delivery asks for a retry with ``dramatiq.Retry``; a bug gets a few more tries."""
     return isinstance(exc, dramatiq.Retry) or retries < UNEXPECTED_ERROR_RETRIES
+
+
+def _shifted(
+    done: Done, offset: int, index: int, outcome: Outcome, results: list[SendResult]
+) -> None:
+    """``done`` of a batch, told by a part of it that starts at ``offset``."""
+    done(offset + index, outcome, results)
 
 
 def _milliseconds(seconds: float) -> int:
@@ -456,6 +492,8 @@ class Sender:
         )
         self.stopping = threading.Event()
         self._known_tenants: set[str] = set()
+        self._strikes: dict[tuple[str, str], int] = {}  # unexpected failures, per request
+        self._strikes_lock = threading.Lock()
         self._worker: dramatiq.Worker | None = None
 
     # --- running ---------------------------------------------------------------------------
@@ -501,22 +539,42 @@ class Sender:
     def reject_invalid(self, body: bytes, content_type: str | None, error: InvalidCommand) -> None:
         """An invalid command: kept in the dead-letter queue and answered ``failed``."""
         log.warning("sender: invalid send command (request %s): %s", error.request_id, error.reason)
+        self.publisher.result(
+            self._kept_unrecorded(
+                body,
+                error.reason,
+                error.request_id,
+                error.tenant_id,
+                category="invalid_command",
+                content_type=content_type,
+            )
+        )
+
+    def _kept_unrecorded(
+        self,
+        body: bytes,
+        reason: str,
+        request_id: str | None,
+        tenant_id: str | None,
+        *,
+        category: str,
+        content_type: str | None = "application/json",
+    ) -> SendResult:
+        """A command without a row: its body goes to the dead-letter queue; its final result."""
         self.publisher.dead_letter(
             body,
-            reason=error.reason,
-            request_id=error.request_id,
-            tenant_id=error.tenant_id,
+            reason=reason,
+            request_id=request_id,
+            tenant_id=tenant_id,
             content_type=content_type,
         )
-        self.publisher.result(
-            SendResult(
-                request_id=error.request_id,
-                tenant_id=error.tenant_id,
-                status="failed",
-                final=True,
-                reason=error.reason,
-                category="invalid_command",
-            )
+        return SendResult(
+            request_id=request_id,
+            tenant_id=tenant_id,
+            status="failed",
+            final=True,
+            reason=reason,
+            category=category,
         )
 
     # --- first attempts (intake threads) ---------------------------------------------------
@@ -526,9 +584,40 @@ class Sender:
         database connection: one statement records them all, then each mail costs one more.
 
         ``done`` is called once per command, in order. After an unexpected error (the
-        database or a bug) the commands not handled yet are requeued, never dropped.
+        database or a bug) the commands not handled yet are requeued, never dropped. An error
+        that is not the database's or the broker's absence may be one command's doing, which
+        would fail its neighbours on every redelivery too: if it failed the statement that
+        records them all, each is tried again on its own, and the command it happened on is
+        quarantined once it did so ``POISON_STRIKES`` times (:meth:`_struck`).
         """
+        failure = self._deliver_batch(attempts, done)
+        if failure is None:
+            return
+        handled, recorded, exc = failure
+        blameable = not isinstance(exc, INFRASTRUCTURE_ERRORS)
+        if blameable and not recorded and len(attempts) > 1:
+            log.warning(
+                "sender: recording %d commands together failed (%s); each is tried on its own",
+                len(attempts),
+                type(exc).__name__,
+            )
+            for index, attempt in enumerate(attempts):
+                self.deliver_batch([attempt], partial(_shifted, done, index))
+            return
+        for index in range(handled, len(attempts)):
+            results = self._struck(attempts[index], exc) if blameable and index == handled else None
+            if results is None:
+                done(index, Outcome.REQUEUE, [])
+            else:
+                done(index, Outcome.ACK, results)
+
+    def _deliver_batch(
+        self, attempts: list[FirstAttempt], done: Done
+    ) -> tuple[int, bool, Exception] | None:
+        """The batch; after an unexpected error, how many went to ``done``, whether the batch
+        was recorded, and the error."""
         handled = 0  # attempts[:handled] went to ``done``, or wait for their ``sent``
+        recorded = False
         with self.db.connection() as conn:
             lane = _Lane(conn, done, self.connections.turn())
             try:
@@ -544,6 +633,7 @@ class Sender:
                         for a in attempts
                     ],
                 )
+                recorded = True
                 ahead: dict[int, _BuiltAhead | None] = {}
 
                 def build_ahead(index: int) -> None:
@@ -561,18 +651,75 @@ class Sender:
                     else:
                         done(index, outcome, results)
                 lane.before_wait()
-            except Exception:
+            except Exception as exc:
                 log.exception(
                     "sender: could not deliver %d commands now; they are requeued",
                     len(attempts) - handled,
                 )
                 conn.close()  # releases every request lock the batch still holds
                 self._record_after_failure(lane, done)
-                for index in range(handled, len(attempts)):
-                    done(index, Outcome.REQUEUE, [])
+                return handled, recorded, exc
             finally:
                 if lane.turn is not None:
                     lane.turn.release()
+        return None
+
+    def _struck(self, attempt: FirstAttempt, exc: Exception) -> list[SendResult] | None:
+        """One more unexpected failure on this command: ``None`` (it comes again), or, at the
+        ``POISON_STRIKES``-th, its results as a quarantined command (failed, final, in the
+        dead-letter queue). Counted in this process: a restart forgives."""
+        command = attempt.command
+        key = (command.tenant_id, command.request_id)
+        with self._strikes_lock:
+            if len(self._strikes) >= MAX_STRUCK_REQUESTS:
+                self._strikes.clear()
+            strikes = self._strikes[key] = self._strikes.get(key, 0) + 1
+        if strikes < POISON_STRIKES:
+            return None
+        reason = POISON_REASON.format(strikes=strikes, error=f"{type(exc).__name__}: {exc}")
+        try:
+            results = self._quarantine(attempt, reason)
+        except Exception:
+            log.exception("sender: request %s could not be quarantined now", command.request_id)
+            return None
+        if results is not None:
+            with self._strikes_lock:
+                self._strikes.pop(key, None)
+        return results
+
+    def _quarantine(self, attempt: FirstAttempt, reason: str) -> list[SendResult] | None:
+        """Close the request as ``failed`` (or as uncertain, if its mail may have been handed
+        over); ``None`` if another thread holds it."""
+        command = attempt.command
+        with self.db.connection() as conn:
+            locked, row = repo.lock_and_get(conn, command.tenant_id, command.request_id)
+            if not locked:
+                return None
+            with self._holding(
+                _Lane(conn), command.tenant_id, command.request_id, row, inline=True
+            ) as work:
+                if row is None:  # it could not even be recorded: what the command is, is kept
+                    self._fail_unrecorded(work, attempt, reason)
+                elif row.state in ("sent", "failed"):
+                    self._publish_final_again(work)
+                elif row.state == "sending" and row.data_started_at is not None:
+                    self._close_uncertain(work, reason)
+                else:
+                    self._fail(work, None, reason, category="internal_error")
+        return work.results
+
+    def _fail_unrecorded(self, work: _Work, attempt: FirstAttempt, reason: str) -> None:
+        command = attempt.command
+        work.results.append(
+            self._kept_unrecorded(
+                json.dumps(attempt.raw).encode(),
+                reason,
+                command.request_id,
+                command.tenant_id,
+                category="internal_error",
+            )
+        )
+        log.warning("sender: request %s failed: %s", command.request_id, reason)
 
     def _record_after_failure(self, lane: _Lane, done: Done) -> None:
         """A mail the server accepted whose ``sent`` may not be recorded: try on a fresh

@@ -9,6 +9,12 @@ answered with a ``failed`` result naming the problem and kept in ``mailroom.send
 Header injection is refused here, before any MIME is built: no value that ends up in a header
 (addresses, subject, custom headers, file names, content types, ``in_reply_to``) may hold CR
 or LF, neither raw nor hidden in an RFC 2047 encoded word.
+
+A command must also be storable as it came: the sender keeps it in PostgreSQL (``jsonb``) for
+its retries, and ``jsonb`` refuses the NUL character and UTF-16 surrogates without their pair,
+both valid in JSON (``\\u0000``, ``\\ud800``). Such a string anywhere in the command, even in
+a field the sender does not read, makes it invalid (:func:`parse_command`); stored together
+with the commands around it, it failed their statement too, again on every redelivery.
 """
 
 from __future__ import annotations
@@ -203,6 +209,37 @@ class InvalidCommand(Exception):
         self.tenant_id = tenant_id
 
 
+# Where JSON can hide a character that jsonb refuses: only an escape writes it (raw UTF-8 cannot
+# carry a surrogate, and a raw NUL is not valid JSON), so a body without one needs no walk.
+_ESCAPED_UNSTORABLE = re.compile(r"\\u(?:0000|[dD][89abcdefABCDEF])")
+
+
+def _unstorable(value: Any, path: str = "") -> str | None:
+    """The first problem with a string that PostgreSQL cannot store, named by its place."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return f"{path or 'command'}: must not contain NUL characters (\\u0000)"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"{path or 'command'}: must not contain a lone surrogate (\\ud800-\\udfff)"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            place = f"{path}.{key}" if path else str(key)
+            problem = _unstorable(key, f"{path or 'command'} (a field name)") or _unstorable(
+                item, place
+            )
+            if problem:
+                return problem
+    elif isinstance(value, list):
+        for number, item in enumerate(value):
+            problem = _unstorable(item, f"{path}.{number}" if path else str(number))
+            if problem:
+                return problem
+    return None
+
+
 class ParsedCommand(NamedTuple):
     command: SendCommand
     raw: dict[str, Any]  # the JSON object as published: what is kept for retries
@@ -214,20 +251,31 @@ def parse_command(body: Any) -> ParsedCommand:
     import json
 
     data: Any = body
+    escaped = True  # whether the JSON may hide a string jsonb refuses
     if isinstance(body, bytes | bytearray):
         try:
-            data = json.loads(bytes(body).decode("utf-8"))
+            text = bytes(body).decode("utf-8")
+            data = json.loads(text)
         except (UnicodeDecodeError, ValueError) as exc:
             raise InvalidCommand(f"not JSON: {exc}", None, None) from exc
+        escaped = _ESCAPED_UNSTORABLE.search(text) is not None
     elif isinstance(body, str):
         try:
             data = json.loads(body)
         except ValueError as exc:
             raise InvalidCommand(f"not JSON: {exc}", None, None) from exc
+        escaped = _ESCAPED_UNSTORABLE.search(body) is not None
     if not isinstance(data, dict):
         raise InvalidCommand("not a JSON object", None, None)
     request_id = data.get("request_id")
     tenant_id = data.get("tenant_id")
+    problem = _unstorable(data) if escaped else None
+    if problem:
+        raise InvalidCommand(
+            f"invalid command: {problem}",
+            request_id if isinstance(request_id, str) else None,
+            tenant_id if isinstance(tenant_id, str) else None,
+        )
     try:
         return ParsedCommand(SendCommand.model_validate(data), data)
     except ValidationError as exc:

@@ -74,8 +74,10 @@ class _SMTP_SSL(smtplib.SMTP_SSL):
 
 
 def _text(message: bytes | str) -> str:
+    """A server's reply as one line of text that PostgreSQL can store (``text`` refuses NUL:
+    a reply with one could not be recorded, so an accepted mail would end as uncertain)."""
     raw = message.decode("utf-8", "replace") if isinstance(message, bytes) else message
-    return " ".join(raw.split())
+    return " ".join(raw.replace("\x00", "\ufffd").split())
 
 
 def reply_error(code: int, message: bytes | str, what: str, where: str) -> SmtpError:

@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from psycopg_pool import ConnectionPool
 
 from shared.contracts.config_events import ConfigEvent
-from shared.db import email_servers, inbound_messages, outbox
+from shared.db import email_servers, inbound_messages, outbox, send_requests
 from shared.db.pool import DictConnection
 from shared.secrets import SecretBox
 from shared.settings import Settings
@@ -420,6 +420,30 @@ def test_451_twice_then_250_is_delivered_once_after_three_attempts(
     assert len(lab.wait_for(1)) == 1
 
 
+def test_a_reply_with_a_nul_character_is_recorded_as_sent(
+    sender: ServiceProcess,
+    labs: tuple[SmtpLab, SmtpLab],
+    company: tuple[ApiClient, str],
+    results: rabbit.EventTap,
+    settings: Settings,
+    pool: ConnectionPool[DictConnection],
+) -> None:
+    """PostgreSQL's ``text`` refuses NUL: stored as it came, the reply made the accepted mail's
+    record fail, and the mail ended as uncertain."""
+    lab, _ = labs
+    api, tenant = company
+    _server(api, sender, lab, "agent1@lab.test")
+    lab.script({"nul@example.org": ["250 2.0.0 queued\x00as 1"]})
+    body = command(tenant, to=["nul@example.org"])
+    [result] = send(settings.amqp_url, results, body)
+    assert (result["status"], result["uncertain"]) == ("sent", False)
+    assert result["smtp_response"] == "2.0.0 queued\ufffdas 1"
+    with pool.connection() as conn:
+        row = send_requests.get(conn, tenant, body["request_id"])
+    assert row is not None and (row.state, row.smtp_response) == ("sent", result["smtp_response"])
+    assert lab.count() == 1
+
+
 def test_550_fails_at_once_and_lands_in_the_dead_letter_queue(
     sender: ServiceProcess,
     labs: tuple[SmtpLab, SmtpLab],
@@ -590,6 +614,45 @@ def test_invalid_commands_are_answered_and_dead_lettered_and_the_worker_goes_on(
     assert result["status"] == "sent"
     assert lab.count() == 1
     assert sender.process.poll() is None
+    assert "Traceback" not in sender.log()
+
+
+def test_a_command_postgresql_cannot_store_is_refused_and_its_neighbours_are_sent(
+    sender: ServiceProcess,
+    labs: tuple[SmtpLab, SmtpLab],
+    company: tuple[ApiClient, str],
+    results: rabbit.EventTap,
+    dead: DeadLetters,
+    settings: Settings,
+) -> None:
+    """Valid JSON that PostgreSQL's jsonb refuses (a NUL character, a lone surrogate), even in a
+    field the sender ignores, is an invalid command: answered, dead-lettered, never retried.
+    Recorded with the commands around it, it used to fail their batch again and again."""
+    lab, _ = labs
+    api, tenant = company
+    _server(api, sender, lab, "agent1@lab.test")
+    before = [command(tenant, to=[f"before{n}@example.org"]) for n in range(5)]
+    after = [command(tenant, to=[f"after{n}@example.org"]) for n in range(5)]
+    nul = command(tenant, text="Hello\u0000there")
+    surrogate = command(tenant, subject="Hello \ud800")
+    ignored = command(tenant, note={"x\u0000": "a field the sender does not read"})
+    bad = {"text": nul, "subject": surrogate, "note": ignored}
+    publish(
+        settings.amqp_url,
+        *before,
+        *(json.dumps(body, ensure_ascii=True).encode() for body in bad.values()),
+        *after,
+    )
+    for field_name, body in bad.items():
+        [result] = results_for(results, body["request_id"])
+        assert result["status"] == "failed" and result["category"] == "invalid_command"
+        assert field_name in result["reason"], result["reason"]
+        assert "NUL" in result["reason"] or "surrogate" in result["reason"], result["reason"]
+        dead.wait_for(body["request_id"])
+    finals = [results_for(results, body["request_id"])[-1] for body in before + after]
+    assert [r["status"] for r in finals] == ["sent"] * 10
+    assert [r["attempts"] for r in finals] == [1] * 10  # none was requeued behind a bad one
+    assert lab.count() == 10
     assert "Traceback" not in sender.log()
 
 

@@ -72,12 +72,35 @@ def parsed(data: bytes) -> EmailMessage:
             b' "attachments": [{"filename": "a", "data_base64": "abc"}]}',
             "is not valid base64",
         ),
+        (
+            b'{"request_id": "r", "tenant_id": "acme", "to": ["a@x.org"], "text": "a\\u0000b"}',
+            "text: must not contain NUL characters",
+        ),
+        (
+            b'{"request_id": "r", "tenant_id": "acme", "to": ["a@x.org"], "subject": "\\uDC00"}',
+            "subject: must not contain a lone surrogate",
+        ),
+        (
+            b'{"request_id": "r", "tenant_id": "acme", "to": ["a@x.org"],'
+            b' "extra": [{"x\\u0000": 1}]}',
+            "extra.0 (a field name): must not contain NUL",
+        ),
     ],
 )
 def test_invalid_commands_name_the_problem(body: bytes, problem: str) -> None:
     with pytest.raises(InvalidCommand) as caught:
         parse_command(body)
     assert problem in caught.value.reason
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["a \\\\u0000 in words", "\\ud83d\\ude00 paired surrogates: an emoji", "\\u00e9t\\u00e9"],
+)
+def test_escapes_that_postgresql_stores_are_valid(text: str) -> None:
+    body = json.dumps({"request_id": "r", "tenant_id": "acme", "to": ["a@x.org"]})
+    command, raw = parse_command(body[:-1].encode() + b', "text": "' + text.encode() + b'"}')
+    assert command.text == raw["text"] == json.loads(f'"{text}"')
 
 
 def test_the_contract_shape_parses_and_results_round_trip() -> None:

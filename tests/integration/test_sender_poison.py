@@ -1,0 +1,200 @@
+"""A command the sender keeps failing on is quarantined; the commands around it are sent.
+
+Nothing a client can publish is known to make an attempt fail unexpectedly any more (what did,
+a string PostgreSQL's ``jsonb`` refuses, is an invalid command now: test_sender_delivery). So
+the fault is put into the attempt of one command here, and the sender's delivery runs in this
+process (:class:`~services.sender.delivery.Sender`, on the real PostgreSQL, RabbitMQ and SMTP
+lab). What the intake does with the outcomes (a requeue comes again, ``redelivered``) is done
+by :func:`deliver` the same way.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+from psycopg_pool import ConnectionPool
+
+from services.sender.delivery import POISON_STRIKES, FirstAttempt, Outcome, Sender
+from shared.contracts.send import SendCommand, SendResult, parse_command
+from shared.db import send_requests
+from shared.db.pool import DictConnection
+from shared.email_servers import ServerType
+from shared.server_directory import ServerDirectory
+from shared.settings import Settings
+from tests.lab.certs import LabCertificates
+from tests.lab.smtp_server import SmtpLab
+from tests.support.sender import DeadLetters, command, drain, new_tenant, smtp_server
+
+Outcomes = dict[str, tuple[Outcome, list[SendResult]]]
+
+
+@pytest.fixture
+def dead(settings: Settings) -> DeadLetters:
+    drain(settings.amqp_url, "mailroom.send.dead")
+    return DeadLetters(settings.amqp_url)
+
+
+@pytest.fixture
+def company(
+    client: TestClient,
+    settings: Settings,
+    smtp_lab: SmtpLab,
+    pool: ConnectionPool[DictConnection],
+) -> tuple[str, ServerDirectory]:
+    """A company with one SMTP server on the lab, and a directory that knows it."""
+    smtp_lab.clear()
+    api, tenant = new_tenant(client, settings)
+    api.create(**smtp_server(smtp_lab, "agent1@lab.test"))
+    directory = ServerDirectory(pool, (ServerType.SMTP,))
+    directory.resync_soon()
+    directory.tick()
+    return tenant, directory
+
+
+@pytest.fixture
+def sender(
+    settings: Settings, mail_lab_certs: LabCertificates, company: tuple[str, ServerDirectory]
+) -> Iterator[Sender]:
+    _, directory = company
+    sender = Sender(settings.model_copy(update={"ca_bundle": mail_lab_certs.ca}), directory)
+    try:
+        yield sender
+    finally:
+        sender.close()
+
+
+def deliver(sender: Sender, bodies: list[dict[str, Any]], *, redelivered: bool) -> Outcomes:
+    """One batch of first attempts, as the intake hands it over; each command's outcome."""
+    attempts = [
+        FirstAttempt(*parse_command(json.dumps(body).encode()), redelivered=redelivered)
+        for body in bodies
+    ]
+    seen: list[tuple[int, Outcome, list[SendResult]]] = []
+    sender.deliver_batch(attempts, lambda *outcome: seen.append(outcome))
+    assert [index for index, _, _ in seen] == list(range(len(bodies)))  # each once, in order
+    return {bodies[index]["request_id"]: (outcome, results) for index, outcome, results in seen}
+
+
+def until_settled(sender: Sender, bodies: list[dict[str, Any]]) -> list[Outcomes]:
+    """Batches as the broker would bring them: the first as published, then what was
+    requeued, until nothing is."""
+    rounds = [deliver(sender, bodies, redelivered=False)]
+    while True:
+        last = rounds[-1]
+        requeued = [
+            b
+            for b in bodies
+            if b["request_id"] in last and last[b["request_id"]][0] is Outcome.REQUEUE
+        ]
+        if not requeued:
+            return rounds
+        assert len(rounds) < 10, rounds
+        rounds.append(deliver(sender, requeued, redelivered=True))
+
+
+def row(pool: ConnectionPool[DictConnection], tenant: str, request_id: str) -> Any:
+    with pool.connection() as conn:
+        return send_requests.get(conn, tenant, request_id)
+
+
+def test_a_command_whose_attempt_keeps_failing_is_quarantined_after_three_tries(
+    sender: Sender,
+    company: tuple[str, ServerDirectory],
+    smtp_lab: SmtpLab,
+    dead: DeadLetters,
+    pool: ConnectionPool[DictConnection],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tenant, _ = company
+    bodies = [command(tenant, to=[f"n{n}@example.org"]) for n in range(4)]
+    poison = bodies[1]["request_id"]
+    build = Sender._build
+
+    def failing_build(command: SendCommand, route: Any) -> Any:
+        if command.request_id == poison:
+            raise RuntimeError("a bug met by this command only")
+        return build(command, route)
+
+    monkeypatch.setattr(Sender, "_build", staticmethod(failing_build))
+    rounds = until_settled(sender, bodies)
+
+    assert len(rounds) == POISON_STRIKES + 1  # three tries, then the neighbours once more
+    assert [r[poison][0] for r in rounds[:POISON_STRIKES]] == [Outcome.REQUEUE] * 2 + [Outcome.ACK]
+    [result] = rounds[POISON_STRIKES - 1][poison][1]
+    assert (result.status, result.final, result.category) == ("failed", True, "internal_error")
+    assert "3 times (RuntimeError: a bug met by this command only)" in (result.reason or "")
+    letter = dead.wait_for(poison)
+    assert json.loads(letter.body) == bodies[1]
+    assert row(pool, tenant, poison).state == "failed"
+    # Every other command was sent, once, and is recorded so.
+    assert sorted(m.recipients[0] for m in smtp_lab.mails()) == [
+        "n0@example.org",
+        "n2@example.org",
+        "n3@example.org",
+    ]
+    for body in (bodies[0], bodies[2], bodies[3]):
+        assert row(pool, tenant, body["request_id"]).state == "sent"
+
+
+def test_a_command_that_fails_the_statement_of_its_batch_does_not_hold_back_the_others(
+    sender: Sender,
+    company: tuple[str, ServerDirectory],
+    smtp_lab: SmtpLab,
+    dead: DeadLetters,
+    pool: ConnectionPool[DictConnection],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As a ``jsonb``-refused string did: the batch's one statement fails for one command."""
+    tenant, _ = company
+    bodies = [command(tenant, to=[f"n{n}@example.org"]) for n in range(3)]
+    poison = bodies[1]["request_id"]
+    start = send_requests.start_first_attempts
+
+    def refusing(conn: DictConnection, requests: list[send_requests.NewRequest]) -> Any:
+        if any(r.request_id == poison for r in requests):
+            raise psycopg.errors.UntranslatableCharacter("unsupported Unicode escape sequence")
+        return start(conn, requests)
+
+    monkeypatch.setattr(send_requests, "start_first_attempts", refusing)
+    rounds = until_settled(sender, bodies)
+
+    first = rounds[0]
+    assert first[bodies[0]["request_id"]][0] is Outcome.ACK  # tried on its own at once
+    assert first[bodies[2]["request_id"]][0] is Outcome.ACK
+    assert [r[poison][0] for r in rounds] == [Outcome.REQUEUE] * 2 + [Outcome.ACK]
+    [result] = rounds[-1][poison][1]
+    assert (result.status, result.category) == ("failed", "internal_error")
+    assert "UntranslatableCharacter" in (result.reason or "")
+    assert json.loads(dead.wait_for(poison).body) == bodies[1]  # kept, though never recorded
+    assert row(pool, tenant, poison) is None
+    assert sorted(m.recipients[0] for m in smtp_lab.mails()) == ["n0@example.org", "n2@example.org"]
+
+
+def test_the_database_going_away_never_counts_against_a_command(
+    sender: Sender,
+    company: tuple[str, ServerDirectory],
+    smtp_lab: SmtpLab,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    tenant, _ = company
+    body = command(tenant)
+    start = send_requests.start_first_attempts
+    outages = iter(range(POISON_STRIKES * 2))
+
+    def away(conn: DictConnection, requests: list[send_requests.NewRequest]) -> Any:
+        if next(outages, None) is not None:
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return start(conn, requests)
+
+    monkeypatch.setattr(send_requests, "start_first_attempts", away)
+    rounds = until_settled(sender, [body])
+
+    outcomes = [r[body["request_id"]] for r in rounds]
+    assert [o for o, _ in outcomes] == [Outcome.REQUEUE] * (POISON_STRIKES * 2) + [Outcome.ACK]
+    assert outcomes[-1][1][0].status == "sent"
+    assert smtp_lab.count() == 1

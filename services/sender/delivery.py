@@ -146,6 +146,7 @@ import psycopg
 from dramatiq.brokers.rabbitmq import RabbitmqBroker
 from dramatiq.common import compute_backoff
 from dramatiq.middleware import CurrentMessage, Retries
+from psycopg import pq
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
@@ -174,7 +175,7 @@ log = logging.getLogger(__name__)
 ACTOR_NAME = "mailroom_sender_deliver"
 UNEXPECTED_ERROR_RETRIES = 5
 BUSY_RETRY_MILLISECONDS = 1000
-# A command the sender failed on this often, the same unexpected way, is quarantined: it would
+# A command on which the sender failed unexpectedly this often is quarantined: it would
 # otherwise come again forever, and fail the commands delivered with it each time.
 POISON_STRIKES = 3
 MAX_STRUCK_REQUESTS = 10_000
@@ -188,9 +189,21 @@ INFRASTRUCTURE_ERRORS: tuple[type[BaseException], ...] = (
     psycopg.InterfaceError,
     OSError,
     amqp.exceptions.AMQPError,
+    amqp.exceptions.MessageNacked,
     kombu.exceptions.KombuError,
     dramatiq.errors.BrokerConnectionError,
 )
+
+
+def _blameable(exc: BaseException) -> bool:
+    """Whether an unexpected error may be the command's doing. PostgreSQL's "program limit"
+    errors (class 54, e.g. a batch whose JSON is too large) are ``OperationalError``s too,
+    but they come from the data."""
+    return isinstance(exc, psycopg.errors.ProgramLimitExceeded) or not isinstance(
+        exc, INFRASTRUCTURE_ERRORS
+    )
+
+
 UNCERTAIN_REASON = (
     "delivery outcome unknown: the mail was handed to the SMTP server ({detail}) but its answer "
     "was not recorded; it is not sent again, so it arrived once or not at all"
@@ -200,6 +213,19 @@ UNCERTAIN_REASON = (
 def _retry_when(retries: int, exc: BaseException) -> bool:
     """A delivery asks for a retry with ``dramatiq.Retry``; a bug gets a few more tries."""
     return isinstance(exc, dramatiq.Retry) or retries < UNEXPECTED_ERROR_RETRIES
+
+
+def _release_locks(conn: DictConnection) -> None:
+    """After a failure: every request lock of the session released now, then the connection
+    closed. Closing alone releases them too, but only once PostgreSQL has noticed, while the
+    same requests may be asked for again at once (a batch tried command by command)."""
+    try:
+        if not conn.closed and conn.pgconn.transaction_status == pq.TransactionStatus.IDLE:
+            conn.execute("SELECT pg_advisory_unlock_all()")
+    except psycopg.Error:
+        pass  # the connection is broken or busy: closing it is all there is
+    finally:
+        conn.close()
 
 
 def _shifted(
@@ -593,8 +619,10 @@ class Sender:
         failure = self._deliver_batch(attempts, done)
         if failure is None:
             return
-        handled, recorded, exc = failure
-        blameable = not isinstance(exc, INFRASTRUCTURE_ERRORS)
+        handled, recorded, exc, accepted_unrecorded = failure
+        # A failure while an accepted mail's ``sent`` was on its way may be that statement's:
+        # not held against the command whose statement carried it.
+        blameable = _blameable(exc) and not accepted_unrecorded
         if blameable and not recorded and len(attempts) > 1:
             log.warning(
                 "sender: recording %d commands together failed (%s); each is tried on its own",
@@ -602,7 +630,11 @@ class Sender:
                 type(exc).__name__,
             )
             for index, attempt in enumerate(attempts):
-                self.deliver_batch([attempt], partial(_shifted, done, index))
+                # As if requeued: one that finds its request recorded or locked after all is
+                # healed or waits (``redelivered``), never dropped as a copy.
+                self.deliver_batch(
+                    [replace(attempt, redelivered=True)], partial(_shifted, done, index)
+                )
             return
         for index in range(handled, len(attempts)):
             results = self._struck(attempts[index], exc) if blameable and index == handled else None
@@ -613,9 +645,9 @@ class Sender:
 
     def _deliver_batch(
         self, attempts: list[FirstAttempt], done: Done
-    ) -> tuple[int, bool, Exception] | None:
+    ) -> tuple[int, bool, Exception, bool] | None:
         """The batch; after an unexpected error, how many went to ``done``, whether the batch
-        was recorded, and the error."""
+        was recorded, the error, and whether an accepted mail's ``sent`` was unrecorded."""
         handled = 0  # attempts[:handled] went to ``done``, or wait for their ``sent``
         recorded = False
         with self.db.connection() as conn:
@@ -656,9 +688,9 @@ class Sender:
                     "sender: could not deliver %d commands now; they are requeued",
                     len(attempts) - handled,
                 )
-                conn.close()  # releases every request lock the batch still holds
-                self._record_after_failure(lane, done)
-                return handled, recorded, exc
+                _release_locks(conn)
+                accepted_unrecorded = self._record_after_failure(lane, done)
+                return handled, recorded, exc, accepted_unrecorded
             finally:
                 if lane.turn is not None:
                     lane.turn.release()
@@ -692,20 +724,24 @@ class Sender:
         over); ``None`` if another thread holds it."""
         command = attempt.command
         with self.db.connection() as conn:
-            locked, row = repo.lock_and_get(conn, command.tenant_id, command.request_id)
-            if not locked:
-                return None
-            with self._holding(
-                _Lane(conn), command.tenant_id, command.request_id, row, inline=True
-            ) as work:
-                if row is None:  # it could not even be recorded: what the command is, is kept
-                    self._fail_unrecorded(work, attempt, reason)
-                elif row.state in ("sent", "failed"):
-                    self._publish_final_again(work)
-                elif row.state == "sending" and row.data_started_at is not None:
-                    self._close_uncertain(work, reason)
-                else:
-                    self._fail(work, None, reason, category="internal_error")
+            try:
+                locked, row = repo.lock_and_get(conn, command.tenant_id, command.request_id)
+                if not locked:
+                    return None
+                with self._holding(
+                    _Lane(conn), command.tenant_id, command.request_id, row, inline=True
+                ) as work:
+                    if row is None:  # never recorded: what the command is, is kept
+                        self._fail_unrecorded(work, attempt, reason)
+                    elif row.state in ("sent", "failed"):
+                        self._publish_final_again(work)
+                    elif row.state == "sending" and row.data_started_at is not None:
+                        self._close_uncertain(work, reason)
+                    else:
+                        self._fail(work, None, reason, category="internal_error")
+            except BaseException:
+                _release_locks(conn)  # a session lock must not stay with a pooled connection
+                raise
         return work.results
 
     def _fail_unrecorded(self, work: _Work, attempt: FirstAttempt, reason: str) -> None:
@@ -721,20 +757,22 @@ class Sender:
         )
         log.warning("sender: request %s failed: %s", command.request_id, reason)
 
-    def _record_after_failure(self, lane: _Lane, done: Done) -> None:
+    def _record_after_failure(self, lane: _Lane, done: Done) -> bool:
         """A mail the server accepted whose ``sent`` may not be recorded: try on a fresh
-        connection; if that fails too its command comes again and is closed as uncertain."""
+        connection; if that fails too its command comes again and is closed as uncertain.
+        Whether there was one."""
         sent, completion = lane.unrecorded()
         if sent is None or completion is None:
-            return
+            return False
         try:
             with self.db.connection() as conn:
                 repo.finish_sent(conn, sent, unlock=False)  # the lock went with the old one
         except Exception:
             log.exception("sender: request %s was accepted but not recorded", sent.request_id)
             done(completion[0], Outcome.REQUEUE, [])
-            return
+            return True
         done(*completion)
+        return True
 
     def _build_ahead(self, attempt: FirstAttempt, start: repo.Started) -> _BuiltAhead | None:
         """For a new request; ``None`` leaves everything to its turn (where a missing route,

@@ -22,6 +22,8 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import json
+import math
 import re
 import uuid
 from datetime import UTC, datetime
@@ -212,17 +214,23 @@ class InvalidCommand(Exception):
 # Where JSON can hide a character that jsonb refuses: only an escape writes it (raw UTF-8 cannot
 # carry a surrogate, and a raw NUL is not valid JSON), so a body without one needs no walk.
 _ESCAPED_UNSTORABLE = re.compile(r"\\u(?:0000|[dD][89abcdefABCDEF])")
+_MAX_PLACE = 120  # characters of a field's place in a reason (names are the client's)
+
+
+def _place(path: str) -> str:
+    place = path or "command"
+    return place if len(place) <= _MAX_PLACE else place[:_MAX_PLACE] + "…"
 
 
 def _unstorable(value: Any, path: str = "") -> str | None:
     """The first problem with a string that PostgreSQL cannot store, named by its place."""
     if isinstance(value, str):
         if "\x00" in value:
-            return f"{path or 'command'}: must not contain NUL characters (\\u0000)"
+            return f"{_place(path)}: must not contain NUL characters (\\u0000)"
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            return f"{path or 'command'}: must not contain a lone surrogate (\\ud800-\\udfff)"
+            return f"{_place(path)}: must not contain a lone surrogate (\\ud800-\\udfff)"
         return None
     if isinstance(value, dict):
         for key, item in value.items():
@@ -240,6 +248,33 @@ def _unstorable(value: Any, path: str = "") -> str | None:
     return None
 
 
+def _number(text: str) -> float:
+    """A JSON number that jsonb can store: Python reads ``1e400`` as infinity, jsonb refuses."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is too large")
+    return value
+
+
+def _constant(name: str) -> float:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _decoded(text: str) -> Any:
+    try:
+        return json.loads(text, parse_float=_number, parse_constant=_constant)
+    except RecursionError as exc:
+        raise ValueError("nested too deeply") from exc
+
+
+def _identifier(value: Any) -> str | None:
+    """An id for the answer to an invalid command: what it came as, if a result can carry it
+    (a lone surrogate cannot be serialised: the answer would fail, and the command come again)."""
+    if not isinstance(value, str):
+        return None
+    return value.encode("utf-8", "replace").decode("utf-8")
+
+
 class ParsedCommand(NamedTuple):
     command: SendCommand
     raw: dict[str, Any]  # the JSON object as published: what is kept for retries
@@ -248,34 +283,30 @@ class ParsedCommand(NamedTuple):
 def parse_command(body: Any) -> ParsedCommand:
     """The command in an AMQP body (bytes, str or already decoded JSON), and the JSON object it
     came as; raises InvalidCommand."""
-    import json
-
     data: Any = body
     escaped = True  # whether the JSON may hide a string jsonb refuses
     if isinstance(body, bytes | bytearray):
         try:
             text = bytes(body).decode("utf-8")
-            data = json.loads(text)
+            data = _decoded(text)
         except (UnicodeDecodeError, ValueError) as exc:
             raise InvalidCommand(f"not JSON: {exc}", None, None) from exc
         escaped = _ESCAPED_UNSTORABLE.search(text) is not None
-    elif isinstance(body, str):
+    elif isinstance(body, str):  # may hold a raw surrogate: always walked
         try:
-            data = json.loads(body)
+            data = _decoded(body)
         except ValueError as exc:
             raise InvalidCommand(f"not JSON: {exc}", None, None) from exc
-        escaped = _ESCAPED_UNSTORABLE.search(body) is not None
     if not isinstance(data, dict):
         raise InvalidCommand("not a JSON object", None, None)
-    request_id = data.get("request_id")
-    tenant_id = data.get("tenant_id")
-    problem = _unstorable(data) if escaped else None
+    request_id = _identifier(data.get("request_id"))
+    tenant_id = _identifier(data.get("tenant_id"))
+    try:
+        problem = _unstorable(data) if escaped else None
+    except RecursionError:
+        problem = "command: nested too deeply"
     if problem:
-        raise InvalidCommand(
-            f"invalid command: {problem}",
-            request_id if isinstance(request_id, str) else None,
-            tenant_id if isinstance(tenant_id, str) else None,
-        )
+        raise InvalidCommand(f"invalid command: {problem}", request_id, tenant_id)
     try:
         return ParsedCommand(SendCommand.model_validate(data), data)
     except ValidationError as exc:
@@ -283,11 +314,7 @@ def parse_command(body: Any) -> ParsedCommand:
             f"{'.'.join(str(p) for p in error['loc']) or 'command'}: {error['msg']}"
             for error in exc.errors(include_url=False, include_input=False)
         )
-        raise InvalidCommand(
-            f"invalid command: {problems}",
-            request_id if isinstance(request_id, str) else None,
-            tenant_id if isinstance(tenant_id, str) else None,
-        ) from exc
+        raise InvalidCommand(f"invalid command: {problems}", request_id, tenant_id) from exc
 
 
 SendStatus = Literal["sent", "failed"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -636,13 +637,15 @@ def test_a_command_postgresql_cannot_store_is_refused_and_its_neighbours_are_sen
     nul = command(tenant, text="Hello\u0000there")
     surrogate = command(tenant, subject="Hello \ud800")
     ignored = command(tenant, note={"x\u0000": "a field the sender does not read"})
-    bad = {"text": nul, "subject": surrogate, "note": ignored}
+    bad_id = command(tenant, request_id=f"\udc00{uuid.uuid4()}")  # answered as "?…"
+    bad = {"text": nul, "subject": surrogate, "note": ignored, "request_id": bad_id}
     publish(
         settings.amqp_url,
         *before,
         *(json.dumps(body, ensure_ascii=True).encode() for body in bad.values()),
         *after,
     )
+    bad_id["request_id"] = "?" + bad_id["request_id"][1:]
     for field_name, body in bad.items():
         [result] = results_for(results, body["request_id"])
         assert result["status"] == "failed" and result["category"] == "invalid_command"

@@ -141,7 +141,9 @@ def test_a_command_whose_attempt_keeps_failing_is_quarantined_after_three_tries(
         assert row(pool, tenant, body["request_id"]).state == "sent"
 
 
+@pytest.mark.parametrize("recorded", [False, True], ids=["refused", "failed-after-commit"])
 def test_a_command_that_fails_the_statement_of_its_batch_does_not_hold_back_the_others(
+    recorded: bool,
     sender: Sender,
     company: tuple[str, ServerDirectory],
     smtp_lab: SmtpLab,
@@ -149,29 +151,42 @@ def test_a_command_that_fails_the_statement_of_its_batch_does_not_hold_back_the_
     pool: ConnectionPool[DictConnection],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """As a ``jsonb``-refused string did: the batch's one statement fails for one command."""
+    """As a ``jsonb``-refused string did: the batch's one statement fails for one command,
+    after it took the requests' locks, and (``recorded``) even after its rows were committed.
+    Tried on its own, a command must take neither its own lock nor its own row for another
+    copy's (and be dropped as one)."""
     tenant, _ = company
     bodies = [command(tenant, to=[f"n{n}@example.org"]) for n in range(3)]
     poison = bodies[1]["request_id"]
     start = send_requests.start_first_attempts
 
     def refusing(conn: DictConnection, requests: list[send_requests.NewRequest]) -> Any:
-        if any(r.request_id == poison for r in requests):
-            raise psycopg.errors.UntranslatableCharacter("unsupported Unicode escape sequence")
-        return start(conn, requests)
+        if all(r.request_id != poison for r in requests):
+            return start(conn, requests)
+        if recorded:
+            start(conn, requests)
+        else:
+            for r in requests:
+                key = send_requests.lock_key(r.tenant_id, r.request_id)
+                conn.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (key,))
+        raise psycopg.errors.UntranslatableCharacter("unsupported Unicode escape sequence")
 
     monkeypatch.setattr(send_requests, "start_first_attempts", refusing)
     rounds = until_settled(sender, bodies)
 
     first = rounds[0]
-    assert first[bodies[0]["request_id"]][0] is Outcome.ACK  # tried on its own at once
-    assert first[bodies[2]["request_id"]][0] is Outcome.ACK
+    for neighbour in (bodies[0], bodies[2]):  # tried on its own at once, and sent
+        outcome, [result] = first[neighbour["request_id"]]
+        assert (outcome, result.status) == (Outcome.ACK, "sent")
     assert [r[poison][0] for r in rounds] == [Outcome.REQUEUE] * 2 + [Outcome.ACK]
     [result] = rounds[-1][poison][1]
     assert (result.status, result.category) == ("failed", "internal_error")
     assert "UntranslatableCharacter" in (result.reason or "")
-    assert json.loads(dead.wait_for(poison).body) == bodies[1]  # kept, though never recorded
-    assert row(pool, tenant, poison) is None
+    assert json.loads(dead.wait_for(poison).body) == bodies[1]
+    if recorded:
+        assert row(pool, tenant, poison).state == "failed"
+    else:
+        assert row(pool, tenant, poison) is None  # kept in the dead letter, though never recorded
     assert sorted(m.recipients[0] for m in smtp_lab.mails()) == ["n0@example.org", "n2@example.org"]
 
 
@@ -181,20 +196,24 @@ def test_the_database_going_away_never_counts_against_a_command(
     smtp_lab: SmtpLab,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Nor is a batch tried command by command then: every one would fail the same way."""
     tenant, _ = company
-    body = command(tenant)
+    bodies = [command(tenant, to=[f"n{n}@example.org"]) for n in range(2)]
     start = send_requests.start_first_attempts
-    outages = iter(range(POISON_STRIKES * 2))
+    calls: list[int] = []
 
     def away(conn: DictConnection, requests: list[send_requests.NewRequest]) -> Any:
-        if next(outages, None) is not None:
+        calls.append(len(requests))
+        if len(calls) <= POISON_STRIKES * 2:
             raise psycopg.OperationalError("server closed the connection unexpectedly")
         return start(conn, requests)
 
     monkeypatch.setattr(send_requests, "start_first_attempts", away)
-    rounds = until_settled(sender, [body])
+    rounds = until_settled(sender, bodies)
 
-    outcomes = [r[body["request_id"]] for r in rounds]
-    assert [o for o, _ in outcomes] == [Outcome.REQUEUE] * (POISON_STRIKES * 2) + [Outcome.ACK]
-    assert outcomes[-1][1][0].status == "sent"
-    assert smtp_lab.count() == 1
+    assert calls == [2] * (POISON_STRIKES * 2 + 1)  # the batch as it came, every time
+    for body in bodies:
+        outcomes = [r[body["request_id"]] for r in rounds]
+        assert [o for o, _ in outcomes] == [Outcome.REQUEUE] * (POISON_STRIKES * 2) + [Outcome.ACK]
+        assert outcomes[-1][1][0].status == "sent"
+    assert smtp_lab.count() == 2

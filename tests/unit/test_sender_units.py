@@ -85,12 +85,33 @@ def parsed(data: bytes) -> EmailMessage:
             b' "extra": [{"x\\u0000": 1}]}',
             "extra.0 (a field name): must not contain NUL",
         ),
+        # Python reads them, jsonb refuses them.
+        (b'{"request_id": "r", "tenant_id": "acme", "x": NaN}', "NaN is not a JSON number"),
+        (b'{"request_id": "r", "tenant_id": "acme", "x": -Infinity}', "not a JSON number"),
+        (b'{"request_id": "r", "tenant_id": "acme", "x": 1e400}', "1e400 is too large"),
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
     ],
 )
 def test_invalid_commands_name_the_problem(body: bytes, problem: str) -> None:
     with pytest.raises(InvalidCommand) as caught:
         parse_command(body)
     assert problem in caught.value.reason
+
+
+def test_an_invalid_command_with_a_lone_surrogate_in_its_id_can_still_be_answered() -> None:
+    with pytest.raises(InvalidCommand) as caught:
+        parse_command(b'{"request_id": "r\\ud800", "tenant_id": "acme", "to": ["a@x.org"]}')
+    invalid = caught.value
+    assert invalid.request_id == "r?"
+    assert "request_id: must not contain a lone surrogate" in invalid.reason
+    answer = SendResult(
+        request_id=invalid.request_id,
+        tenant_id=invalid.tenant_id,
+        status="failed",
+        final=True,
+        reason=invalid.reason,
+    )
+    assert json.loads(answer.model_dump_json())["request_id"] == "r?"
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,19 @@ from shared.secrets import SecretBox, SecretDecryptError
 
 log = logging.getLogger(__name__)
 
+UNDECRYPTABLE_REASON = (
+    "the stored password cannot be decrypted with the configured keys; enter it again"
+)
+
+
+def decrypt_password(secret_box: SecretBox, token: bytes) -> str:
+    """A server's stored password; a key removed too early is the server's failure to report
+    (``MailServerError``, authentication), not an error of whatever was going to use it."""
+    try:
+        return secret_box.decrypt(token)
+    except SecretDecryptError as exc:
+        raise MailServerError(FailureCategory.AUTHENTICATION, UNDECRYPTABLE_REASON) from exc
+
 
 class LoginSecrets:
     def __init__(self, secret_box: SecretBox, tokens: OAuthTokens) -> None:
@@ -36,13 +49,7 @@ class LoginSecrets:
         token = server.password_encrypted
         if token is None:
             return None
-        try:
-            return self._secret_box.decrypt(token)
-        except SecretDecryptError as exc:
-            raise MailServerError(
-                FailureCategory.AUTHENTICATION,
-                "the stored password cannot be decrypted with the configured keys; enter it again",
-            ) from exc
+        return decrypt_password(self._secret_box, token)
 
     def login_refused(self, server: EmailServer) -> None:
         """The mail server refused the login. For OAuth2 the token may have been revoked

@@ -136,7 +136,11 @@ away (``INFRASTRUCTURE_ERRORS``: never held against a command) from the rest: wh
 statement recording a batch fails that way, each of its commands is tried on its own; the
 command on which an attempt failed that way ``POISON_STRIKES`` times is closed as ``failed``
 (``internal_error``; uncertain instead when its mail may have been handed over) and
-dead-lettered.
+dead-lettered, unless ``WIDESPREAD_REQUESTS`` commands met such failures within
+``WIDESPREAD_SECONDS``: a fault every mail meets is the sender's, and failing them all for good
+would turn a fixable outage into lost mail. What is known not to be a command's fault is
+handled as such: a stored password no key opens (:class:`UnreadablePassword`) is a temporary
+authentication failure of its server.
 """
 
 from __future__ import annotations
@@ -146,6 +150,7 @@ import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -169,7 +174,7 @@ from services.sender.connections import SmtpConnections, Turn
 from services.sender.mime import BuiltMail, MimeError, build
 from services.sender.publisher import Publisher, StatusReporter
 from services.sender.rate_limit import RateLimiter
-from services.sender.resolver import NoRoute, Resolver, Route
+from services.sender.resolver import NoRoute, Resolver, Route, UnreadablePassword
 from shared import metrics
 from shared.contracts.send import InvalidCommand, SendCommand, SendResult
 from shared.contracts.status_reports import FailureCategory
@@ -194,6 +199,10 @@ BUSY_RETRY_MILLISECONDS = 1000
 # otherwise come again forever, and fail the commands delivered with it each time.
 POISON_STRIKES = 3
 MAX_STRUCK_REQUESTS = 10_000
+# Unless it fails on many at once: then the fault is the sender's (a bug, a setting), and
+# failing every mail for good would turn a fixable outage into lost mail. They wait.
+WIDESPREAD_REQUESTS = 10  # distinct requests struck within ...
+WIDESPREAD_SECONDS = 60.0
 POISON_REASON = (
     "the sender failed on this command {strikes} times ({error}); it is not tried again and is"
     " kept in the dead-letter queue"
@@ -534,6 +543,9 @@ class Sender:
         self.stopping = threading.Event()
         self._known_tenants: set[str] = set()
         self._strikes: dict[tuple[str, str], int] = {}  # unexpected failures, per request
+        # Each request's last strike within the window, the oldest first.
+        self._recent_strikes: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._widespread_told_at = -WIDESPREAD_SECONDS
         self._strikes_lock = threading.Lock()
         self._worker: dramatiq.Worker | None = None
 
@@ -714,13 +726,33 @@ class Sender:
     def _struck(self, attempt: FirstAttempt, exc: Exception) -> list[SendResult] | None:
         """One more unexpected failure on this command: ``None`` (it comes again), or, at the
         ``POISON_STRIKES``-th, its results as a quarantined command (failed, final, in the
-        dead-letter queue). Counted in this process: a restart forgives."""
+        dead-letter queue), unless the failures are widespread. Counted in this process: a
+        restart forgives, and N processes try up to N times as often."""
         command = attempt.command
         key = (command.tenant_id, command.request_id)
+        now = time.monotonic()
         with self._strikes_lock:
             if len(self._strikes) >= MAX_STRUCK_REQUESTS:
                 self._strikes.clear()
             strikes = self._strikes[key] = self._strikes.get(key, 0) + 1
+            recent = self._recent_strikes  # oldest first
+            recent[key] = now
+            recent.move_to_end(key)
+            while now - next(iter(recent.values())) > WIDESPREAD_SECONDS:
+                recent.popitem(last=False)
+            widespread = len(self._recent_strikes) >= WIDESPREAD_REQUESTS
+            tell = widespread and now - self._widespread_told_at > WIDESPREAD_SECONDS
+            if tell:
+                self._widespread_told_at = now
+        if tell:
+            log.error(
+                "sender: unexpected failures on %d commands within %.0f s: none is quarantined,"
+                " they wait for the fault to be fixed",
+                WIDESPREAD_REQUESTS,
+                WIDESPREAD_SECONDS,
+            )
+        if widespread:
+            return None
         if strikes < POISON_STRIKES:
             return None
         reason = POISON_REASON.format(strikes=strikes, error=f"{type(exc).__name__}: {exc}")
@@ -913,6 +945,10 @@ class Sender:
             route = self.resolver.resolve(command)
         except NoRoute as exc:
             self._fail(work, None, exc.reason, category="no_route")
+            return
+        except UnreadablePassword as exc:  # retried until the deadline: keys can be restored
+            error = SmtpError(exc.error.category, exc.error.reason, temporary=True)
+            self._smtp_failed(work, Route(exc.server, "", None), error, handed_over=False)
             return
         try:
             mail = ahead.mail if ahead and ahead.route == route else self._build(command, route)

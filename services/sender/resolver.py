@@ -28,12 +28,24 @@ from shared.contracts.send import SendCommand, address_of
 from shared.db import inbound_messages
 from shared.db.pool import DictConnection
 from shared.email_servers import AuthType, EmailServer, Role, ServerType
+from shared.login_secrets import decrypt_password
+from shared.mail.errors import MailServerError
 from shared.secrets import SecretBox
 from shared.server_directory import ServerDirectory
 from shared.settings import Settings
 
 SYSTEM_DEFAULT_ID = "system-default"
 ROUTES_KEPT = 10_000
+
+
+class UnreadablePassword(Exception):
+    """The server that owns the sender address has a password no configured key opens: the
+    command waits (a temporary failure of that server), the admin is told."""
+
+    def __init__(self, server: EmailServer, error: MailServerError) -> None:
+        super().__init__(error.reason)
+        self.server = server
+        self.error = error
 
 
 class NoRoute(Exception):
@@ -232,7 +244,10 @@ class Resolver:
         known = self._passwords.get(key)
         if known is not None and known[0] == encrypted:
             return known[1]
-        password = self._secrets.decrypt(encrypted)
+        try:
+            password = decrypt_password(self._secrets, encrypted)
+        except MailServerError as exc:
+            raise UnreadablePassword(server, exc) from exc
         if len(self._passwords) > 1000:
             self._passwords.clear()
         self._passwords[key] = (encrypted, password)

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from cryptography.fernet import Fernet
 from fastapi.testclient import TestClient
 from psycopg_pool import ConnectionPool
 
@@ -471,13 +472,18 @@ def test_550_fails_at_once_and_lands_in_the_dead_letter_queue(
 
 
 def _password_changed_at_the_provider(
-    pool: ConnectionPool[DictConnection], settings: Settings, server: dict[str, Any]
+    pool: ConnectionPool[DictConnection],
+    settings: Settings,
+    server: dict[str, Any],
+    *,
+    box: SecretBox | None = None,
 ) -> dict[str, Any]:
     """The stored password stops working after the save (the API tests it on save): the row
-    gets another one, with the config event an admin's edit would send."""
+    gets another one (encrypted with ``box``'s key), with the config event an admin's edit
+    would send."""
     from tests.support.leaks import password
 
-    wrong = SecretBox.from_settings(settings).encrypt(password("wrong"))
+    wrong = (box or SecretBox.from_settings(settings)).encrypt(password("wrong"))
     with pool.connection() as conn, conn.transaction():
         changed = email_servers.update(conn, server["id"], {"password_encrypted": wrong})
         event = ConfigEvent(
@@ -525,6 +531,45 @@ def test_wrong_password_is_a_final_failure_reported_to_the_status_service(
     assert mine[0]["category"] == "authentication"
     assert mine[0]["mails_failed"] == 1
     assert mine[0]["server_type"] == "smtp"
+
+
+def test_a_password_no_key_opens_makes_mail_wait_and_is_reported(
+    sender: ServiceProcess,
+    labs: tuple[SmtpLab, SmtpLab],
+    company: tuple[ApiClient, str],
+    results: rabbit.EventTap,
+    settings: Settings,
+    pool: ConnectionPool[DictConnection],
+) -> None:
+    """A key removed too early is the server's failure to fix (enter the password again, or
+    restore the key), not the mail's: it is retried, and the status service is told why."""
+    lab, _ = labs
+    api, tenant = company
+    drain(settings.amqp_url, REPORTS_QUEUE)
+    server = _server(api, sender, lab, "agent1@lab.test")
+    lost_key = SecretBox([Fernet.generate_key().decode()])
+    server = _password_changed_at_the_provider(pool, settings, server, box=lost_key)
+    wait_known(sender, server)
+    body = command(tenant)
+    publish(settings.amqp_url, body)
+    found = results_for(results, body["request_id"], final=False)
+    assert [(r["status"], r["final"], r["category"]) for r in found] == [
+        ("failed", False, "authentication")
+    ]
+    assert "cannot be decrypted with the configured keys" in found[0]["reason"]
+    assert found[0]["email_server_id"] == server["id"]
+    reports: list[dict[str, Any]] = []
+
+    def reported() -> bool:
+        drained = (json.loads(b) for b, _ in drain(settings.amqp_url, REPORTS_QUEUE))
+        reports.extend(r for r in drained if r["server_id"] == server["id"])
+        return bool(reports)
+
+    eventually(reported, what="a status report")
+    assert (reports[0]["ok"], reports[0]["category"]) == (False, "authentication")
+    assert "cannot be decrypted" in reports[0]["reason"]
+    assert lab.count() == 0
+    assert "Traceback" not in sender.log()
 
 
 def test_status_report_counts_sent_mail(

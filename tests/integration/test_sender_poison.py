@@ -19,6 +19,7 @@ import pytest
 from fastapi.testclient import TestClient
 from psycopg_pool import ConnectionPool
 
+from services.sender import delivery
 from services.sender.delivery import POISON_STRIKES, FirstAttempt, Outcome, Sender
 from shared.contracts.send import SendCommand, SendResult, parse_command
 from shared.db import send_requests
@@ -139,6 +140,34 @@ def test_a_command_whose_attempt_keeps_failing_is_quarantined_after_three_tries(
     ]
     for body in (bodies[0], bodies[2], bodies[3]):
         assert row(pool, tenant, body["request_id"]).state == "sent"
+
+
+def test_when_the_sender_fails_on_many_commands_none_is_quarantined(
+    sender: Sender,
+    company: tuple[str, ServerDirectory],
+    smtp_lab: SmtpLab,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A fault of the sender's own (a bug every mail meets) must not fail every mail for
+    good: the commands wait, and go out once it is fixed."""
+    tenant, _ = company
+    bodies = [command(tenant, to=[f"n{n}@example.org"]) for n in range(4)]
+    build = Sender._build
+
+    def broken_build(command: SendCommand, route: Any) -> Any:
+        raise RuntimeError("a bug every mail meets")
+
+    monkeypatch.setattr(delivery, "WIDESPREAD_REQUESTS", 3)
+    monkeypatch.setattr(Sender, "_build", staticmethod(broken_build))
+    waiting = bodies
+    for round_number in range(POISON_STRIKES * 2):  # each command its own batch, as they come
+        for body in waiting:
+            [(outcome, _)] = deliver(sender, [body], redelivered=round_number > 0).values()
+            assert outcome is Outcome.REQUEUE
+    monkeypatch.setattr(Sender, "_build", staticmethod(build))  # fixed
+    finals = [deliver(sender, [body], redelivered=True)[body["request_id"]] for body in bodies]
+    assert [(o, r[0].status) for o, r in finals] == [(Outcome.ACK, "sent")] * 4
+    assert smtp_lab.count() == 4
 
 
 @pytest.mark.parametrize("recorded", [False, True], ids=["refused", "failed-after-commit"])

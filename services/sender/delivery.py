@@ -136,11 +136,12 @@ away (``INFRASTRUCTURE_ERRORS``: never held against a command) from the rest: wh
 statement recording a batch fails that way, each of its commands is tried on its own; the
 command on which an attempt failed that way ``POISON_STRIKES`` times is closed as ``failed``
 (``internal_error``; uncertain instead when its mail may have been handed over) and
-dead-lettered, unless ``WIDESPREAD_REQUESTS`` commands met such failures within
-``WIDESPREAD_SECONDS``: a fault every mail meets is the sender's, and failing them all for good
-would turn a fixable outage into lost mail. What is known not to be a command's fault is
-handled as such: a stored password no key opens (:class:`UnreadablePassword`) is a temporary
-authentication failure of its server.
+dead-lettered (no sooner than ``POISON_MIN_SECONDS`` after its first), unless it is not the
+only command to meet such failures within ``WIDESPREAD_SECONDS``: a fault every mail meets is
+the sender's, and failing them all for good would turn a fixable outage into lost mail. The
+commands after a failed one go on at once, so a command that keeps failing holds none up.
+What is known not to be a command's fault is handled as such: a stored password no key opens
+(:class:`UnreadablePassword`) is a temporary authentication failure of its server.
 """
 
 from __future__ import annotations
@@ -198,10 +199,12 @@ BUSY_RETRY_MILLISECONDS = 1000
 # A command on which the sender failed unexpectedly this often is quarantined: it would
 # otherwise come again forever, and fail the commands delivered with it each time.
 POISON_STRIKES = 3
+POISON_MIN_SECONDS = 10.0  # ... over at least this long: time for others to fail alike
 MAX_STRUCK_REQUESTS = 10_000
-# Unless it fails on many at once: then the fault is the sender's (a bug, a setting), and
-# failing every mail for good would turn a fixable outage into lost mail. They wait.
-WIDESPREAD_REQUESTS = 10  # distinct requests struck within ...
+# Unless it is not the only one: then the fault may be the sender's (a bug, a setting), and
+# failing every mail for good would turn a fixable outage into lost mail. They wait (and, as
+# the commands after a failed one go on at once, they hold nothing up).
+WIDESPREAD_REQUESTS = 2  # distinct requests struck within ...
 WIDESPREAD_SECONDS = 60.0
 POISON_REASON = (
     "the sender failed on this command {strikes} times ({error}); it is not tried again and is"
@@ -391,13 +394,15 @@ class _Lane:
             repo.finish_sent(self.conn, sent)
             self.recorded()
 
-    def unrecorded(self) -> tuple[repo.Sent | None, _Completion | None]:
-        """After a failure: the accepted mail not known to be recorded, and its completion."""
+    def unrecorded(self) -> tuple[repo.Sent | None, _Completion | None, bool]:
+        """After a failure: the accepted mail not known to be recorded, its completion, and
+        whether its ``sent`` was on its way with the statement that failed."""
         self.report_now()
+        in_flight = self._in_flight is not None
         sent = self._in_flight or self._deferred
         self._in_flight = self._deferred = None
         completion, self._waiting = self._waiting, None
-        return sent, completion
+        return sent, completion, in_flight
 
 
 class _Mark:
@@ -542,7 +547,8 @@ class Sender:
         )
         self.stopping = threading.Event()
         self._known_tenants: set[str] = set()
-        self._strikes: dict[tuple[str, str], int] = {}  # unexpected failures, per request
+        # Unexpected failures per request: how many, since when.
+        self._strikes: dict[tuple[str, str], tuple[int, float]] = {}
         # Each request's last strike within the window, the oldest first.
         self._recent_strikes: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._widespread_told_at = -WIDESPREAD_SECONDS
@@ -640,16 +646,17 @@ class Sender:
         database or a bug) the commands not handled yet are requeued, never dropped. An error
         that is not the database's or the broker's absence may be one command's doing, which
         would fail its neighbours on every redelivery too: if it failed the statement that
-        records them all, each is tried again on its own, and the command it happened on is
-        quarantined once it did so ``POISON_STRIKES`` times (:meth:`_struck`).
+        records them all, each is tried again on its own; if it failed one command's attempt,
+        that command is requeued (quarantined once it did so ``POISON_STRIKES`` times,
+        :meth:`_struck`) and the ones after it go on at once.
         """
         failure = self._deliver_batch(attempts, done)
         if failure is None:
             return
-        handled, recorded, exc, accepted_unrecorded = failure
+        handled, recorded, exc, sent_in_flight = failure
         # A failure while an accepted mail's ``sent`` was on its way may be that statement's:
         # not held against the command whose statement carried it.
-        blameable = _blameable(exc) and not accepted_unrecorded
+        blameable = _blameable(exc) and not sent_in_flight
         if blameable and not recorded and len(attempts) > 1:
             log.warning(
                 "sender: recording %d commands together failed (%s); each is tried on its own",
@@ -663,12 +670,15 @@ class Sender:
                     [replace(attempt, redelivered=True)], partial(_shifted, done, index)
                 )
             return
-        for index in range(handled, len(attempts)):
-            results = self._struck(attempts[index], exc) if blameable and index == handled else None
-            if results is None:
+        if not blameable or handled >= len(attempts):
+            for index in range(handled, len(attempts)):
                 done(index, Outcome.REQUEUE, [])
-            else:
-                done(index, Outcome.ACK, results)
+            return
+        results = self._struck(attempts[handled], exc)
+        done(handled, Outcome.REQUEUE if results is None else Outcome.ACK, results or [])
+        rest = [replace(attempt, redelivered=True) for attempt in attempts[handled + 1 :]]
+        if rest:  # as if requeued (their requests are recorded), without waiting behind it
+            self.deliver_batch(rest, partial(_shifted, done, handled + 1))
 
     def _deliver_batch(
         self, attempts: list[FirstAttempt], done: Done
@@ -715,9 +725,10 @@ class Sender:
                     "sender: could not deliver %d commands now; they are requeued",
                     len(attempts) - handled,
                 )
+                # The accepted mail's ``sent`` first: its request stays locked meanwhile.
+                sent_in_flight = self._record_after_failure(lane, done)
                 _release_locks(conn)
-                accepted_unrecorded = self._record_after_failure(lane, done)
-                return handled, recorded, exc, accepted_unrecorded
+                return handled, recorded, exc, sent_in_flight
             finally:
                 if lane.turn is not None:
                     lane.turn.release()
@@ -725,35 +736,40 @@ class Sender:
 
     def _struck(self, attempt: FirstAttempt, exc: Exception) -> list[SendResult] | None:
         """One more unexpected failure on this command: ``None`` (it comes again), or, at the
-        ``POISON_STRIKES``-th, its results as a quarantined command (failed, final, in the
-        dead-letter queue), unless the failures are widespread. Counted in this process: a
-        restart forgives, and N processes try up to N times as often."""
+        ``POISON_STRIKES``-th over ``POISON_MIN_SECONDS``, its results as a quarantined command
+        (failed, final, in the dead-letter queue), unless others fail too. Counted in this
+        process: a restart forgives, and N processes try up to N times as often."""
         command = attempt.command
         key = (command.tenant_id, command.request_id)
         now = time.monotonic()
         with self._strikes_lock:
-            if len(self._strikes) >= MAX_STRUCK_REQUESTS:
-                self._strikes.clear()
-            strikes = self._strikes[key] = self._strikes.get(key, 0) + 1
             recent = self._recent_strikes  # oldest first
             recent[key] = now
             recent.move_to_end(key)
             while now - next(iter(recent.values())) > WIDESPREAD_SECONDS:
                 recent.popitem(last=False)
-            widespread = len(self._recent_strikes) >= WIDESPREAD_REQUESTS
+            struck = len(recent)
+            widespread = struck >= WIDESPREAD_REQUESTS
             tell = widespread and now - self._widespread_told_at > WIDESPREAD_SECONDS
             if tell:
                 self._widespread_told_at = now
+            if widespread:
+                self._strikes.pop(key, None)  # counted again from when it is the only one
+                strikes, first = 0, now
+            else:
+                if len(self._strikes) >= MAX_STRUCK_REQUESTS:
+                    self._strikes.clear()
+                strikes, first = self._strikes.get(key, (0, now))
+                strikes += 1
+                self._strikes[key] = (strikes, first)
         if tell:
             log.error(
                 "sender: unexpected failures on %d commands within %.0f s: none is quarantined,"
                 " they wait for the fault to be fixed",
-                WIDESPREAD_REQUESTS,
+                struck,
                 WIDESPREAD_SECONDS,
             )
-        if widespread:
-            return None
-        if strikes < POISON_STRIKES:
+        if strikes < POISON_STRIKES or now - first < POISON_MIN_SECONDS:
             return None
         reason = POISON_REASON.format(strikes=strikes, error=f"{type(exc).__name__}: {exc}")
         try:
@@ -807,8 +823,8 @@ class Sender:
     def _record_after_failure(self, lane: _Lane, done: Done) -> bool:
         """A mail the server accepted whose ``sent`` may not be recorded: try on a fresh
         connection; if that fails too its command comes again and is closed as uncertain.
-        Whether there was one."""
-        sent, completion = lane.unrecorded()
+        Whether its ``sent`` was on its way with the statement that failed."""
+        sent, completion, in_flight = lane.unrecorded()
         if sent is None or completion is None:
             return False
         try:
@@ -817,9 +833,9 @@ class Sender:
         except Exception:
             log.exception("sender: request %s was accepted but not recorded", sent.request_id)
             done(completion[0], Outcome.REQUEUE, [])
-            return True
+            return in_flight
         done(*completion)
-        return True
+        return in_flight
 
     def _build_ahead(self, attempt: FirstAttempt, start: repo.Started) -> _BuiltAhead | None:
         """For a new request; ``None`` leaves everything to its turn (where a missing route,

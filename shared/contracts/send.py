@@ -260,9 +260,12 @@ def _constant(name: str) -> float:
     raise ValueError(f"{name} is not a JSON number")
 
 
+_DECODER = json.JSONDecoder(parse_float=_number, parse_constant=_constant)  # made once
+
+
 def _decoded(text: str) -> Any:
     try:
-        return json.loads(text, parse_float=_number, parse_constant=_constant)
+        return _DECODER.decode(text)
     except RecursionError as exc:
         raise ValueError("nested too deeply") from exc
 

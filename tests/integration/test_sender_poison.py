@@ -59,8 +59,13 @@ def company(
 
 @pytest.fixture
 def sender(
-    settings: Settings, mail_lab_certs: LabCertificates, company: tuple[str, ServerDirectory]
+    settings: Settings,
+    mail_lab_certs: LabCertificates,
+    company: tuple[str, ServerDirectory],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Sender]:
+    """The sender's delivery; a command's strikes need not be ten seconds apart here."""
+    monkeypatch.setattr(delivery, "POISON_MIN_SECONDS", 0.0)
     _, directory = company
     sender = Sender(settings.model_copy(update={"ca_bundle": mail_lab_certs.ca}), directory)
     try:
@@ -124,9 +129,11 @@ def test_a_command_whose_attempt_keeps_failing_is_quarantined_after_three_tries(
     monkeypatch.setattr(Sender, "_build", staticmethod(failing_build))
     rounds = until_settled(sender, bodies)
 
-    assert len(rounds) == POISON_STRIKES + 1  # three tries, then the neighbours once more
-    assert [r[poison][0] for r in rounds[:POISON_STRIKES]] == [Outcome.REQUEUE] * 2 + [Outcome.ACK]
-    [result] = rounds[POISON_STRIKES - 1][poison][1]
+    assert [r[poison][0] for r in rounds] == [Outcome.REQUEUE] * 2 + [Outcome.ACK]
+    for neighbour in (bodies[0], bodies[2], bodies[3]):  # sent at once, not behind it
+        outcome, [sent] = rounds[0][neighbour["request_id"]]
+        assert (outcome, sent.status) == (Outcome.ACK, "sent")
+    [result] = rounds[-1][poison][1]
     assert (result.status, result.final, result.category) == ("failed", True, "internal_error")
     assert "3 times (RuntimeError: a bug met by this command only)" in (result.reason or "")
     letter = dead.wait_for(poison)
@@ -157,16 +164,13 @@ def test_when_the_sender_fails_on_many_commands_none_is_quarantined(
     def broken_build(command: SendCommand, route: Any) -> Any:
         raise RuntimeError("a bug every mail meets")
 
-    monkeypatch.setattr(delivery, "WIDESPREAD_REQUESTS", 3)
     monkeypatch.setattr(Sender, "_build", staticmethod(broken_build))
-    waiting = bodies
-    for round_number in range(POISON_STRIKES * 2):  # each command its own batch, as they come
-        for body in waiting:
-            [(outcome, _)] = deliver(sender, [body], redelivered=round_number > 0).values()
-            assert outcome is Outcome.REQUEUE
+    for round_number in range(POISON_STRIKES * 2):  # the batch as it comes back, in order
+        outcomes = deliver(sender, bodies, redelivered=round_number > 0)
+        assert [o for o, _ in outcomes.values()] == [Outcome.REQUEUE] * 4
     monkeypatch.setattr(Sender, "_build", staticmethod(build))  # fixed
-    finals = [deliver(sender, [body], redelivered=True)[body["request_id"]] for body in bodies]
-    assert [(o, r[0].status) for o, r in finals] == [(Outcome.ACK, "sent")] * 4
+    finals = deliver(sender, bodies, redelivered=True)
+    assert [(o, r[0].status) for o, r in finals.values()] == [(Outcome.ACK, "sent")] * 4
     assert smtp_lab.count() == 4
 
 

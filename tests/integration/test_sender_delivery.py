@@ -569,6 +569,14 @@ def test_a_password_no_key_opens_makes_mail_wait_and_is_reported(
     assert (reports[0]["ok"], reports[0]["category"]) == (False, "authentication")
     assert "cannot be decrypted" in reports[0]["reason"]
     assert lab.count() == 0
+
+    # The admin enters the password again: the waiting mail goes out at its next attempt.
+    saved = api.patch(f"/email-servers/{server['id']}", {"password": lab.users["agent1@lab.test"]})
+    assert saved.status_code == 200, saved.text
+    final = results_for(results, body["request_id"], timeout=15)[-1]
+    assert (final["status"], final["final"]) == ("sent", True)
+    assert final["attempts"] >= 2
+    assert len(lab.wait_for(1)) == 1
     assert "Traceback" not in sender.log()
 
 

@@ -129,19 +129,20 @@ published again, a ``sending`` row is retried or closed as uncertain as above, a
 (same ``request_id``, e.g. a client's retry) changes nothing and is dropped: results are at
 least once, mails at most once.
 
-**A command that keeps failing.** An attempt that fails unexpectedly requeues its command
-(and the batch's others not handled yet). So that one bad command cannot come back forever and
-take its neighbours with it, :meth:`Sender.deliver_batch` tells the errors of a service that is
-away (``INFRASTRUCTURE_ERRORS``: never held against a command) from the rest: when the
-statement recording a batch fails that way, each of its commands is tried on its own; the
-command on which an attempt failed that way ``POISON_STRIKES`` times is closed as ``failed``
+**A command that keeps failing.** An attempt that fails unexpectedly requeues its command.
+So that one bad command cannot come back forever and take its neighbours with it,
+:meth:`Sender.deliver_batch` tells the errors of a service that is away
+(``INFRASTRUCTURE_ERRORS``: never held against a command; the batch's commands not handled yet
+are requeued with it) from the rest, which may be a command's doing. When the statement
+recording a batch fails so, each of its commands is tried on its own; when one command's
+attempt does, the commands after it go on at once, so it holds none up. A command that failed
+so ``POISON_STRIKES`` times, over at least ``POISON_MIN_SECONDS``, is closed as ``failed``
 (``internal_error``; uncertain instead when its mail may have been handed over) and
-dead-lettered (no sooner than ``POISON_MIN_SECONDS`` after its first), unless it is not the
-only command to meet such failures within ``WIDESPREAD_SECONDS``: a fault every mail meets is
-the sender's, and failing them all for good would turn a fixable outage into lost mail. The
-commands after a failed one go on at once, so a command that keeps failing holds none up.
-What is known not to be a command's fault is handled as such: a stored password no key opens
-(:class:`UnreadablePassword`) is a temporary authentication failure of its server.
+dead-lettered, unless it is not the only command to fail so within ``WIDESPREAD_SECONDS``: a
+fault every mail meets is the sender's, and failing them all for good would turn a fixable
+outage into lost mail. What is known not to be a command's fault is handled as such: a stored
+password no key opens (:class:`UnreadablePassword`) is a temporary authentication failure of
+its server.
 """
 
 from __future__ import annotations
@@ -200,12 +201,11 @@ BUSY_RETRY_MILLISECONDS = 1000
 # otherwise come again forever, and fail the commands delivered with it each time.
 POISON_STRIKES = 3
 POISON_MIN_SECONDS = 10.0  # ... over at least this long: time for others to fail alike
-MAX_STRUCK_REQUESTS = 10_000
 # Unless it is not the only one: then the fault may be the sender's (a bug, a setting), and
 # failing every mail for good would turn a fixable outage into lost mail. They wait (and, as
 # the commands after a failed one go on at once, they hold nothing up).
 WIDESPREAD_REQUESTS = 2  # distinct requests struck within ...
-WIDESPREAD_SECONDS = 60.0
+WIDESPREAD_SECONDS = 60.0  # ... this long (a request's strikes are forgotten after it, too)
 POISON_REASON = (
     "the sender failed on this command {strikes} times ({error}); it is not tried again and is"
     " kept in the dead-letter queue"
@@ -547,10 +547,9 @@ class Sender:
         )
         self.stopping = threading.Event()
         self._known_tenants: set[str] = set()
-        # Unexpected failures per request: how many, since when.
-        self._strikes: dict[tuple[str, str], tuple[int, float]] = {}
-        # Each request's last strike within the window, the oldest first.
-        self._recent_strikes: OrderedDict[tuple[str, str], float] = OrderedDict()
+        # Unexpected failures per request within the window: how many, the first one's and the
+        # last one's time; the request struck least recently first.
+        self._strikes: OrderedDict[tuple[str, str], tuple[int, float, float]] = OrderedDict()
         self._widespread_told_at = -WIDESPREAD_SECONDS
         self._strikes_lock = threading.Lock()
         self._worker: dramatiq.Worker | None = None
@@ -684,7 +683,8 @@ class Sender:
         self, attempts: list[FirstAttempt], done: Done
     ) -> tuple[int, bool, Exception, bool] | None:
         """The batch; after an unexpected error, how many went to ``done``, whether the batch
-        was recorded, the error, and whether an accepted mail's ``sent`` was unrecorded."""
+        was recorded, the error, and whether an accepted mail's ``sent`` was on its way with
+        the statement that failed."""
         handled = 0  # attempts[:handled] went to ``done``, or wait for their ``sent``
         recorded = False
         with self.db.connection() as conn:
@@ -743,25 +743,18 @@ class Sender:
         key = (command.tenant_id, command.request_id)
         now = time.monotonic()
         with self._strikes_lock:
-            recent = self._recent_strikes  # oldest first
-            recent[key] = now
-            recent.move_to_end(key)
-            while now - next(iter(recent.values())) > WIDESPREAD_SECONDS:
+            recent = self._strikes
+            strikes, first, _ = recent.pop(key, (0, now, now))
+            while recent and now - next(iter(recent.values()))[2] > WIDESPREAD_SECONDS:
                 recent.popitem(last=False)
-            struck = len(recent)
+            struck = len(recent) + 1
             widespread = struck >= WIDESPREAD_REQUESTS
             tell = widespread and now - self._widespread_told_at > WIDESPREAD_SECONDS
             if tell:
                 self._widespread_told_at = now
-            if widespread:
-                self._strikes.pop(key, None)  # counted again from when it is the only one
-                strikes, first = 0, now
-            else:
-                if len(self._strikes) >= MAX_STRUCK_REQUESTS:
-                    self._strikes.clear()
-                strikes, first = self._strikes.get(key, (0, now))
-                strikes += 1
-                self._strikes[key] = (strikes, first)
+            # While others fail too, counted again from when it is the only one.
+            strikes, first = (0, now) if widespread else (strikes + 1, first)
+            recent[key] = (strikes, first, now)
         if tell:
             log.error(
                 "sender: unexpected failures on %d commands within %.0f s: none is quarantined,"
@@ -773,14 +766,10 @@ class Sender:
             return None
         reason = POISON_REASON.format(strikes=strikes, error=f"{type(exc).__name__}: {exc}")
         try:
-            results = self._quarantine(attempt, reason)
+            return self._quarantine(attempt, reason)
         except Exception:
             log.exception("sender: request %s could not be quarantined now", command.request_id)
             return None
-        if results is not None:
-            with self._strikes_lock:
-                self._strikes.pop(key, None)
-        return results
 
     def _quarantine(self, attempt: FirstAttempt, reason: str) -> list[SendResult] | None:
         """Close the request as ``failed`` (or as uncertain, if its mail may have been handed
@@ -962,9 +951,8 @@ class Sender:
         except NoRoute as exc:
             self._fail(work, None, exc.reason, category="no_route")
             return
-        except UnreadablePassword as exc:  # retried until the deadline: keys can be restored
-            error = SmtpError(exc.error.category, exc.error.reason, temporary=True)
-            self._smtp_failed(work, Route(exc.server, "", None), error, handed_over=False)
+        except UnreadablePassword as exc:
+            self._login_unavailable(work, Route(exc.server, "", None), exc.error)
             return
         try:
             mail = ahead.mail if ahead and ahead.route == route else self._build(command, route)
@@ -977,19 +965,19 @@ class Sender:
             try:
                 route = replace(route, password=self.login_secrets.for_server(route.server))
             except MailServerError as exc:
-                # Consent missing or the provider away: retried until the deadline, so mail
-                # waits for the admin instead of failing at once.
-                self._smtp_failed(
-                    work,
-                    route,
-                    SmtpError(exc.category, exc.reason, temporary=True),
-                    handed_over=False,
-                )
+                self._login_unavailable(work, route, exc)
                 return
         if self.limiter.enabled:
             work.lane.before_wait()  # the limit may make it wait
             self.limiter.wait(route.server.id, self.stopping)
         self._attempt(work, route, mail)
+
+    def _login_unavailable(self, work: _Work, route: Route, error: MailServerError) -> None:
+        """No secret to log in with (consent missing, the provider away, a password no key
+        opens): retried until the deadline, so mail waits for the admin instead of failing at
+        once, and the server is reported failing."""
+        temporary = SmtpError(error.category, error.reason, temporary=True)
+        self._smtp_failed(work, route, temporary, handed_over=False)
 
     def _attempt(self, work: _Work, route: Route, mail: BuiltMail) -> None:
         mark = _Mark(work, route, mail)

@@ -41,37 +41,37 @@ def dead(settings: Settings) -> DeadLetters:
 
 
 @pytest.fixture
-def company(
-    client: TestClient,
-    settings: Settings,
-    smtp_lab: SmtpLab,
-    pool: ConnectionPool[DictConnection],
-) -> tuple[str, ServerDirectory]:
-    """A company with one SMTP server on the lab, and a directory that knows it."""
+def tenant(client: TestClient, settings: Settings, smtp_lab: SmtpLab) -> str:
+    """A company with one SMTP server on the lab."""
     smtp_lab.clear()
     api, tenant = new_tenant(client, settings)
     api.create(**smtp_server(smtp_lab, "agent1@lab.test"))
-    directory = ServerDirectory(pool, (ServerType.SMTP,))
-    directory.resync_soon()
-    directory.tick()
-    return tenant, directory
+    return tenant
 
 
 @pytest.fixture
 def sender(
     settings: Settings,
     mail_lab_certs: LabCertificates,
-    company: tuple[str, ServerDirectory],
+    pool: ConnectionPool[DictConnection],
+    tenant: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Sender]:
-    """The sender's delivery; a command's strikes need not be ten seconds apart here."""
+    """The sender's delivery, knowing the company's server; a command's strikes need not be
+    ten seconds apart here."""
     monkeypatch.setattr(delivery, "POISON_MIN_SECONDS", 0.0)
-    _, directory = company
+    directory = ServerDirectory(pool, (ServerType.SMTP,))
+    directory.resync_soon()
+    directory.tick()
     sender = Sender(settings.model_copy(update={"ca_bundle": mail_lab_certs.ca}), directory)
     try:
         yield sender
     finally:
         sender.close()
+
+
+def commands(tenant: str, count: int) -> list[dict[str, Any]]:
+    return [command(tenant, to=[f"n{n}@example.org"]) for n in range(count)]
 
 
 def deliver(sender: Sender, bodies: list[dict[str, Any]], *, redelivered: bool) -> Outcomes:
@@ -110,14 +110,13 @@ def row(pool: ConnectionPool[DictConnection], tenant: str, request_id: str) -> A
 
 def test_a_command_whose_attempt_keeps_failing_is_quarantined_after_three_tries(
     sender: Sender,
-    company: tuple[str, ServerDirectory],
+    tenant: str,
     smtp_lab: SmtpLab,
     dead: DeadLetters,
     pool: ConnectionPool[DictConnection],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    tenant, _ = company
-    bodies = [command(tenant, to=[f"n{n}@example.org"]) for n in range(4)]
+    bodies = commands(tenant, 4)
     poison = bodies[1]["request_id"]
     build = Sender._build
 
@@ -151,14 +150,13 @@ def test_a_command_whose_attempt_keeps_failing_is_quarantined_after_three_tries(
 
 def test_when_the_sender_fails_on_many_commands_none_is_quarantined(
     sender: Sender,
-    company: tuple[str, ServerDirectory],
+    tenant: str,
     smtp_lab: SmtpLab,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A fault of the sender's own (a bug every mail meets) must not fail every mail for
     good: the commands wait, and go out once it is fixed."""
-    tenant, _ = company
-    bodies = [command(tenant, to=[f"n{n}@example.org"]) for n in range(4)]
+    bodies = commands(tenant, 4)
     build = Sender._build
 
     def broken_build(command: SendCommand, route: Any) -> Any:
@@ -178,7 +176,7 @@ def test_when_the_sender_fails_on_many_commands_none_is_quarantined(
 def test_a_command_that_fails_the_statement_of_its_batch_does_not_hold_back_the_others(
     recorded: bool,
     sender: Sender,
-    company: tuple[str, ServerDirectory],
+    tenant: str,
     smtp_lab: SmtpLab,
     dead: DeadLetters,
     pool: ConnectionPool[DictConnection],
@@ -188,8 +186,7 @@ def test_a_command_that_fails_the_statement_of_its_batch_does_not_hold_back_the_
     after it took the requests' locks, and (``recorded``) even after its rows were committed.
     Tried on its own, a command must take neither its own lock nor its own row for another
     copy's (and be dropped as one)."""
-    tenant, _ = company
-    bodies = [command(tenant, to=[f"n{n}@example.org"]) for n in range(3)]
+    bodies = commands(tenant, 3)
     poison = bodies[1]["request_id"]
     start = send_requests.start_first_attempts
 
@@ -225,13 +222,12 @@ def test_a_command_that_fails_the_statement_of_its_batch_does_not_hold_back_the_
 
 def test_the_database_going_away_never_counts_against_a_command(
     sender: Sender,
-    company: tuple[str, ServerDirectory],
+    tenant: str,
     smtp_lab: SmtpLab,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Nor is a batch tried command by command then: every one would fail the same way."""
-    tenant, _ = company
-    bodies = [command(tenant, to=[f"n{n}@example.org"]) for n in range(2)]
+    bodies = commands(tenant, 2)
     start = send_requests.start_first_attempts
     calls: list[int] = []
 

@@ -6,15 +6,16 @@ sender's kombu consumer (:mod:`services.sender.supervisor`) validates each comma
 it to the intake's delivery threads (:mod:`services.sender.intake`), which make the **first
 attempt** themselves, a batch of waiting commands at a time (:meth:`Sender.deliver_batch`);
 the command is acked once that attempt is recorded and its result published. Only a command
-that must **wait and try again** goes to dramatiq: the attempt records the new owner,
-enqueues ``deliver(tenant_id, request_id)`` on the internal queue ``mailroom.sender.deliver``
-(``RabbitmqBroker``, publisher confirms) with a backoff delay (dramatiq's ``.DQ`` delay
-queue), and dramatiq's worker threads make every later attempt; its ``Retries`` middleware
-re-enqueues a temporarily failed one (``dramatiq.Retry``) with exponential backoff and
-jitter. The deadline (``MAILROOM_SENDER_RETRY_DEADLINE_SECONDS`` after the command arrived)
-is checked by the delivery itself, which turns the last temporary failure into a final one.
-Only ``Retries`` and ``CurrentMessage`` are installed: dramatiq's default ``TimeLimit`` would
-interrupt a thread in the middle of an SMTP DATA.
+that must **wait and try again** goes to dramatiq: the attempt records the new owner and the
+command (a row keeps none before: the first attempt has it in hand, and a crash brings it
+again), enqueues ``deliver(tenant_id, request_id)`` on the internal queue
+``mailroom.sender.deliver`` (``RabbitmqBroker``, publisher confirms) with a backoff delay
+(dramatiq's ``.DQ`` delay queue), and dramatiq's worker threads make every later attempt;
+its ``Retries`` middleware re-enqueues a temporarily failed one (``dramatiq.Retry``) with
+exponential backoff and jitter. The deadline (``MAILROOM_SENDER_RETRY_DEADLINE_SECONDS``
+after the command arrived) is checked by the delivery itself, which turns the last temporary
+failure into a final one. Only ``Retries`` and ``CurrentMessage`` are installed: dramatiq's
+default ``TimeLimit`` would interrupt a thread in the middle of an SMTP DATA.
 
 The first design sent every command through dramatiq. The benchmark
 (``tests/perf/sender_throughput.py``) measured it at 19-23% of a bare smtplib loop: per mail a
@@ -87,7 +88,11 @@ the server answers. The mark waited for its commit before the final ``.`` in 6% 
 backend's CPU, 0.17 and 0.08 without waiting for the disk; with ``synchronous_commit = off``
 for the sender's sessions (an experiment: after a crash of PostgreSQL a mail could then go out
 twice) the median over three rounds went from 59% to 65%. Reporting the previous mail before
-sending the mark instead of after made no difference (61% and 60%, four rounds each).
+sending the mark instead of after made no difference (61% and 60%, four rounds each). A new
+row no longer keeps its command (only a retry needs it; migration 0007): PostgreSQL's CPU per
+mail went from 0.77 to 0.69 ms (median of six alternating rounds, lower in each), one
+process's median from 63% to 67% of the bare loop (ahead in four rounds of six, on a day the
+bare loop ran at 380-444 mails/s).
 
 **Never twice (the state machine of a request).** ``sending`` → ``sent`` | ``failed``, with
 ``retry_wait`` between attempts (``received`` is only found in rows of older versions); each
@@ -480,9 +485,16 @@ class _Work:
     tenant_id: str
     request_id: str
     row: repo.SendRequest | None
-    inline: bool  # the intake's first attempt (a retry is handed to dramatiq)
+    # The command as it came, when the intake makes the attempt (its row keeps none); None
+    # for dramatiq's retries, which read it from the row.
+    in_hand: dict[str, Any] | None
     locked: bool = True
     results: list[SendResult] = field(default_factory=list)  # inline: published by the intake
+
+    @property
+    def inline(self) -> bool:
+        """The intake's attempt (a retry is handed to dramatiq)."""
+        return self.in_hand is not None
 
     @property
     def conn(self) -> DictConnection:
@@ -494,6 +506,12 @@ class _Work:
     def request(self) -> repo.SendRequest:
         assert self.row is not None
         return self.row
+
+    @property
+    def command(self) -> dict[str, Any] | None:
+        """The command as it came: in hand for a first attempt, else kept by its row (from
+        the first retry on; None only in a row that lost it)."""
+        return self.in_hand if self.in_hand is not None else self.request.command
 
 
 class Sender:
@@ -781,7 +799,7 @@ class Sender:
                 if not locked:
                     return None
                 with self._holding(
-                    _Lane(conn), command.tenant_id, command.request_id, row, inline=True
+                    _Lane(conn), command.tenant_id, command.request_id, row, attempt.raw
                 ) as work:
                     if row is None:  # never recorded: what the command is, is kept
                         self._fail_unrecorded(work, attempt, reason)
@@ -851,7 +869,7 @@ class Sender:
                 return Outcome.REQUEUE, []
             log.info("sender: request %s is being delivered already; copy dropped", request_id)
             return Outcome.ACK, []
-        with self._holding(lane, tenant_id, request_id, start.row, inline=True) as work:
+        with self._holding(lane, tenant_id, request_id, start.row, attempt.raw) as work:
             if start.row is not None:
                 self._resolve_and_attempt(work, command, ahead)
             else:
@@ -898,7 +916,7 @@ class Sender:
             if not locked:
                 log.info("sender: request %s is being delivered by another thread", request_id)
                 raise dramatiq.Retry("busy", delay=BUSY_RETRY_MILLISECONDS)
-            with self._holding(_Lane(conn), tenant_id, request_id, row, inline=False) as work:
+            with self._holding(_Lane(conn), tenant_id, request_id, row, None) as work:
                 self._deliver_locked(work, owner)
 
     def _deliver_locked(self, work: _Work, owner: str) -> None:
@@ -915,6 +933,11 @@ class Sender:
         if row.state == "sending" and row.data_started_at is not None:
             self._close_uncertain(work, "the sender stopped before recording its answer")
             return
+        if row.command is None:  # only a row changed by hand; nothing to send
+            self._fail(
+                work, None, "the command was not kept for its retry", category="internal_error"
+            )
+            return
         command = SendCommand.model_validate(row.command)
         work.row = repo.claim(work.conn, row.tenant_id, row.request_id)
         self._resolve_and_attempt(work, command)
@@ -928,11 +951,11 @@ class Sender:
         tenant_id: str,
         request_id: str,
         row: repo.SendRequest | None,
-        *,
-        inline: bool,
+        in_hand: dict[str, Any] | None,
     ) -> Iterator[_Work]:
-        """The request's lock is held on entry; released on exit unless a finish did it."""
-        work = _Work(lane, tenant_id, request_id, row, inline)
+        """The request's lock is held on entry; released on exit unless a finish did it.
+        ``in_hand``: the intake's command (None: dramatiq's retry)."""
+        work = _Work(lane, tenant_id, request_id, row, in_hand)
         try:
             yield work
         finally:
@@ -1118,7 +1141,13 @@ class Sender:
             raise dramatiq.Retry(exc.reason)  # Retries re-enqueues this message, with backoff
         message = self._retry_message(work)
         delay = self._first_backoff()
-        self._finish(work, state="retry_wait", owner_message_id=message.message_id, **fields)
+        self._finish(
+            work,
+            state="retry_wait",
+            owner_message_id=message.message_id,
+            command=work.command,  # its retry reads it from the row
+            **fields,
+        )
         self._emit(
             work,
             self._result(row, route, exc.reason, exc, final=False, next_attempt_in=delay / 1000),
@@ -1187,7 +1216,7 @@ class Sender:
             uncertain=uncertain,
         )
         self.publisher.dead_letter(
-            json.dumps(row.command).encode(),
+            json.dumps(work.command).encode(),
             reason=reason,
             request_id=row.request_id,
             tenant_id=row.tenant_id,

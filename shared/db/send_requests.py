@@ -39,7 +39,9 @@ class SendRequest:
     tenant_id: str
     request_id: str
     state: str
-    command: dict[str, Any]
+    # None while only the first attempt needed it (that attempt has it in hand): a row keeps
+    # the command from the first retry on (:func:`finish` with ``command``).
+    command: dict[str, Any] | None
     owner_message_id: str
     attempts: int
     server_id: str | None
@@ -62,8 +64,7 @@ _COLUMNS = (
 )
 
 
-# The same without ``command``: a new row's command is the one just inserted, so it need not
-# travel back and be parsed again (a 2 KB JSON document per mail, both in PostgreSQL and here).
+# The same without ``command``, which a new row does not keep: its attempt has it in hand.
 _COLUMNS_BUT_COMMAND = _COLUMNS.replace(" command,", "")
 
 
@@ -95,7 +96,8 @@ def start_first_attempts(conn: DictConnection, requests: list[NewRequest]) -> li
     """Lock each request and record it, already claimed: one statement for the whole batch.
 
     The requests must be distinct. A request seen before stays locked (when ``locked``) and
-    is read with :func:`get_locked`.
+    is read with :func:`get_locked`. The rows keep no command (the returned ones carry it
+    from ``requests``): the attempt has it in hand, and a crash brings it again.
     """
     if not requests:
         return []
@@ -109,14 +111,14 @@ def start_first_attempts(conn: DictConnection, requests: list[NewRequest]) -> li
         # text and jsonb arrays are quoted element by element in Python (measured: 7% of the
         # sender's CPU time went to that).
         f"WITH input AS (SELECT r->>'lock_key' AS lock_key, r->>'tenant_id' AS tenant_id,"  # noqa: S608
-        f" r->>'request_id' AS request_id, r->'command' AS command,"
+        f" r->>'request_id' AS request_id,"
         f" (r->>'deadline')::float8 AS deadline, n"
         f" FROM jsonb_array_elements(%s::jsonb) WITH ORDINALITY AS i(r, n)),"
         f" advisory AS (SELECT input.*, pg_try_advisory_lock(hashtextextended(lock_key, 0))"
         f" AS locked, set_config('synchronous_commit', 'off', true) AS commit_mode FROM input),"
-        f" inserted AS (INSERT INTO send_requests (tenant_id, request_id, state, command,"
+        f" inserted AS (INSERT INTO send_requests (tenant_id, request_id, state,"
         f" owner_message_id, attempts, deadline_at)"
-        f" SELECT tenant_id, request_id, 'sending', command, %s, 1,"
+        f" SELECT tenant_id, request_id, 'sending', %s, 1,"
         f" now() + make_interval(secs => deadline) FROM advisory WHERE advisory.locked"
         f" ORDER BY n ON CONFLICT (tenant_id, request_id) DO NOTHING"
         f" RETURNING {_COLUMNS_BUT_COMMAND})"
@@ -129,7 +131,6 @@ def start_first_attempts(conn: DictConnection, requests: list[NewRequest]) -> li
                         "lock_key": lock_key(r.tenant_id, r.request_id),
                         "tenant_id": r.tenant_id,
                         "request_id": r.request_id,
-                        "command": r.command,
                         "deadline": r.deadline_seconds,
                     }
                     for r in requests
@@ -360,17 +361,20 @@ def finish(
     reason: str | None = None,
     uncertain: bool = False,
     owner_message_id: str | None = None,
+    command: dict[str, Any] | None = None,
     unlock: bool = False,
 ) -> None:
     """``sent``, ``failed`` (final) or ``retry_wait`` (another attempt follows).
 
-    ``owner_message_id``: the dramatiq message that makes the next attempt. ``unlock``: also
-    release the request's lock, in the same round trip.
+    ``owner_message_id``: the dramatiq message that makes the next attempt; ``command``: kept
+    for it, when the row has none yet. ``unlock``: also release the request's lock, in the
+    same round trip.
     """
     conn.execute(
         "WITH done AS (UPDATE send_requests SET state = %s, server_id = COALESCE(%s, server_id),"
         " smtp_code = %s, smtp_response = %s, reason = %s, uncertain = %s,"
-        " owner_message_id = COALESCE(%s, owner_message_id), updated_at = now()"
+        " owner_message_id = COALESCE(%s, owner_message_id),"
+        " command = COALESCE(command, %s::jsonb), updated_at = now()"
         " WHERE tenant_id = %s AND request_id = %s RETURNING 1)"
         # The unlock reads ``done`` first: the row is updated (and locked) before it runs.
         " SELECT CASE WHEN %s THEN pg_advisory_unlock(hashtextextended(%s, 0)) END"
@@ -383,6 +387,7 @@ def finish(
             reason,
             uncertain,
             owner_message_id,
+            Jsonb(command) if command is not None else None,
             tenant_id,
             request_id,
             unlock,

@@ -62,7 +62,7 @@ def test_a_batch_records_each_request_claimed_and_holds_the_lock_others_ask_for(
         ("r2", "sending", 1),
         ("r3", "sending", 1),
     ]
-    assert started[0].row is not None and started[0].row.command["to"] == ["a@example.org"]
+    assert started[0].row is not None and started[0].row.command == _new("r1").command
     assert all(_locked_elsewhere(other, r) for r in ("r1", "r2", "r3"))
 
     # Seen before: locked again by the same session (it reads the row next), nothing written.
@@ -72,6 +72,29 @@ def test_a_batch_records_each_request_claimed_and_holds_the_lock_others_ask_for(
     # Another session's copy of a request at work: not locked, nothing written.
     elsewhere = repo.start_first_attempts(other, [_new("r2")])
     assert (elsewhere[0].locked, elsewhere[0].row) == (False, None)
+
+
+def test_a_request_keeps_its_command_only_once_a_retry_will_need_it(
+    worker_and_other: tuple[DictConnection, DictConnection],
+) -> None:
+    """A first attempt has its command in hand; dramatiq's retry has only the key."""
+    worker, other = worker_and_other
+    repo.start_first_attempts(worker, [_new("c1"), _new("c2")])
+    assert [getattr(repo.get(other, TENANT, r), "command", "?") for r in ("c1", "c2")] == [
+        None,
+        None,
+    ]
+
+    repo.finish(worker, TENANT, "c1", state="retry_wait", command=_new("c1").command)
+    repo.finish_sent(worker, repo.Sent(TENANT, "c2", "server-1", 250, "OK"))
+    c1, c2 = repo.get(other, TENANT, "c1"), repo.get(other, TENANT, "c2")
+    assert c1 is not None and c1.command == _new("c1").command
+    assert c2 is not None and (c2.state, c2.command) == ("sent", None)
+
+    # A later attempt's outcome keeps the command the row has.
+    repo.finish(worker, TENANT, "c1", state="retry_wait", command={"other": True})
+    c1 = repo.get(other, TENANT, "c1")
+    assert c1 is not None and c1.command == _new("c1").command
 
 
 def test_a_sent_riding_along_with_the_next_mark_is_recorded_and_unlocked_in_one_commit(

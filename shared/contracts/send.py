@@ -13,8 +13,8 @@ or LF, neither raw nor hidden in an RFC 2047 encoded word.
 A command must also be storable as it came: the sender keeps it in PostgreSQL (``jsonb``) for
 its retries, and ``jsonb`` refuses the NUL character and UTF-16 surrogates without their pair,
 both valid in JSON (``\\u0000``, ``\\ud800``). Such a string anywhere in the command, even in
-a field the sender does not read, makes it invalid (:func:`parse_command`); stored together
-with the commands around it, it failed their statement too, again on every redelivery.
+a field the sender does not read, makes it invalid (:func:`parse_command`). It is refused at
+once, instead of failing the statement that records its first retry.
 """
 
 from __future__ import annotations

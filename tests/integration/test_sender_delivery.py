@@ -422,6 +422,32 @@ def test_451_twice_then_250_is_delivered_once_after_three_attempts(
     assert len(lab.wait_for(1)) == 1
 
 
+def test_a_retry_that_fails_for_good_dead_letters_the_command_as_it_came(
+    sender: ServiceProcess,
+    labs: tuple[SmtpLab, SmtpLab],
+    company: tuple[ApiClient, str],
+    results: rabbit.EventTap,
+    settings: Settings,
+    dead: DeadLetters,
+) -> None:
+    """The retry (dramatiq) has only the request's key: the command it dead-letters is the one
+    its row kept when the first attempt had to wait."""
+    lab, _ = labs
+    api, tenant = company
+    _server(api, sender, lab, "agent1@lab.test")
+    lab.script({"gone@example.org": ["451 4.3.0 try later", "550 5.1.1 no such user"]})
+    body = command(tenant, to=["gone@example.org"], subject="Ihre Anfrage ✓")
+    found = send(settings.amqp_url, results, body, timeout=15)
+    assert [(r["status"], r["final"], r["attempts"], r["smtp_code"]) for r in found] == [
+        ("failed", False, 1, 451),
+        ("failed", True, 2, 550),
+    ]
+    letter = dead.wait_for(body["request_id"])
+    assert json.loads(letter.body) == body
+    assert (letter.headers["x-smtp-code"], letter.headers["x-attempts"]) == (550, 2)
+    assert lab.count() == 0
+
+
 def test_a_reply_with_a_nul_character_is_recorded_as_sent(
     sender: ServiceProcess,
     labs: tuple[SmtpLab, SmtpLab],

@@ -3,6 +3,7 @@ nothing of Mailroom but the contract (raw pika, in a script that imports nothing
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -72,6 +73,7 @@ def test_a_sender_killed_right_after_data_never_sends_twice(
         assert "not sent again" in result["reason"]
         letter = DeadLetters(settings.amqp_url).wait_for(body["request_id"])
         assert letter.headers["x-reason"] == result["reason"]
+        assert json.loads(letter.body) == body  # the redelivered command: its row keeps none
         # Long enough for any retry to have happened: the mail is still there once.
         smtp_lab.script({})
         later = command(tenant, to=["after@example.org"])

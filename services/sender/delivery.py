@@ -714,7 +714,6 @@ class Sender:
                         repo.NewRequest(
                             a.command.tenant_id,
                             a.command.request_id,
-                            a.raw,
                             self.settings.sender_retry_deadline_seconds,
                         )
                         for a in attempts
@@ -802,7 +801,7 @@ class Sender:
                     _Lane(conn), command.tenant_id, command.request_id, row, attempt.raw
                 ) as work:
                     if row is None:  # never recorded: what the command is, is kept
-                        self._fail_unrecorded(work, attempt, reason)
+                        self._fail_unrecorded(work, reason)
                     elif row.state in ("sent", "failed"):
                         self._publish_final_again(work)
                     elif row.state == "sending" and row.data_started_at is not None:
@@ -814,18 +813,18 @@ class Sender:
                 raise
         return work.results
 
-    def _fail_unrecorded(self, work: _Work, attempt: FirstAttempt, reason: str) -> None:
-        command = attempt.command
+    def _fail_unrecorded(self, work: _Work, reason: str) -> None:
+        """:meth:`_fail` for a request without a row: the command in hand is what is kept."""
         work.results.append(
             self._kept_unrecorded(
-                json.dumps(attempt.raw).encode(),
+                json.dumps(work.command).encode(),
                 reason,
-                command.request_id,
-                command.tenant_id,
+                work.request_id,
+                work.tenant_id,
                 category="internal_error",
             )
         )
-        log.warning("sender: request %s failed: %s", command.request_id, reason)
+        log.warning("sender: request %s failed: %s", work.request_id, reason)
 
     def _record_after_failure(self, lane: _Lane, done: Done) -> bool:
         """A mail the server accepted whose ``sent`` may not be recorded: try on a fresh

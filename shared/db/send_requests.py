@@ -64,10 +64,6 @@ _COLUMNS = (
 )
 
 
-# The same without ``command``, which a new row does not keep: its attempt has it in hand.
-_COLUMNS_BUT_COMMAND = _COLUMNS.replace(" command,", "")
-
-
 def _row(row: dict[str, Any] | None) -> SendRequest | None:
     return SendRequest(**{k: row[k] for k in SendRequest.__dataclass_fields__}) if row else None
 
@@ -80,7 +76,6 @@ def lock_key(tenant_id: str, request_id: str) -> str:
 class NewRequest:
     tenant_id: str
     request_id: str
-    command: dict[str, Any]
     deadline_seconds: float
 
 
@@ -96,8 +91,8 @@ def start_first_attempts(conn: DictConnection, requests: list[NewRequest]) -> li
     """Lock each request and record it, already claimed: one statement for the whole batch.
 
     The requests must be distinct. A request seen before stays locked (when ``locked``) and
-    is read with :func:`get_locked`. The rows keep no command (the returned ones carry it
-    from ``requests``): the attempt has it in hand, and a crash brings it again.
+    is read with :func:`get_locked`. The rows keep no command: the attempt has it in hand,
+    and a crash brings it again.
     """
     if not requests:
         return []
@@ -121,7 +116,7 @@ def start_first_attempts(conn: DictConnection, requests: list[NewRequest]) -> li
         f" SELECT tenant_id, request_id, 'sending', %s, 1,"
         f" now() + make_interval(secs => deadline) FROM advisory WHERE advisory.locked"
         f" ORDER BY n ON CONFLICT (tenant_id, request_id) DO NOTHING"
-        f" RETURNING {_COLUMNS_BUT_COMMAND})"
+        f" RETURNING {_COLUMNS})"
         f" SELECT advisory.n, advisory.locked, inserted.* FROM advisory LEFT JOIN inserted"
         f" USING (tenant_id, request_id) ORDER BY advisory.n",
         (
@@ -140,11 +135,7 @@ def start_first_attempts(conn: DictConnection, requests: list[NewRequest]) -> li
         ),
     ).fetchall()
     assert len(rows) == len(requests)
-    started = []
-    for request, row in zip(requests, rows, strict=True):
-        new = None if row["state"] is None else _row({**row, "command": request.command})
-        started.append(Started(bool(row["locked"]), new))
-    return started
+    return [Started(bool(row["locked"]), _row(row) if row["state"] else None) for row in rows]
 
 
 def get_locked(conn: DictConnection, tenant_id: str, request_id: str) -> SendRequest | None:

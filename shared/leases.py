@@ -3,9 +3,16 @@
 A lease is a key holding its owner's name with an expiry. The owner renews it well before it
 expires; if the owner dies, the lease runs out and another process takes the mailbox over
 within one lease period. Renewal and release only act when the caller still owns the lease.
+
+Redis being away (or too slow) is :class:`LeasesUnavailable`, never a redis-py error: a
+poller reports it and tries again later like any other outage, so no caller needs to know
+the client library, and no thread dies of one.
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import redis
 
@@ -23,6 +30,18 @@ return 0
 """
 
 
+class LeasesUnavailable(Exception):
+    """Redis could not be asked about a lease."""
+
+
+@contextlib.contextmanager
+def _asking_redis() -> Iterator[None]:
+    try:
+        yield
+    except redis.RedisError as error:
+        raise LeasesUnavailable(f"Redis unavailable: {error}") from error
+
+
 class Leases:
     def __init__(self, client: redis.Redis, owner: str, ttl_seconds: float) -> None:
         self._client = client
@@ -36,17 +55,21 @@ class Leases:
         return f"mailroom:lease:{name}"
 
     def acquire(self, name: str) -> bool:
-        taken = self._client.set(self.key(name), self.owner, nx=True, px=self.ttl_ms)
+        with _asking_redis():
+            taken = self._client.set(self.key(name), self.owner, nx=True, px=self.ttl_ms)
         return bool(taken) or self.renew(name)
 
     def renew(self, name: str) -> bool:
-        return bool(self._renew(keys=[self.key(name)], args=[self.owner, self.ttl_ms]))
+        with _asking_redis():
+            return bool(self._renew(keys=[self.key(name)], args=[self.owner, self.ttl_ms]))
 
     def release(self, name: str) -> None:
-        self._release(keys=[self.key(name)], args=[self.owner])
+        with _asking_redis():
+            self._release(keys=[self.key(name)], args=[self.owner])
 
     def holder(self, name: str) -> str | None:
-        value = self._client.get(self.key(name))
+        with _asking_redis():
+            value = self._client.get(self.key(name))
         if value is None:
             return None
         return value.decode() if isinstance(value, bytes) else str(value)

@@ -22,7 +22,7 @@ from shared import metrics
 from shared.contracts.status_reports import FailureCategory, StatusReport
 from shared.db.pool import DictConnection
 from shared.email_servers import AuthType, EmailServer
-from shared.leases import Leases
+from shared.leases import Leases, LeasesUnavailable
 from shared.login_secrets import LoginSecrets
 from shared.mail.errors import MailServerError
 from shared.settings import Settings
@@ -80,11 +80,11 @@ class MailboxPoller(threading.Thread):
         failures = 0
         try:
             while not self.stopping:
-                if not self.context.leases.acquire(lease):
-                    self._stopping.wait(1.0)  # another fetcher serves it; take over if it dies
-                    continue
-                self._lease_renewed = time.monotonic()
                 try:
+                    if not self.context.leases.acquire(lease):
+                        self._stopping.wait(1.0)  # another fetcher serves it; take over if it dies
+                        continue
+                    self._lease_renewed = time.monotonic()
                     self.serve()
                     failures = 0
                 except LeaseLost:
@@ -98,6 +98,9 @@ class MailboxPoller(threading.Thread):
                 except BrokerUnavailable as error:
                     failures += 1
                     self.report_failure(FailureCategory.INTERNAL, f"RabbitMQ unavailable: {error}")
+                except LeasesUnavailable as error:
+                    failures += 1
+                    self.report_failure(FailureCategory.INTERNAL, str(error))
                 except Exception as error:
                     failures += 1
                     log.exception("%s: unexpected failure", self.name)
@@ -105,7 +108,15 @@ class MailboxPoller(threading.Thread):
                 if failures:
                     self._stopping.wait(self._backoff(failures))
         finally:
+            self._release(lease)
+
+    def _release(self, lease: str) -> None:
+        """Give the mailbox back at once; if Redis cannot be asked, the lease runs out instead
+        and another fetcher takes over after one lease period."""
+        try:
             self.context.leases.release(lease)
+        except LeasesUnavailable as error:
+            log.warning("%s: lease not released (%s); it expires by itself", self.name, error)
 
     def _backoff(self, failures: int) -> float:
         """1 s, 2 s, 4 s … up to the limit, each with ±50 % jitter so mailboxes spread out."""

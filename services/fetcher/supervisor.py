@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import threading
 
-import redis
 from psycopg_pool import ConnectionPool
 
 from services.fetcher.imap_poller import ImapPoller
@@ -24,6 +23,7 @@ from shared.email_servers import EmailServer, ServerType
 from shared.leases import Leases
 from shared.login_secrets import LoginSecrets
 from shared.oauth.tokens import OAuthTokens
+from shared.redis_client import redis_client
 from shared.secrets import SecretBox
 from shared.settings import Settings
 from shared.topology import instance_id
@@ -57,9 +57,7 @@ class FetcherSupervisor(ConfigFollower):
             login_secrets=LoginSecrets(
                 secret_box, OAuthTokens.from_settings(settings, pool, secret_box)
             ),
-            leases=Leases(
-                redis.Redis.from_url(settings.redis_url), worker, settings.mailbox_lease_seconds
-            ),
+            leases=Leases(redis_client(settings.redis_url), worker, settings.mailbox_lease_seconds),
             worker=worker,
         )
         super().__init__(settings, pool)

@@ -18,6 +18,8 @@ import time
 
 import redis
 
+from shared.redis_client import redis_client
+
 log = logging.getLogger(__name__)
 
 # KEYS[1] bucket; ARGV rate (tokens/s), burst. Returns 0 when a token was taken, else the
@@ -48,7 +50,7 @@ class RateLimiter:
         self.enabled = per_minute > 0
         self._rate = per_minute / 60.0
         self._burst = max(1, burst)
-        self._redis = redis.Redis.from_url(redis_url, socket_timeout=2, socket_connect_timeout=2)
+        self._redis = redis_client(redis_url)
         self._script = self._redis.register_script(_TAKE)
         self._warned = threading.Event()
 

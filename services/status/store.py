@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 import redis
 
 from services.status.state import ALERTING, Change, ServerStatus, change_between
+from shared.redis_client import redis_client
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ class StatusStore:
 
     @classmethod
     def from_url(cls, url: str) -> StatusStore:
-        return cls(redis.Redis.from_url(url, socket_timeout=5, health_check_interval=30))
+        return cls(redis_client(url))
 
     @property
     def redis(self) -> redis.Redis[bytes]:

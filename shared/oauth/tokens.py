@@ -34,6 +34,7 @@ from shared.oauth.provider_client import (
     TokenGrant,
 )
 from shared.oauth.providers import OAuthProvider
+from shared.redis_client import redis_client
 from shared.secrets import SecretBox, SecretDecryptError
 from shared.settings import Settings
 
@@ -68,7 +69,7 @@ class OAuthTokens:
         self,
         pool: ConnectionPool[DictConnection],
         secret_box: SecretBox,
-        redis_client: redis.Redis,
+        locks: redis.Redis,
         providers: dict[str, OAuthProvider],
         *,
         redirect_uri: str,
@@ -78,7 +79,7 @@ class OAuthTokens:
     ) -> None:
         self._pool = pool
         self._secret_box = secret_box
-        self._redis = redis_client
+        self._redis = locks  # refresh locks, one per server
         self.providers = providers
         self._redirect_uri = redirect_uri
         self._margin = refresh_margin_seconds
@@ -89,13 +90,10 @@ class OAuthTokens:
     def from_settings(
         cls, settings: Settings, pool: ConnectionPool[DictConnection], secret_box: SecretBox
     ) -> OAuthTokens:
-        client = redis.Redis.from_url(
-            settings.redis_url, socket_timeout=5, socket_connect_timeout=5
-        )
         return cls(
             pool,
             secret_box,
-            client,
+            redis_client(settings.redis_url),
             settings.oauth_provider_table,
             redirect_uri=settings.oauth_callback_url,
             refresh_margin_seconds=settings.oauth_refresh_margin_seconds,

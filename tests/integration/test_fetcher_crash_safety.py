@@ -5,11 +5,11 @@ from __future__ import annotations
 import random
 import time
 
-import redis
 from psycopg_pool import ConnectionPool
 
 from shared.db.pool import DictConnection
 from shared.leases import Leases
+from shared.redis_client import redis_client
 from shared.settings import Settings
 from tests.lab.certs import LabCertificates
 from tests.lab.clients import LabIMAP4_SSL, tls_context
@@ -98,7 +98,7 @@ def test_two_fetchers_share_mailboxes_and_one_takes_over_when_the_other_dies(
             fetcher.wait_for_log("connected to RabbitMQ, consuming", timeout=20)
         append_many(dovecot, lab_user, mail_lab_certs, 20, first=0)
         assert len(take(settings.amqp_url, queue, 20)) == 20
-        leases = Leases(redis.Redis.from_url(settings.redis_url), "observer", 1)
+        leases = Leases(redis_client(settings.redis_url), "observer", 1)
         holder = leases.holder(server["id"])
         assert holder is not None
         serving = [f for f in fetchers if holder.endswith(f".{f.process.pid}")]

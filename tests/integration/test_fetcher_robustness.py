@@ -22,6 +22,7 @@ from tests.support.fetching import (
     take,
 )
 from tests.support.leaks import password
+from tests.support.tcp import TcpProxy
 from tests.support.waiting import eventually
 
 BASE64_LINE = b"QUJD" * 19 + b"\r\n"  # 78 bytes, as base64 lines in mail are
@@ -194,3 +195,37 @@ def _declare_plan_queue(amqp_url: str, plan: str) -> None:
     channel.queue_declare(f"mailroom.inbound.{plan}", durable=True)
     channel.queue_bind(f"mailroom.inbound.{plan}", "mailroom.inbound", routing_key=plan)
     connection.close()
+
+
+def test_a_poller_waits_out_redis_being_away_and_fetches_again_once_it_is_back(
+    api: ApiClient,
+    settings: Settings,
+    pool: ConnectionPool[DictConnection],
+    dovecot: DovecotLab,
+    lab_user: LabUser,
+    mail_lab_certs: LabCertificates,
+) -> None:
+    """Without Redis no lease can be taken or renewed, so the mailbox is not served (two
+    fetchers could serve it at once); the poller says why and tries again, and must not die."""
+    redis = TcpProxy(6379)
+    redis.start()
+    through_proxy = settings.redis_url.replace(":6379/", f":{redis.port}/")
+    server, queue = lab_mailbox_and_queue(api, dovecot, lab_user, settings.amqp_url)
+    dovecot.append(lab_user.name, b"Subject: before\r\n\r\nbefore the outage\r\n")
+    fetching = fetcher_settings(settings, mail_lab_certs, redis_url=through_proxy)
+    try:
+        with running_fetcher(fetching, pool) as fetcher:
+            before = take(settings.amqp_url, queue, 1)
+            assert [m.body for m in before] == [b"Subject: before\r\n\r\nbefore the outage\r\n"]
+            redis.stop()
+            failure = reports_for(settings.amqp_url, server["id"], timeout=15, ok=False)
+            assert failure[0]["category"] == "internal"
+            assert failure[0]["reason"].startswith("Redis unavailable")
+            time.sleep(3)  # several attempts to take the lease back, all refused
+            redis.start()
+            dovecot.append(lab_user.name, b"Subject: after\r\n\r\nafter the outage\r\n")
+            after = take(settings.amqp_url, queue, 1, timeout=20)
+            assert [m.body for m in after] == [b"Subject: after\r\n\r\nafter the outage\r\n"]
+            assert fetcher.pollers[server["id"]].is_alive()
+    finally:
+        redis.stop()

@@ -11,7 +11,6 @@ from datetime import UTC, datetime, timedelta
 
 import httpx2
 import pytest
-import redis
 from fastapi.testclient import TestClient
 from psycopg_pool import ConnectionPool
 
@@ -20,6 +19,7 @@ from shared.db import email_servers as servers_repo
 from shared.db.pool import DictConnection
 from shared.email_servers import EmailServer
 from shared.oauth.tokens import OAuthTokens
+from shared.redis_client import redis_client
 from shared.secrets import SecretBox
 from shared.settings import Settings
 from shared.tokens import READ
@@ -44,7 +44,7 @@ def tokens_of_a_worker(settings: Settings, pool: ConnectionPool[DictConnection])
     return OAuthTokens(
         pool,
         SecretBox.from_settings(settings),
-        redis.Redis.from_url(settings.redis_url),
+        redis_client(settings.redis_url),
         settings.oauth_provider_table,
         redirect_uri=settings.oauth_callback_url,
     )

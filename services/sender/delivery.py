@@ -148,6 +148,13 @@ fault every mail meets is the sender's, and failing them all for good would turn
 outage into lost mail. What is known not to be a command's fault is handled as such: a stored
 password no key opens (:class:`UnreadablePassword`) is a temporary authentication failure of
 its server.
+
+A retry (dramatiq) that fails unexpectedly is retried with dramatiq's backoff and counted by
+the same rule, its strikes carried in its message's options (its attempts may be hours apart
+and made by any process); at the ``POISON_STRIKES``-th the request is closed as above. An
+error of a service that is away is retried for as long as the service is away: it ends no
+request, and the delivery that runs once the service is back finds the row as it was left
+(``retry_wait``, or ``sending`` from the attempt that was cut short) and goes on from there.
 """
 
 from __future__ import annotations
@@ -200,7 +207,9 @@ from shared.topology import SENDER_DELIVERY_QUEUE_NAME
 log = logging.getLogger(__name__)
 
 ACTOR_NAME = "mailroom_sender_deliver"
-UNEXPECTED_ERROR_RETRIES = 5
+# A dramatiq message's unexpected failures, [strikes, the first one's time]: its options go
+# with it when dramatiq enqueues it again.
+STRIKES_OPTION = "mailroom_strikes"
 BUSY_RETRY_MILLISECONDS = 1000
 # A command on which the sender failed unexpectedly this often is quarantined: it would
 # otherwise come again forever, and fail the commands delivered with it each time.
@@ -242,11 +251,6 @@ UNCERTAIN_REASON = (
 )
 
 
-def _retry_when(retries: int, exc: BaseException) -> bool:
-    """A delivery asks for a retry with ``dramatiq.Retry``; a bug gets a few more tries."""
-    return isinstance(exc, dramatiq.Retry) or retries < UNEXPECTED_ERROR_RETRIES
-
-
 def _release_locks(conn: DictConnection) -> None:
     """After a failure: every request lock of the session released now, then the connection
     closed. Closing alone releases them too, but only once PostgreSQL has noticed, while the
@@ -276,8 +280,10 @@ def make_broker(settings: Settings) -> RabbitmqBroker:
         url=settings.amqp_url,
         confirm_delivery=True,
         middleware=[
+            # Every failure is retried (no limit on the count: the deadline is the delivery's,
+            # and a command that keeps failing is closed by :meth:`Sender._retry_struck`).
             Retries(
-                retry_when=_retry_when,
+                max_retries=None,
                 min_backoff=_milliseconds(settings.sender_retry_min_backoff_seconds),
                 max_backoff=_milliseconds(settings.sender_retry_max_backoff_seconds),
             ),
@@ -752,16 +758,36 @@ class Sender:
         return None
 
     def _struck(self, attempt: FirstAttempt, exc: Exception) -> list[SendResult] | None:
-        """One more unexpected failure on this command: ``None`` (it comes again), or, at the
-        ``POISON_STRIKES``-th over ``POISON_MIN_SECONDS``, its results as a quarantined command
-        (failed, final, in the dead-letter queue), unless others fail too. Counted in this
-        process: a restart forgives, and N processes try up to N times as often."""
+        """One more unexpected failure on this command: ``None`` (it comes again), or, once
+        :meth:`_strike` says so, its results as a quarantined command (failed, final, in the
+        dead-letter queue). Counted in this process: a restart forgives, and N processes try
+        up to N times as often."""
         command = attempt.command
-        key = (command.tenant_id, command.request_id)
-        now = time.monotonic()
+        strikes, _, poisoned = self._strike((command.tenant_id, command.request_id))
+        if not poisoned:
+            return None
+        reason = POISON_REASON.format(strikes=strikes, error=f"{type(exc).__name__}: {exc}")
+        try:
+            return self._close_for_good(
+                command.tenant_id, command.request_id, reason, in_hand=attempt.raw
+            )
+        except Exception:
+            log.exception("sender: request %s could not be quarantined now", command.request_id)
+            return None
+
+    def _strike(
+        self, key: tuple[str, str], kept: tuple[int, float] | None = None
+    ) -> tuple[int, float, bool]:
+        """One more unexpected failure of a request: its strikes, the first one's time, and
+        whether it is to be quarantined now (``POISON_STRIKES`` over ``POISON_MIN_SECONDS``).
+        While other requests fail too within ``WIDESPREAD_SECONDS`` none is, and a request is
+        counted again from when it is the only one. ``kept``: the strikes as the caller keeps
+        them (a dramatiq message's); else as this process counted them."""
+        now = time.time()  # wall-clock time: a retry's strikes may be counted by another host
         with self._strikes_lock:
             recent = self._strikes
-            strikes, first, _ = recent.pop(key, (0, now, now))
+            counted = recent.pop(key, (0, now, now))
+            strikes, first = kept if kept is not None else counted[:2]
             while recent and now - next(iter(recent.values()))[2] > WIDESPREAD_SECONDS:
                 recent.popitem(last=False)
             struck = len(recent) + 1
@@ -769,7 +795,6 @@ class Sender:
             tell = widespread and now - self._widespread_told_at > WIDESPREAD_SECONDS
             if tell:
                 self._widespread_told_at = now
-            # While others fail too, counted again from when it is the only one.
             strikes, first = (0, now) if widespread else (strikes + 1, first)
             recent[key] = (strikes, first, now)
         if tell:
@@ -779,29 +804,33 @@ class Sender:
                 struck,
                 WIDESPREAD_SECONDS,
             )
-        if strikes < POISON_STRIKES or now - first < POISON_MIN_SECONDS:
-            return None
-        reason = POISON_REASON.format(strikes=strikes, error=f"{type(exc).__name__}: {exc}")
-        try:
-            return self._quarantine(attempt, reason)
-        except Exception:
-            log.exception("sender: request %s could not be quarantined now", command.request_id)
-            return None
+        return strikes, first, strikes >= POISON_STRIKES and now - first >= POISON_MIN_SECONDS
 
-    def _quarantine(self, attempt: FirstAttempt, reason: str) -> list[SendResult] | None:
-        """Close the request as ``failed`` (or as uncertain, if its mail may have been handed
-        over); ``None`` if another thread holds it."""
-        command = attempt.command
+    def _close_for_good(
+        self,
+        tenant_id: str,
+        request_id: str,
+        reason: str,
+        *,
+        in_hand: dict[str, Any] | None = None,
+        owner: str | None = None,
+    ) -> list[SendResult] | None:
+        """Close a request the sender keeps failing on as ``failed`` (as uncertain, if its
+        mail may have been handed over), or publish its final result again if it has one;
+        ``None`` if another thread holds it. ``in_hand``: the intake's command, whose results
+        are returned (published with its ack); ``owner``: a dramatiq message, which closes only
+        a request it still owns and publishes at once."""
         with self.db.connection() as conn:
             try:
-                locked, row = repo.lock_and_get(conn, command.tenant_id, command.request_id)
+                locked, row = repo.lock_and_get(conn, tenant_id, request_id)
                 if not locked:
                     return None
-                with self._holding(
-                    _Lane(conn), command.tenant_id, command.request_id, row, attempt.raw
-                ) as work:
+                with self._holding(_Lane(conn), tenant_id, request_id, row, in_hand) as work:
                     if row is None:  # never recorded: what the command is, is kept
-                        self._fail_unrecorded(work, reason)
+                        if in_hand is not None:
+                            self._fail_unrecorded(work, reason)
+                    elif owner is not None and row.owner_message_id != owner:
+                        pass  # a newer message owns it: this copy ends
                     elif row.state in ("sent", "failed"):
                         self._publish_final_again(work)
                     elif row.state == "sending" and row.data_started_at is not None:
@@ -907,7 +936,37 @@ class Sender:
     def _deliver_message(self, tenant_id: str, request_id: str) -> None:
         current = CurrentMessage.get_current_message()
         owner = current.message_id if current is not None else ""
-        self.deliver(tenant_id, request_id, owner)
+        try:
+            self.deliver(tenant_id, request_id, owner)
+        except dramatiq.Retry:
+            raise
+        except Exception as exc:
+            # A service away is retried until it is back; what may be the command's doing is
+            # retried until it is struck out.
+            if current is None or not _blameable(exc):
+                raise
+            if not self._retry_struck(current, tenant_id, request_id, exc):
+                raise
+
+    def _retry_struck(
+        self, message: dramatiq.Message[Any], tenant_id: str, request_id: str, exc: Exception
+    ) -> bool:
+        """Counts an unexpected failure of a retry in its message; whether it ended the
+        request (closed for good, or owned by a newer message)."""
+        kept = message.options.get(STRIKES_OPTION)
+        strikes, first, poisoned = self._strike(
+            (tenant_id, request_id), (int(kept[0]), float(kept[1])) if kept else None
+        )
+        message.options[STRIKES_OPTION] = [strikes, first]
+        if not poisoned:
+            return False
+        reason = POISON_REASON.format(strikes=strikes, error=f"{type(exc).__name__}: {exc}")
+        try:
+            closed = self._close_for_good(tenant_id, request_id, reason, owner=message.message_id)
+        except Exception:
+            log.exception("sender: request %s could not be closed now; retried", request_id)
+            return False
+        return closed is not None
 
     def deliver(self, tenant_id: str, request_id: str, owner: str) -> None:
         with self.db.connection() as conn:

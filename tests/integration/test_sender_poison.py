@@ -5,17 +5,22 @@ a string PostgreSQL's ``jsonb`` refuses, is an invalid command now: test_sender_
 the fault is put into the attempt of one command here, and the sender's delivery runs in this
 process (:class:`~services.sender.delivery.Sender`, on the real PostgreSQL, RabbitMQ and SMTP
 lab). What the intake does with the outcomes (a requeue comes again, ``redelivered``) is done
-by :func:`deliver` the same way.
+by :func:`deliver` the same way. A retry is made by the sender's own dramatiq worker, started
+here (:func:`retrying`) on the real RabbitMQ.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 from collections.abc import Iterator
 from typing import Any
 
+import pika.exceptions
 import psycopg
 import pytest
+from dramatiq.common import dq_name
 from fastapi.testclient import TestClient
 from psycopg_pool import ConnectionPool
 
@@ -27,9 +32,20 @@ from shared.db.pool import DictConnection
 from shared.email_servers import ServerType
 from shared.server_directory import ServerDirectory
 from shared.settings import Settings
+from shared.topology import SENDER_DELIVERY_QUEUE_NAME
 from tests.lab.certs import LabCertificates
 from tests.lab.smtp_server import SmtpLab
-from tests.support.sender import DeadLetters, command, drain, new_tenant, smtp_server
+from tests.support import rabbit
+from tests.support.sender import (
+    DeadLetters,
+    command,
+    drain,
+    new_tenant,
+    results_for,
+    results_tap,
+    smtp_server,
+)
+from tests.support.waiting import eventually
 
 Outcomes = dict[str, tuple[Outcome, list[SendResult]]]
 
@@ -63,11 +79,45 @@ def sender(
     directory = ServerDirectory(pool, (ServerType.SMTP,))
     directory.resync_soon()
     directory.tick()
-    sender = Sender(settings.model_copy(update={"ca_bundle": mail_lab_certs.ca}), directory)
+    sender = Sender(
+        settings.model_copy(
+            update={
+                "ca_bundle": mail_lab_certs.ca,
+                "sender_retry_min_backoff_seconds": 0.05,
+                "sender_retry_max_backoff_seconds": 0.2,
+            }
+        ),
+        directory,
+    )
     try:
         yield sender
     finally:
         sender.close()
+
+
+def purge_retries(amqp_url: str) -> None:
+    """Retries left by other tests' sender processes would be this worker's to make."""
+    conn = rabbit.connect(amqp_url)
+    try:
+        for queue in (SENDER_DELIVERY_QUEUE_NAME, dq_name(SENDER_DELIVERY_QUEUE_NAME)):
+            with contextlib.suppress(pika.exceptions.ChannelClosedByBroker):  # none: empty
+                conn.channel().queue_purge(queue)
+    finally:
+        conn.close()
+
+
+@pytest.fixture
+def retrying(sender: Sender, settings: Settings) -> Sender:
+    """The sender with its dramatiq worker, which makes every attempt after the first."""
+    purge_retries(settings.amqp_url)
+    sender.start_worker()
+    return sender
+
+
+@pytest.fixture
+def results(settings: Settings) -> Iterator[rabbit.EventTap]:
+    with results_tap(settings.amqp_url) as tap:
+        yield tap
 
 
 def commands(tenant: str, count: int) -> list[dict[str, Any]]:
@@ -246,3 +296,135 @@ def test_the_database_going_away_never_counts_against_a_command(
         assert [o for o, _ in outcomes] == [Outcome.REQUEUE] * (POISON_STRIKES * 2) + [Outcome.ACK]
         assert outcomes[-1][1][0].status == "sent"
     assert smtp_lab.count() == 2
+
+
+# --- retries (dramatiq) ---------------------------------------------------------------------
+
+
+def in_a_retry() -> bool:
+    """The first attempt is made in the test's thread (:func:`deliver`), retries are not."""
+    return threading.current_thread() is not threading.main_thread()
+
+
+def first_attempt_fails_for_now(
+    sender: Sender, smtp_lab: SmtpLab, body: dict[str, Any]
+) -> SendResult:
+    """The command's first attempt meets a 451 (the next one a 250): its request waits for a
+    retry."""
+    [recipient] = body["to"]
+    smtp_lab.script({recipient: ["451 4.3.0 try later", "250"]})
+    [(outcome, [result])] = deliver(sender, [body], redelivered=False).values()
+    assert (outcome, result.status, result.final) == (Outcome.ACK, "failed", False)
+    return result
+
+
+def test_a_retry_waits_out_the_database_however_often_it_finds_it_away_and_sends_once(
+    retrying: Sender,
+    tenant: str,
+    smtp_lab: SmtpLab,
+    pool: ConnectionPool[DictConnection],
+    results: rabbit.EventTap,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An outage ends no request, however long it lasts (here more tries than dramatiq's
+    retries would once allow a bug)."""
+    body = command(tenant, to=["slow@example.org"])
+    request_id = body["request_id"]
+    lock_and_get = send_requests.lock_and_get
+    outage = 8
+    tries: list[str] = []
+
+    def away(conn: DictConnection, tenant_id: str, wanted: str) -> Any:
+        if wanted == request_id and in_a_retry():
+            tries.append(wanted)
+            if len(tries) <= outage:
+                raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return lock_and_get(conn, tenant_id, wanted)
+
+    monkeypatch.setattr(send_requests, "lock_and_get", away)
+    first_attempt_fails_for_now(retrying, smtp_lab, body)
+
+    *_, final = results_for(results, request_id, timeout=20)
+    assert (final["status"], final["attempts"]) == ("sent", 2)
+    assert len(tries) == outage + 1
+    assert row(pool, tenant, request_id).state == "sent"
+    assert [m.recipients for m in smtp_lab.mails()] == [["slow@example.org"]]
+
+
+def test_a_retry_that_keeps_failing_unexpectedly_is_closed_as_failed_and_dead_lettered(
+    retrying: Sender,
+    tenant: str,
+    smtp_lab: SmtpLab,
+    dead: DeadLetters,
+    pool: ConnectionPool[DictConnection],
+    results: rabbit.EventTap,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not left ``sending`` without a final result (and its message in dramatiq's own
+    dead-letter queue): the client and the dead-letter queue are told, as for a first
+    attempt."""
+    body = command(tenant, to=["slow@example.org"])
+    request_id = body["request_id"]
+    build = Sender._build
+    failures: list[str] = []
+
+    def failing_build(command: SendCommand, route: Any) -> Any:
+        if in_a_retry():
+            failures.append(command.request_id)
+            raise RuntimeError("a bug met by this retry")
+        return build(command, route)
+
+    monkeypatch.setattr(Sender, "_build", staticmethod(failing_build))
+    first_attempt_fails_for_now(retrying, smtp_lab, body)
+
+    *_, final = results_for(results, request_id, timeout=20)
+    assert (final["status"], final["final"], final["category"]) == (
+        "failed",
+        True,
+        "internal_error",
+    )
+    assert f"{POISON_STRIKES} times (RuntimeError: a bug met by this retry)" in final["reason"]
+    assert len(failures) == POISON_STRIKES
+    assert json.loads(dead.wait_for(request_id).body) == body
+    assert row(pool, tenant, request_id).state == "failed"
+    assert smtp_lab.count() == 0  # the first attempt's 451 delivered nothing
+
+
+def test_when_many_retries_fail_unexpectedly_none_is_closed_and_all_go_out_once_fixed(
+    retrying: Sender,
+    tenant: str,
+    smtp_lab: SmtpLab,
+    pool: ConnectionPool[DictConnection],
+    results: rabbit.EventTap,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bodies = [command(tenant, to=[f"slow{n}@example.org"]) for n in range(2)]
+    build = Sender._build
+    failures: dict[str, int] = {b["request_id"]: 0 for b in bodies}
+
+    def broken_build(command: SendCommand, route: Any) -> Any:
+        if in_a_retry():
+            failures[command.request_id] += 1
+            raise RuntimeError("a bug every retry meets")
+        return build(command, route)
+
+    monkeypatch.setattr(Sender, "_build", staticmethod(broken_build))
+    smtp_lab.script({b["to"][0]: ["451 4.3.0 try later", "250"] for b in bodies})
+    outcomes = deliver(retrying, bodies, redelivered=False)
+    assert [(o, r[0].final) for o, r in outcomes.values()] == [(Outcome.ACK, False)] * 2
+
+    eventually(
+        lambda: min(failures.values()) > POISON_STRIKES * 2,
+        timeout=20,
+        what="each retry failing more often than a command is allowed to",
+    )
+    for body in bodies:
+        assert row(pool, tenant, body["request_id"]).state in ("retry_wait", "sending")
+    monkeypatch.setattr(Sender, "_build", staticmethod(build))  # fixed
+    for body in bodies:
+        *_, final = results_for(results, body["request_id"], timeout=20)
+        assert (final["status"], final["final"]) == ("sent", True)
+    assert sorted(m.recipients[0] for m in smtp_lab.mails()) == [
+        "slow0@example.org",
+        "slow1@example.org",
+    ]

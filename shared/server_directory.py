@@ -46,11 +46,18 @@ class ServerDirectory:
         self._lock = threading.Lock()
         self._resync_due = True
         self._last_resync = 0.0
+        self._synced = False
         # Goes up with every change of a server: what was derived from the servers at one
         # generation (a sender's routes) holds as long as it is current.
         self.generation = 0
 
     # --- reads -----------------------------------------------------------------------------
+
+    @property
+    def synced(self) -> bool:
+        """Whether the servers were read from the database at least once: before that, no
+        server known is not the same as no server configured."""
+        return self._synced
 
     def get(self, server_id: str) -> EmailServer | None:
         with self._lock:
@@ -112,6 +119,7 @@ class ServerDirectory:
         fresh = {server.id: server for server in servers}
         for server_id in set(self._servers) | set(fresh):
             self._replace(server_id, fresh.get(server_id))
+        self._synced = True
 
     def _replace(self, server_id: str, current: EmailServer | None) -> None:
         with self._lock:

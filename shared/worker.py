@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
@@ -22,6 +23,8 @@ from kombu.mixins import ConsumerMixin
 from shared.broker import broker_connection
 
 log = logging.getLogger(__name__)
+
+TICK_FAILURE_LOG_SECONDS = 60.0
 
 
 class _StopWhileDisconnected(Exception):
@@ -50,6 +53,7 @@ class Worker(ConsumerMixin):  # type: ignore[misc]
         self.connections_made = 0  # 1 after the first connect; more after every reconnect
         self.should_stop = False
         self._thread: threading.Thread | None = None
+        self._tick_failure_logged_at = -TICK_FAILURE_LOG_SECONDS
 
     # --- what subclasses provide -----------------------------------------------------------
 
@@ -97,7 +101,18 @@ class Worker(ConsumerMixin):  # type: ignore[misc]
         )
 
     def on_iteration(self) -> None:
-        self.tick()
+        # An error escaping here ends the consuming thread for good unless it is one of the
+        # broker's (kombu reconnects after those, as it always did): any other is logged, at
+        # most once a minute, and the next tick tries again.
+        try:
+            self.tick()
+        except self.connection.connection_errors + self.connection.channel_errors:
+            raise
+        except Exception:
+            now = time.monotonic()
+            if now - self._tick_failure_logged_at >= TICK_FAILURE_LOG_SECONDS:
+                self._tick_failure_logged_at = now
+                log.exception("%s: periodic work failed; tried again next tick", self.service_name)
 
     def _dispatcher(self, subscription: Subscription) -> Callable[[Any, Message], None]:
         def dispatch(body: Any, message: Message) -> None:

@@ -33,6 +33,19 @@ def server_key(server_id: str) -> str:
     return f"{PREFIX}:server:{server_id}"
 
 
+def _read(server_id: str, raw: bytes | None) -> ServerStatus | None:
+    """A stored status; one this version cannot read (damaged, or written by a version with
+    other fields) counts as none, so the next update writes a fresh one instead of every read
+    of it failing."""
+    if raw is None:
+        return None
+    try:
+        return ServerStatus.from_json(raw)
+    except (ValueError, TypeError, KeyError) as exc:
+        log.warning("status: the stored status of %s is unreadable (%r); replaced", server_id, exc)
+        return None
+
+
 class StatusStore:
     def __init__(self, client: redis.Redis[bytes]) -> None:
         self._redis = client
@@ -46,15 +59,15 @@ class StatusStore:
         return self._redis
 
     def get(self, server_id: str) -> ServerStatus | None:
-        raw = self._redis.get(server_key(server_id))
-        return ServerStatus.from_json(raw) if raw is not None else None
+        return _read(server_id, self._redis.get(server_key(server_id)))
 
     def many(self, server_ids: Iterable[str]) -> dict[str, ServerStatus]:
         ids = list(server_ids)
         if not ids:
             return {}
         values = self._redis.mget([server_key(i) for i in ids])
-        return {i: ServerStatus.from_json(v) for i, v in zip(ids, values, strict=True) if v}
+        read = {i: _read(i, v) for i, v in zip(ids, values, strict=True)}
+        return {i: status for i, status in read.items() if status is not None}
 
     def update(self, server_id: str, update: Update) -> Change | None:
         """Apply ``update`` atomically; returns the state change it made, if any."""
@@ -64,7 +77,7 @@ class StatusStore:
                 try:
                     pipe.watch(key)
                     raw: bytes | None = pipe.get(key)  # immediate mode
-                    before = ServerStatus.from_json(raw) if raw is not None else None
+                    before = _read(server_id, raw)
                     after = update(before)
                     if after is None or after == before:
                         pipe.unwatch()

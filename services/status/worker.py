@@ -5,7 +5,15 @@
 - Status reports (queue ``mailroom.status.reports``, shared by every replica): folded into the
   server's status (``state.apply_report``).
 - About once a second: enabled inbound servers nobody reported on turn ``stale``; waiting
-  alerts are relayed to ``mailroom.status``; the state gauge is refreshed.
+  alerts are relayed to ``mailroom.status``; the state gauge is refreshed. Every minute the
+  stored statuses are reconciled with the configuration (:meth:`StatusWorker.reconcile`).
+
+**Redis away.** Every status lives in Redis, so while it is away there is nothing to keep:
+a report is dropped (the next one says the same), a config change and the clock's work wait,
+one warning says so, and the consumer goes on (an error escaping it would end its thread while
+the HTTP side kept the process up). Once Redis answers, the statuses are reconciled: a server
+saved meanwhile gets its status, a deleted one loses it, and so does every server after Redis
+lost its data.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import time
 from typing import Any
 
 import psycopg
+import redis
 from kombu import Message
 from psycopg_pool import ConnectionPool
 from pydantic import ValidationError
@@ -44,7 +53,7 @@ from shared.worker import PermanentMessageError, Subscription
 log = logging.getLogger(__name__)
 
 GAUGE_REFRESH_SECONDS = 5.0
-CLEANUP_SECONDS = 60.0
+RECONCILE_SECONDS = 60.0
 
 
 class StatusWorker(ConfigFollower):
@@ -64,7 +73,9 @@ class StatusWorker(ConfigFollower):
             pool, settings.oauth_provider_table, settings.oauth_warning_days
         )
         self._gauge_refreshed = 0.0
-        self._cleaned = time.monotonic()
+        self._reconciled = time.monotonic()
+        self._reconcile_due = False
+        self._redis_away = False  # since a call failed, until the clock's work succeeds
         self.reports_applied = 0
         super().__init__(settings, pool)
 
@@ -78,12 +89,15 @@ class StatusWorker(ConfigFollower):
 
     def on_server_change(self, before: EmailServer | None, after: EmailServer | None) -> None:
         super().on_server_change(before, after)
-        if after is None:
-            if before is not None:
-                self.store.remove(before.id)
-                metrics.forget(before.id)
-            return
-        self._configure(after)
+        try:
+            if after is None:
+                if before is not None:
+                    self.store.remove(before.id)
+                    metrics.forget(before.id)
+                return
+            self._configure(after)
+        except redis.RedisError as exc:
+            self._redis_failed(exc)  # the directory knows the change; reconciled later
 
     def _configure(self, server: EmailServer) -> None:
         change = self.store.update(server.id, lambda current: configure(current, server, now()))
@@ -98,6 +112,12 @@ class StatusWorker(ConfigFollower):
         except ValidationError as exc:
             raise PermanentMessageError(f"not a status report: {exc}") from exc
         metrics.REPORTS.labels(report.server_type.value, str(report.ok).lower()).inc()
+        try:
+            self._apply(report)
+        except redis.RedisError as exc:
+            self._redis_failed(exc)  # dropped: the worker's next report says the same
+
+    def _apply(self, report: StatusReport) -> None:
         known = self.store.get(report.server_id)
         behind = known is None or known.version < report.server_version
         # The worker saw the config event before this service did: catch up first.
@@ -129,15 +149,35 @@ class StatusWorker(ConfigFollower):
 
     def tick(self) -> None:
         super().tick()
+        try:
+            self._clock()
+        except redis.RedisError as exc:
+            self._redis_failed(exc)
+            return
+        if self._redis_away:
+            self._redis_away = False
+            log.warning("status: Redis is back; statuses reconciled with the configuration")
+
+    def _clock(self) -> None:
+        monotonic = time.monotonic()
+        if self._reconcile_due or monotonic - self._reconciled >= RECONCILE_SECONDS:
+            self.reconcile()
+            self._reconciled = monotonic
         self.check_stale()
         self.alerts.relay()
-        monotonic = time.monotonic()
         if monotonic - self._gauge_refreshed >= GAUGE_REFRESH_SECONDS:
             self._gauge_refreshed = monotonic
             metrics.refresh(self.store.many(s.id for s in self.directory.all()).values())
-        if monotonic - self._cleaned >= CLEANUP_SECONDS:
-            self._cleaned = monotonic
-            self._forget_unknown()
+
+    def _redis_failed(self, exc: redis.RedisError) -> None:
+        self._reconcile_due = True
+        if not self._redis_away:
+            self._redis_away = True
+            log.warning(
+                "status: Redis unavailable (%s); reports are dropped and changes wait until it"
+                " is back",
+                exc,
+            )
 
     def check_stale(self) -> None:
         enabled = [s.id for s in self.directory.all() if s.enabled and s.type.inbound]
@@ -156,11 +196,19 @@ class StatusWorker(ConfigFollower):
     def _stale_or_none(self, current: ServerStatus | None) -> ServerStatus | None:
         return check_stale(current, self.rules, now()) if current else None
 
-    def _forget_unknown(self) -> None:
-        """Statuses of servers deleted while no status service was running."""
-        known = {server.id for server in self.directory.all()}
-        for server_id in self.store.known_ids() - known:
+    def reconcile(self) -> None:
+        """Every configured server has a status, and no other server has one: heals what a
+        change met while Redis was away, Redis losing its data, and servers deleted while no
+        status service ran. A status that already fits its server is left as it is."""
+        if not self.directory.synced:
+            return  # the database has not answered yet: every status would look orphaned
+        servers = self.directory.all()
+        for server in servers:
+            self._configure(server)
+        for server_id in self.store.known_ids() - {server.id for server in servers}:
             self.store.remove(server_id)
+            metrics.forget(server_id)
+        self._reconcile_due = False
 
     def on_stopped(self) -> None:
         self.alerts.close()

@@ -17,7 +17,6 @@ import pytest
 from fastapi.testclient import TestClient
 
 from shared.settings import Settings
-from shared.tokens import READ
 from tests.lab.certs import LabCertificates
 from tests.lab.dovecot import DovecotLab, LabUser, free_port
 from tests.support import rabbit
@@ -25,6 +24,7 @@ from tests.support.api import token_for
 from tests.support.fetching import lab_mailbox
 from tests.support.processes import ServiceProcess
 from tests.support.sender import new_tenant
+from tests.support.status import StatusApi, healthy, reader
 from tests.support.waiting import eventually
 
 POLL = 1.0
@@ -51,7 +51,7 @@ def status_url(env: dict[str, str]) -> Iterator[str]:
     process = ServiceProcess("run", "status", env=env)
     url = f"http://127.0.0.1:{env['MAILROOM_STATUS_PORT']}"
     try:
-        eventually(lambda: _healthy(url), 20, "status service healthy")
+        eventually(lambda: healthy(url), 20, "status service healthy")
         yield url
     finally:
         process.terminate()
@@ -63,37 +63,6 @@ def fetcher(env: dict[str, str]) -> Iterator[ServiceProcess]:
     process.wait_for_log("connected to RabbitMQ, consuming", timeout=20)
     yield process
     process.terminate()
-
-
-class StatusApi:
-    def __init__(self, url: str, token: str) -> None:
-        self.url = url
-        self.headers = {"Authorization": f"Bearer {token}"}
-
-    def items(self) -> list[dict[str, Any]]:
-        answer = httpx2.get(f"{self.url}/api/v1/status/email-servers", headers=self.headers)
-        assert answer.status_code == 200, answer.text
-        items: list[dict[str, Any]] = answer.json()["items"]
-        return items
-
-    def of(self, server_id: str) -> dict[str, Any] | None:
-        return next((i for i in self.items() if i["server_id"] == server_id), None)
-
-    def wait_state(
-        self, server_id: str, state: str, timeout: float
-    ) -> tuple[float, dict[str, Any]]:
-        started = time.monotonic()
-        while True:
-            item = self.of(server_id)
-            if item is not None and item["state"] == state:
-                return time.monotonic() - started, item
-            if time.monotonic() - started > timeout:
-                raise AssertionError(f"never {state} within {timeout} s; last: {item}")
-            time.sleep(0.05)
-
-
-def reader(status_url: str, settings: Settings, tenant: str) -> StatusApi:
-    return StatusApi(status_url, token_for(settings, tenant, [READ]))
 
 
 def test_mail_server_down_is_failing_with_the_reason_and_back_ok(
@@ -253,10 +222,3 @@ class _Stream:
 
     def stop(self) -> None:
         self._client.close()
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx2.get(f"{url}/healthz", timeout=1).status_code == 200
-    except httpx2.HTTPError:
-        return False

@@ -1,0 +1,107 @@
+"""The status service outlives Redis being away: a real status process whose Redis is behind a
+switchable proxy (the real Redis behind it), on the real PostgreSQL and RabbitMQ.
+
+A module of its own: another status process (test_status_service's) would write what this
+one misses straight into the same Redis.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import httpx2
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from services.status.state import ServerStatus
+from services.status.store import server_key
+from shared.settings import Settings
+from tests.lab.dovecot import DovecotLab, LabUser, free_port
+from tests.support.fetching import lab_mailbox
+from tests.support.processes import ServiceProcess
+from tests.support.sender import new_tenant
+from tests.support.status import healthy, reader
+from tests.support.tcp import TcpProxy
+from tests.support.waiting import eventually
+
+
+@pytest.fixture
+def redis_path() -> Iterator[TcpProxy]:
+    proxy = TcpProxy(6379)
+    proxy.start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+@pytest.fixture
+def status_url(settings: Settings, redis_path: TcpProxy) -> Iterator[tuple[str, ServiceProcess]]:
+    port = free_port()
+    env = {
+        "MAILROOM_REDIS_URL": settings.redis_url.replace(":6379/", f":{redis_path.port}/"),
+        "MAILROOM_STATUS_PORT": str(port),
+    }
+    process = ServiceProcess("run", "status", env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        eventually(lambda: healthy(url), 20, "status service healthy")
+        yield url, process
+    finally:
+        process.terminate()
+
+
+def stored(settings: Settings, server_id: str) -> ServerStatus | None:
+    """The status as Redis holds it (the API shows one for a server without it, too)."""
+    raw = redis.Redis.from_url(settings.redis_url).get(server_key(server_id))
+    return ServerStatus.from_json(raw) if raw is not None else None
+
+
+def test_the_status_service_waits_out_redis_and_catches_up_with_what_changed_meanwhile(
+    client: TestClient,
+    settings: Settings,
+    status_url: tuple[str, ServiceProcess],
+    redis_path: TcpProxy,
+    dovecot: DovecotLab,
+    lab_user: LabUser,
+) -> None:
+    url, process = status_url
+    admin, tenant = new_tenant(client, settings)
+    status = reader(url, settings, tenant)
+    kept = lab_mailbox(admin, dovecot, lab_user, enabled=False, name="kept")
+    gone = lab_mailbox(admin, dovecot, lab_user, enabled=False, name="gone")
+    eventually(lambda: stored(settings, gone["id"]) is not None, 10, "statuses stored")
+
+    redis_path.stop()
+    eventually(
+        lambda: httpx2.get(f"{url}/healthz", timeout=1).status_code == 503,
+        10,
+        "not ready while Redis is away",
+    )
+    added = lab_mailbox(admin, dovecot, lab_user, enabled=False, name="added")
+    assert admin.delete(f"/email-servers/{gone['id']}").status_code == 204
+    process.wait_for_log("Redis unavailable", timeout=10)
+    time.sleep(3)  # the config events, and several ticks, meet Redis away
+    redis_path.start()
+
+    eventually(lambda: healthy(url), 15, "ready again: its consumer still runs")
+    eventually(lambda: stored(settings, added["id"]) is not None, 10, "saved meanwhile: stored")
+    eventually(lambda: stored(settings, gone["id"]) is None, 10, "deleted meanwhile: removed")
+    added_status = stored(settings, added["id"])
+    assert added_status is not None and added_status.state.value == "disabled"
+    assert [i["name"] for i in status.items()] == ["added", "kept"]
+
+    # A stored status this version cannot read (another version's fields) is none, not a 500.
+    redis.Redis.from_url(settings.redis_url).set(
+        server_key(kept["id"]), b'{"written_by": "another version"}'
+    )
+    assert {i["name"]: i["state"] for i in status.items()} == {
+        "added": "disabled",
+        "kept": "disabled",
+    }
+    log = process.log()
+    assert log.count("Redis unavailable") == 1, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    assert "Redis is back" in log

@@ -39,6 +39,11 @@ SEND_SECONDS = Histogram(
     "Duration of one SMTP transaction (MAIL FROM to the final reply).",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
 )
+TICK_FAILURES = Counter(
+    "mailroom_worker_tick_failures_total",
+    "A worker's periodic work that failed (it is tried again on the next tick).",
+    ["service"],
+)
 OAUTH_REFRESHES = Counter(
     "mailroom_oauth_refreshes_total",
     "OAuth2 access-token refreshes, by result (ok, refused = consent ended, failed).",

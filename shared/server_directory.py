@@ -3,6 +3,10 @@
 Config events carry no settings and no secrets: they say "server X changed". The directory
 re-reads that server from the database, so an event delivered twice or late does no harm. A
 full resync at start, after every reconnect and periodically heals any event that was missed.
+
+A change its listener fails on is not kept: the directory goes back to what it had, so the
+next resync (the next tick) tells the listener again, instead of the change being known here
+and lost for the worker (a mailbox whose poller never started, a status never written).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from shared.worker import PermanentMessageError
 
 log = logging.getLogger(__name__)
 
+LISTENER_FAILURE_LOG_SECONDS = 60.0
+
 # Called with (before, after); None means absent. Fetchers start/stop pollers here.
 ChangeListener = Callable[[EmailServer | None, EmailServer | None], None]
 
@@ -47,6 +53,7 @@ class ServerDirectory:
         self._resync_due = True
         self._last_resync = 0.0
         self._synced = False
+        self._failure_logged_at = -LISTENER_FAILURE_LOG_SECONDS
         # Goes up with every change of a server: what was derived from the servers at one
         # generation (a sender's routes) holds as long as it is current.
         self.generation = 0
@@ -54,10 +61,11 @@ class ServerDirectory:
     # --- reads -----------------------------------------------------------------------------
 
     @property
-    def synced(self) -> bool:
-        """Whether the servers were read from the database at least once: before that, no
-        server known is not the same as no server configured."""
-        return self._synced
+    def current(self) -> bool:
+        """Whether the directory is known to hold what the database does: read at least once
+        (before that, no server known is not the same as no server configured) and no
+        resync waiting (a read that failed, a change whose listener failed)."""
+        return self._synced and not self._resync_due
 
     def get(self, server_id: str) -> EmailServer | None:
         with self._lock:
@@ -118,7 +126,13 @@ class ServerDirectory:
         self._last_resync = time.monotonic()
         fresh = {server.id: server for server in servers}
         for server_id in set(self._servers) | set(fresh):
-            self._replace(server_id, fresh.get(server_id))
+            try:
+                self._replace(server_id, fresh.get(server_id))
+            except Exception:  # the listener's: told again at the next resync
+                now = time.monotonic()
+                if now - self._failure_logged_at >= LISTENER_FAILURE_LOG_SECONDS:
+                    self._failure_logged_at = now
+                    log.exception("server %s: its change failed; tried again", server_id)
         self._synced = True
 
     def _replace(self, server_id: str, current: EmailServer | None) -> None:
@@ -132,5 +146,16 @@ class ServerDirectory:
                 self.generation += 1
         if before == current:
             return
-        if self._on_change is not None:
+        if self._on_change is None:
+            return
+        try:
             self._on_change(before, current)
+        except BaseException:
+            with self._lock:  # not kept: the next resync finds the change again
+                if self._servers.get(server_id) == current:
+                    if before is None:
+                        self._servers.pop(server_id, None)
+                    else:
+                        self._servers[server_id] = before
+            self._resync_due = True
+            raise

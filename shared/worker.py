@@ -21,6 +21,7 @@ from kombu import Message, Queue
 from kombu.mixins import ConsumerMixin
 
 from shared.broker import broker_connection
+from shared.metrics import TICK_FAILURES
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class Worker(ConsumerMixin):  # type: ignore[misc]
         self.should_stop = False
         self._thread: threading.Thread | None = None
         self._tick_failure_logged_at = -TICK_FAILURE_LOG_SECONDS
+        # When the periodic work began to fail, every tick since (None: it works): for health.
+        self.ticks_failing_since: float | None = None
 
     # --- what subclasses provide -----------------------------------------------------------
 
@@ -110,9 +113,14 @@ class Worker(ConsumerMixin):  # type: ignore[misc]
             raise
         except Exception:
             now = time.monotonic()
+            TICK_FAILURES.labels(self.service_name).inc()
+            if self.ticks_failing_since is None:
+                self.ticks_failing_since = now
             if now - self._tick_failure_logged_at >= TICK_FAILURE_LOG_SECONDS:
                 self._tick_failure_logged_at = now
                 log.exception("%s: periodic work failed; tried again next tick", self.service_name)
+        else:
+            self.ticks_failing_since = None
 
     def _dispatcher(self, subscription: Subscription) -> Callable[[Any, Message], None]:
         def dispatch(body: Any, message: Message) -> None:

@@ -150,8 +150,10 @@ password no key opens (:class:`UnreadablePassword`) is a temporary authenticatio
 its server.
 
 A retry (dramatiq) that fails unexpectedly is retried with dramatiq's backoff and counted by
-the same rule, its strikes carried in its message's options (its attempts may be hours apart
-and made by any process); at the ``POISON_STRIKES``-th the request is closed as above. An
+the same rule, its strikes in a row carried in its message's options (its attempts may be
+hours apart and made by any process; one that gets as far as the server's answer clears them),
+and another request failing so is looked for over twice the longest backoff instead of a
+minute; at the ``POISON_STRIKES``-th the request is closed as above. An
 error of a service that is away is retried for as long as the service is away: it ends no
 request, and the delivery that runs once the service is back finds the row as it was left
 (``retry_wait``, or ``sending`` from the attempt that was cut short) and goes on from there.
@@ -218,8 +220,9 @@ POISON_MIN_SECONDS = 10.0  # ... over at least this long: time for others to fai
 # Unless it is not the only one: then the fault may be the sender's (a bug, a setting), and
 # failing every mail for good would turn a fixable outage into lost mail. They wait (and, as
 # the commands after a failed one go on at once, they hold nothing up).
-WIDESPREAD_REQUESTS = 2  # distinct requests struck within ...
-WIDESPREAD_SECONDS = 60.0  # ... this long (a request's strikes are forgotten after it, too)
+WIDESPREAD_SECONDS = 60.0  # another request struck within this long (the intake's window; a
+# request's strikes are forgotten after it, too). A retry's window is wider: retries of the
+# same fault may be up to the longest backoff apart (``Sender._retry_window``).
 POISON_REASON = (
     "the sender failed on this command {strikes} times ({error}); it is not tried again and is"
     " kept in the dead-letter queue"
@@ -575,6 +578,7 @@ class Sender:
         # last one's time; the request struck least recently first.
         self._strikes: OrderedDict[tuple[str, str], tuple[int, float, float]] = OrderedDict()
         self._widespread_told_at = -WIDESPREAD_SECONDS
+        self._retry_window = max(WIDESPREAD_SECONDS, 2 * settings.sender_retry_max_backoff_seconds)
         self._strikes_lock = threading.Lock()
         self._worker: dramatiq.Worker | None = None
 
@@ -776,25 +780,36 @@ class Sender:
             return None
 
     def _strike(
-        self, key: tuple[str, str], kept: tuple[int, float] | None = None
+        self,
+        key: tuple[str, str],
+        kept: tuple[int, float] | None = None,
+        window: float = WIDESPREAD_SECONDS,
     ) -> tuple[int, float, bool]:
         """One more unexpected failure of a request: its strikes, the first one's time, and
         whether it is to be quarantined now (``POISON_STRIKES`` over ``POISON_MIN_SECONDS``).
-        While other requests fail too within ``WIDESPREAD_SECONDS`` none is, and a request is
-        counted again from when it is the only one. ``kept``: the strikes as the caller keeps
-        them (a dramatiq message's); else as this process counted them."""
+        While another request failed so within ``window`` none is, and a request is counted
+        again from when it is the only one. ``kept``: the strikes as the caller keeps them (a
+        dramatiq message's); else as this process counted them."""
         now = time.time()  # wall-clock time: a retry's strikes may be counted by another host
         with self._strikes_lock:
             recent = self._strikes
-            counted = recent.pop(key, (0, now, now))
-            strikes, first = kept if kept is not None else counted[:2]
-            while recent and now - next(iter(recent.values()))[2] > WIDESPREAD_SECONDS:
+            counted = recent.pop(key, None)
+            memory = max(WIDESPREAD_SECONDS, self._retry_window)
+            while recent and now - next(iter(recent.values()))[2] > memory:
                 recent.popitem(last=False)
-            struck = len(recent) + 1
-            widespread = struck >= WIDESPREAD_REQUESTS
+            if kept is not None:
+                strikes, first = kept
+            elif counted is not None and now - counted[2] <= WIDESPREAD_SECONDS:
+                strikes, first = counted[0], counted[1]
+            else:
+                strikes, first = 0, now
+            # Ordered by the last strike: the newest other one tells whether it is alone.
+            newest_other = next(reversed(recent.values()), None)
+            widespread = newest_other is not None and now - newest_other[2] <= window
             tell = widespread and now - self._widespread_told_at > WIDESPREAD_SECONDS
             if tell:
                 self._widespread_told_at = now
+                struck = 1 + sum(1 for *_, last in recent.values() if now - last <= window)
             strikes, first = (0, now) if widespread else (strikes + 1, first)
             recent[key] = (strikes, first, now)
         if tell:
@@ -802,7 +817,7 @@ class Sender:
                 "sender: unexpected failures on %d commands within %.0f s: none is quarantined,"
                 " they wait for the fault to be fixed",
                 struck,
-                WIDESPREAD_SECONDS,
+                window,
             )
         return strikes, first, strikes >= POISON_STRIKES and now - first >= POISON_MIN_SECONDS
 
@@ -951,11 +966,14 @@ class Sender:
     def _retry_struck(
         self, message: dramatiq.Message[Any], tenant_id: str, request_id: str, exc: Exception
     ) -> bool:
-        """Counts an unexpected failure of a retry in its message; whether it ended the
+        """Counts an unexpected failure of a retry in its message (strikes in a row: an
+        attempt that gets as far as the server's answer clears them); whether it ended the
         request (closed for good, or owned by a newer message)."""
         kept = message.options.get(STRIKES_OPTION)
         strikes, first, poisoned = self._strike(
-            (tenant_id, request_id), (int(kept[0]), float(kept[1])) if kept else None
+            (tenant_id, request_id),
+            (int(kept[0]), float(kept[1])) if kept else (0, time.time()),
+            window=self._retry_window,
         )
         message.options[STRIKES_OPTION] = [strikes, first]
         if not poisoned:
@@ -1196,6 +1214,9 @@ class Sender:
         if not work.inline:
             self._finish(work, state="retry_wait", **fields)
             self._emit(work, self._result(row, route, exc.reason, exc, final=False))
+            current = CurrentMessage.get_current_message()
+            if current is not None:
+                current.options.pop(STRIKES_OPTION, None)  # this attempt met no fault of ours
             raise dramatiq.Retry(exc.reason)  # Retries re-enqueues this message, with backoff
         message = self._retry_message(work)
         delay = self._first_backoff()

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import time
+
 from fastapi import FastAPI
 
 from services.status.api import status_router
 from services.status.worker import StatusWorker
 from shared.http_ops import ops_router
 from shared.settings import Settings
+
+TICKS_FAILING_SECONDS = 60.0
 
 
 def create_app(settings: Settings, worker: StatusWorker) -> FastAPI:
@@ -17,6 +21,9 @@ def create_app(settings: Settings, worker: StatusWorker) -> FastAPI:
     def ready() -> str | None:
         if not worker.consuming:
             return "not consuming config events and status reports from RabbitMQ"
+        failing_since = worker.ticks_failing_since
+        if failing_since is not None and time.monotonic() - failing_since > TICKS_FAILING_SECONDS:
+            return "its periodic work (stale checks, alerts) has failed for over a minute"
         try:
             worker.store.redis.ping()
         except Exception as exc:  # noqa: BLE001 - any failure means: cannot serve

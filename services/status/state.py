@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
@@ -88,7 +88,9 @@ class ServerStatus:
                 data[key] = datetime.fromisoformat(data[key])
         data["type"] = ServerType(data["type"])
         data["state"] = State(data["state"])
-        return cls(**data)
+        # Fields of a newer version are left out: its statuses stay readable during an upgrade.
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})
 
     def public(self) -> dict[str, Any]:
         """The status API's item (CONTRACT: server_id, name, type, enabled, state, reason, …)."""

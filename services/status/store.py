@@ -41,7 +41,7 @@ def _read(server_id: str, raw: bytes | None) -> ServerStatus | None:
         return None
     try:
         return ServerStatus.from_json(raw)
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
         log.warning("status: the stored status of %s is unreadable (%r); replaced", server_id, exc)
         return None
 

@@ -100,7 +100,12 @@ class StatusWorker(ConfigFollower):
             self._redis_failed(exc)  # the directory knows the change; reconciled later
 
     def _configure(self, server: EmailServer) -> None:
-        change = self.store.update(server.id, lambda current: configure(current, server, now()))
+        def configured(current: ServerStatus | None) -> ServerStatus | None:
+            if current is not None and current.version > server.version:
+                return None  # a replica that knows a newer version wrote it: keep it
+            return configure(current, server, now())
+
+        change = self.store.update(server.id, configured)
         if change is not None:
             self._changed(change)
 
@@ -200,15 +205,31 @@ class StatusWorker(ConfigFollower):
         """Every configured server has a status, and no other server has one: heals what a
         change met while Redis was away, Redis losing its data, and servers deleted while no
         status service ran. A status that already fits its server is left as it is."""
-        if not self.directory.synced:
-            return  # the database has not answered yet: every status would look orphaned
+        if not self.directory.current:
+            return  # not read yet, or behind the database: what it lacks may well exist
         servers = self.directory.all()
+        stored = self.store.many(server.id for server in servers)
         for server in servers:
-            self._configure(server)
-        for server_id in self.store.known_ids() - {server.id for server in servers}:
+            status = stored.get(server.id)
+            if status is None or status.version < server.version:
+                self._configure(server)
+        orphans = self.store.known_ids() - {server.id for server in servers}
+        for server_id in self._deleted(orphans):
             self.store.remove(server_id)
             metrics.forget(server_id)
         self._reconcile_due = False
+
+    def _deleted(self, server_ids: set[str]) -> list[str]:
+        """Of servers this replica does not know, those the database does not hold either
+        (one may have been created since its directory was read)."""
+        if not server_ids:
+            return []
+        try:
+            with self._pool.connection() as conn:
+                return [i for i in server_ids if repo.get(conn, i) is None]
+        except psycopg.Error as exc:
+            log.warning("status: database unavailable (%s); orphaned statuses stay for now", exc)
+            return []
 
     def on_stopped(self) -> None:
         self.alerts.close()

@@ -307,12 +307,12 @@ def in_a_retry() -> bool:
 
 
 def first_attempt_fails_for_now(
-    sender: Sender, smtp_lab: SmtpLab, body: dict[str, Any]
+    sender: Sender, smtp_lab: SmtpLab, body: dict[str, Any], *later: str
 ) -> SendResult:
-    """The command's first attempt meets a 451 (the next one a 250): its request waits for a
-    retry."""
+    """The command's first attempt meets a 451 (the next ones ``later``, else a 250): its
+    request waits for a retry."""
     [recipient] = body["to"]
-    smtp_lab.script({recipient: ["451 4.3.0 try later", "250"]})
+    smtp_lab.script({recipient: ["451 4.3.0 try later", *(later or ["250"])]})
     [(outcome, [result])] = deliver(sender, [body], redelivered=False).values()
     assert (outcome, result.status, result.final) == (Outcome.ACK, "failed", False)
     return result
@@ -362,7 +362,7 @@ def test_a_retry_that_keeps_failing_unexpectedly_is_closed_as_failed_and_dead_le
 ) -> None:
     """Not left ``sending`` without a final result (and its message in dramatiq's own
     dead-letter queue): the client and the dead-letter queue are told, as for a first
-    attempt."""
+    attempt. Its strikes travel with its message: any process may make its next retry."""
     body = command(tenant, to=["slow@example.org"])
     request_id = body["request_id"]
     build = Sender._build
@@ -371,6 +371,7 @@ def test_a_retry_that_keeps_failing_unexpectedly_is_closed_as_failed_and_dead_le
     def failing_build(command: SendCommand, route: Any) -> Any:
         if in_a_retry():
             failures.append(command.request_id)
+            retrying._strikes.clear()  # as if each retry were made by another process
             raise RuntimeError("a bug met by this retry")
         return build(command, route)
 
@@ -388,6 +389,35 @@ def test_a_retry_that_keeps_failing_unexpectedly_is_closed_as_failed_and_dead_le
     assert json.loads(dead.wait_for(request_id).body) == body
     assert row(pool, tenant, request_id).state == "failed"
     assert smtp_lab.count() == 0  # the first attempt's 451 delivered nothing
+
+
+def test_only_strikes_in_a_row_close_a_retry_an_attempt_that_reaches_the_server_clears_them(
+    retrying: Sender,
+    tenant: str,
+    smtp_lab: SmtpLab,
+    results: rabbit.EventTap,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    body = command(tenant, to=["slow@example.org"])
+    build = Sender._build
+    retries: list[str] = []
+    let_through = {3, 6}  # the others fail: twice, the server's 451, twice, the server's 250
+
+    def sometimes_failing_build(command: SendCommand, route: Any) -> Any:
+        if in_a_retry():
+            retries.append(command.request_id)
+            if len(retries) not in let_through:
+                raise RuntimeError("a bug met now and then")
+        return build(command, route)
+
+    monkeypatch.setattr(Sender, "_build", staticmethod(sometimes_failing_build))
+    first_attempt_fails_for_now(retrying, smtp_lab, body, "451 4.3.0 try later", "250")
+
+    # The retries' results (the first attempt's goes with its command's ack, here to the test).
+    found = results_for(results, body["request_id"], timeout=30)
+    assert [(r["status"], r["smtp_code"]) for r in found] == [("failed", 451), ("sent", 250)]
+    assert len(retries) == 6
+    assert smtp_lab.count() == 1
 
 
 def test_when_many_retries_fail_unexpectedly_none_is_closed_and_all_go_out_once_fixed(

@@ -8,15 +8,22 @@ one misses straight into the same Redis.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 
 import httpx2
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from psycopg_pool import ConnectionPool
 
-from services.status.state import ServerStatus
+from services.status.state import ServerStatus, configure, now
 from services.status.store import server_key
+from services.status.worker import StatusWorker
+from shared.db import email_servers
+from shared.db.pool import DictConnection
+from shared.email_servers import EmailServer
 from shared.settings import Settings
 from tests.lab.dovecot import DovecotLab, LabUser, free_port
 from tests.support.fetching import lab_mailbox
@@ -105,3 +112,49 @@ def test_the_status_service_waits_out_redis_and_catches_up_with_what_changed_mea
     assert log.count("Redis unavailable") == 1, log[-3000:]
     assert "Traceback" not in log, log[-3000:]
     assert "Redis is back" in log
+
+
+def test_reconciling_keeps_what_a_replica_knows_better_and_statuses_of_servers_that_exist(
+    client: TestClient,
+    settings: Settings,
+    pool: ConnectionPool[DictConnection],
+    dovecot: DovecotLab,
+    lab_user: LabUser,
+) -> None:
+    """One replica's directory may lag behind the database and the others: its reconcile
+    must neither set a newer status back nor remove the status of a server created since it
+    read the database."""
+    admin, _ = new_tenant(client, settings)
+    known = lab_mailbox(admin, dovecot, lab_user, enabled=False, name="known")
+    worker = StatusWorker(settings, pool)
+    try:
+        worker.directory.resync()
+        server = worker.directory.get(known["id"])
+        assert server is not None
+        newer = replace(server, version=server.version + 1, enabled=True)
+        worker.store.update(server.id, lambda _: configure(None, newer, now()))
+        created_since = lab_mailbox(admin, dovecot, lab_user, enabled=False, name="created since")
+        worker.store.update(
+            created_since["id"],
+            lambda _: configure(None, email_servers_row(pool, created_since["id"]), now()),
+        )
+        never_existed = str(uuid.uuid4())
+        worker.store.update(never_existed, lambda _: configure(None, newer, now()))
+        assert worker.directory.get(created_since["id"]) is None  # this replica is behind
+
+        worker.reconcile()
+
+        kept = worker.store.get(server.id)
+        assert kept is not None
+        assert (kept.version, kept.state.value) == (newer.version, "connecting")
+        assert worker.store.get(created_since["id"]) is not None
+        assert worker.store.get(never_existed) is None
+    finally:
+        worker.alerts.close()
+
+
+def email_servers_row(pool: ConnectionPool[DictConnection], server_id: str) -> EmailServer:
+    with pool.connection() as conn:
+        server = email_servers.get(conn, server_id)
+    assert server is not None
+    return server

@@ -7,11 +7,15 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from prometheus_client import REGISTRY
 from psycopg_pool import ConnectionPool
 
 from services.fetcher.supervisor import FetcherSupervisor
 from shared.db.pool import DictConnection
+from shared.email_servers import EmailServer, ServerType
+from shared.server_directory import ServerDirectory
 from shared.settings import Settings
+from shared.worker import Subscription, Worker
 from tests.support import rabbit
 from tests.support.api import ApiClient
 from tests.support.processes import ServiceProcess
@@ -97,3 +101,68 @@ def test_worker_stops_on_sigterm_while_rabbitmq_is_away(settings: Settings) -> N
     finally:
         fetcher.kill()
         proxy.stop()
+
+
+def test_a_change_its_listener_failed_on_is_told_again_at_the_next_resync(
+    api: ApiClient, pool: ConnectionPool[DictConnection]
+) -> None:
+    """Not kept as known while the worker never acted on it (a mailbox never polled)."""
+    server = api.create(type="imap", name="in", host="imap.example.com")
+    told: list[str | None] = []
+
+    def listener(before: EmailServer | None, after: EmailServer | None) -> None:
+        if after is not None and after.id == server["id"]:
+            told.append(after.id)
+            if len(told) == 1:
+                raise RuntimeError("can't start new thread")
+
+    directory = ServerDirectory(pool, (ServerType.IMAP,), listener)
+    directory.tick()  # the first resync: the listener fails on the server
+    assert told == [server["id"]]
+    assert directory.get(server["id"]) is None and not directory.current
+    directory.tick()  # the next one tells it again
+    assert told == [server["id"]] * 2
+    assert directory.get(server["id"]) is not None and directory.current
+    directory.tick()
+    assert len(told) == 2  # nothing new: not told again
+
+
+class _FlakyClock(Worker):
+    """A worker whose periodic work fails until told it is fixed."""
+
+    service_name = "flaky-clock"
+
+    def __init__(self, amqp_url: str) -> None:
+        super().__init__(amqp_url)
+        self.broken = True
+        self.ticks = 0
+
+    def subscriptions(self) -> list[Subscription]:
+        return []
+
+    def tick(self) -> None:
+        self.ticks += 1
+        if self.broken:
+            raise ValueError("a bug in the periodic work")
+
+
+def test_periodic_work_that_fails_is_retried_and_never_ends_the_consumer(
+    settings: Settings,
+) -> None:
+    worker = _FlakyClock(settings.amqp_url)
+    thread = worker.start_in_thread()
+    try:
+        assert worker.connected.wait(10)
+        eventually(lambda: worker.ticks >= 3, 10, "several ticks, each failing")
+        assert thread.is_alive() and worker.consuming
+        assert worker.ticks_failing_since is not None
+        failures = REGISTRY.get_sample_value(
+            "mailroom_worker_tick_failures_total", {"service": "flaky-clock"}
+        )
+        assert failures is not None and failures >= 3
+        worker.broken = False  # fixed
+        eventually(lambda: worker.ticks_failing_since is None, 5, "ticks work again")
+        assert thread.is_alive()
+    finally:
+        worker.stop()
+        thread.join(10)

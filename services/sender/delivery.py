@@ -1101,18 +1101,31 @@ class Sender:
             if not mark.handed_over:
                 mark.committed()
         seconds = time.monotonic() - started
-        self._finish(
-            work,
-            state="sent",
-            server_id=route.server_id,
-            smtp_code=code,
-            smtp_response=text,
-        )
+        sent: dict[str, Any] = {
+            "server_id": route.server_id,
+            "smtp_code": code,
+            "smtp_response": text,
+        }
+        try:
+            self._finish(work, state="sent", **sent)
+        except psycopg.Error:
+            if work.inline:
+                raise  # the intake's way: :meth:`_record_after_failure`
+            self._record_sent_again(work, sent)
         report = partial(self._report_sent, work, route, mail, code, text, seconds)
         if work.lane.has_deferred:
             work.lane.report_later(report)  # :class:`_Lane`: after the next MAIL FROM
         else:
             report()
+
+    def _record_sent_again(self, work: _Work, sent: dict[str, Any]) -> None:
+        """A retry's accepted mail whose ``sent`` failed to be recorded (its connection broke,
+        say): once more on a fresh connection, else it would be closed as uncertain when the
+        retry comes again, and a client told "failed" for a mail that arrived. Its lock went
+        with the broken connection, or is released on the way out (:meth:`_holding`)."""
+        log.warning("sender: request %s was accepted; recording it again", work.request_id)
+        with self.db.connection() as conn:
+            repo.finish(conn, work.tenant_id, work.request_id, state="sent", **sent)
 
     def _report_sent(
         self, work: _Work, route: Route, mail: BuiltMail, code: int, text: str, seconds: float

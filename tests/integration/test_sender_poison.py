@@ -351,6 +351,37 @@ def test_a_retry_waits_out_the_database_however_often_it_finds_it_away_and_sends
     assert [m.recipients for m in smtp_lab.mails()] == [["slow@example.org"]]
 
 
+def test_a_retry_whose_sent_is_not_recorded_at_first_is_recorded_and_reported_as_sent(
+    retrying: Sender,
+    tenant: str,
+    smtp_lab: SmtpLab,
+    pool: ConnectionPool[DictConnection],
+    results: rabbit.EventTap,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The server accepted the mail, then the statement recording that failed (a connection
+    that broke): not closed as uncertain, which would tell the client "failed" for a mail
+    that arrived."""
+    body = command(tenant, to=["slow@example.org"])
+    finish = send_requests.finish
+    broken: list[str] = []
+
+    def breaking_once(conn: DictConnection, *args: Any, **fields: Any) -> None:
+        if fields.get("state") == "sent" and in_a_retry() and not broken:
+            broken.append(fields["state"])
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        finish(conn, *args, **fields)
+
+    monkeypatch.setattr(send_requests, "finish", breaking_once)
+    first_attempt_fails_for_now(retrying, smtp_lab, body)
+
+    *_, final = results_for(results, body["request_id"], timeout=20)
+    assert broken == ["sent"]
+    assert (final["status"], final["uncertain"], final["smtp_code"]) == ("sent", False, 250)
+    assert row(pool, tenant, body["request_id"]).state == "sent"
+    assert smtp_lab.count() == 1
+
+
 def test_a_retry_that_keeps_failing_unexpectedly_is_closed_as_failed_and_dead_lettered(
     retrying: Sender,
     tenant: str,

@@ -26,7 +26,7 @@ from psycopg.rows import dict_row
 
 from shared.broker import broker_connection
 from shared.db import outbox
-from shared.db.pool import DictConnection
+from shared.db.pool import DictConnection, session_options
 from shared.topology import CONFIG_EXCHANGE, ROUTING_PLAN_CREATED, inbound_queue
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,12 @@ class OutboxRelay:
     # --- the loop --------------------------------------------------------------------------
 
     def _serve(self) -> None:
-        with psycopg.connect(self._database_url, autocommit=True, row_factory=dict_row) as conn:
+        with psycopg.connect(
+            self._database_url,
+            autocommit=True,
+            row_factory=dict_row,
+            **session_options(self._database_url),
+        ) as conn:
             conn.execute(f"LISTEN {outbox.NOTIFY_CHANNEL}")
             if not self._become_leader(conn):
                 return

@@ -195,7 +195,7 @@ from shared import metrics
 from shared.contracts.send import InvalidCommand, SendCommand, SendResult
 from shared.contracts.status_reports import FailureCategory
 from shared.db import send_requests as repo
-from shared.db.pool import DictConnection
+from shared.db.pool import DictConnection, session_options
 from shared.email_servers import AuthType, EmailServer
 from shared.login_secrets import LoginSecrets
 from shared.mail.errors import MailServerError
@@ -542,6 +542,7 @@ class Sender:
                 # The marks are prepared statements of our own (repo.PendingStatement); psycopg's
                 # automatic ones would make it drop every prepared statement after a rollback.
                 "prepare_threshold": None,
+                **session_options(settings.database_url),
             },
             open=False,
             name="mailroom-sender",

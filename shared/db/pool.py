@@ -14,6 +14,24 @@ from shared.settings import Settings
 
 DictConnection = psycopg.Connection[dict[str, Any]]
 
+# A session whose other end vanished without a word (a network partition, a host that died) is
+# noticed within about a minute at both ends instead of the kernel's two hours: the server then
+# ends it and releases its advisory locks (the outbox relay's leadership, a send request being
+# delivered), which another process is waiting for, and the client fails instead of hanging.
+KEEPALIVE_SECONDS = {"idle": 30, "interval": 10, "count": 3}
+
+
+def session_options(database_url: str) -> dict[str, Any]:
+    """Connection parameters for every long-lived session: TCP keepalives on the client's
+    side (libpq) and on the server's (its ``tcp_keepalives_*`` settings, set per session)."""
+    server_side = " ".join(f"-c tcp_keepalives_{k}={v}" for k, v in KEEPALIVE_SECONDS.items())
+    configured = conninfo_to_dict(database_url).get("options")
+    return {
+        "keepalives": 1,
+        **{f"keepalives_{k}": v for k, v in KEEPALIVE_SECONDS.items()},
+        "options": f"{configured} {server_side}" if configured else server_side,
+    }
+
 
 def make_pool(
     settings: Settings, *, min_size: int = 1, max_size: int = 10
@@ -24,7 +42,7 @@ def make_pool(
         min_size=min_size,
         max_size=max_size,
         connection_class=cast(type[DictConnection], psycopg.Connection),
-        kwargs={"row_factory": dict_row},
+        kwargs={"row_factory": dict_row, **session_options(settings.database_url)},
         open=False,
         name="mailroom",
     )

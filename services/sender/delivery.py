@@ -157,6 +157,14 @@ minute; at the ``POISON_STRIKES``-th the request is closed as above. An
 error of a service that is away is retried for as long as the service is away: it ends no
 request, and the delivery that runs once the service is back finds the row as it was left
 (``retry_wait``, or ``sending`` from the attempt that was cut short) and goes on from there.
+
+**A retry that never comes.** Only its dramatiq message moves a ``retry_wait`` request on;
+if the message is lost (a queue purged, a re-enqueue that failed after dramatiq acked), the
+request would wait for ever. Every retry scheduled records when it is due (``send_retries``,
+a table of its own so that a first attempt never touches it), and once a minute
+:meth:`Sender.sweep_overdue_retries` takes over, with a new message, each request whose retry
+is overdue by the longest backoff (at least five minutes); a message that was only late then
+finds the request owned by another and ends.
 """
 
 from __future__ import annotations
@@ -213,6 +221,8 @@ ACTOR_NAME = "mailroom_sender_deliver"
 # with it when dramatiq enqueues it again.
 STRIKES_OPTION = "mailroom_strikes"
 BUSY_RETRY_MILLISECONDS = 1000
+RETRY_SWEEP_SECONDS = 60.0  # how often overdue retries are looked for (``send_retries``)
+RETRY_SWEEP_GRACE_SECONDS = 300.0  # ... and how late one must be (at least the longest backoff)
 # A command on which the sender failed unexpectedly this often is quarantined: it would
 # otherwise come again forever, and fail the commands delivered with it each time.
 POISON_STRIKES = 3
@@ -580,6 +590,11 @@ class Sender:
         self._strikes: OrderedDict[tuple[str, str], tuple[int, float, float]] = OrderedDict()
         self._widespread_told_at = -WIDESPREAD_SECONDS
         self._retry_window = max(WIDESPREAD_SECONDS, 2 * settings.sender_retry_max_backoff_seconds)
+        # A retry this late is taken for lost: dramatiq may be late itself (busy, restarted).
+        self._retry_grace = max(
+            RETRY_SWEEP_GRACE_SECONDS, settings.sender_retry_max_backoff_seconds
+        )
+        self._swept_at = time.monotonic()
         self._strikes_lock = threading.Lock()
         self._worker: dramatiq.Worker | None = None
 
@@ -595,6 +610,52 @@ class Sender:
     def tick(self) -> None:
         self.connections.close_idle()
         self.reporter.flush_due()
+        now = time.monotonic()
+        if now - self._swept_at >= RETRY_SWEEP_SECONDS:
+            self._swept_at = now
+            try:
+                self.sweep_overdue_retries()
+            except psycopg.Error as exc:
+                log.warning("sender: overdue retries not checked now (%s)", exc)
+
+    def sweep_overdue_retries(self, overdue_seconds: float | None = None) -> int:
+        """Requests whose retry is long overdue (``send_retries``): their dramatiq message was
+        lost, or is late. A new message takes each over (a late one then finds it owned by
+        another and ends); what waits no more is forgotten. How many were taken over."""
+        grace = self._retry_grace if overdue_seconds is None else overdue_seconds
+        with self.db.connection() as conn:
+            due = repo.overdue_retries(conn, grace)
+        taken = 0
+        for tenant_id, request_id in due:
+            with self.db.connection() as conn:
+                try:
+                    taken += self._take_over_overdue(conn, tenant_id, request_id)
+                except BaseException:
+                    _release_locks(conn)  # a session lock must not stay with a pooled one
+                    raise
+        return taken
+
+    def _take_over_overdue(self, conn: DictConnection, tenant_id: str, request_id: str) -> int:
+        locked, row = repo.lock_and_get(conn, tenant_id, request_id)
+        if not locked:
+            return 0  # at work right now
+        with self._holding(_Lane(conn), tenant_id, request_id, row, None) as work:
+            if row is None or row.state in ("sent", "failed"):
+                repo.retry_done(conn, tenant_id, request_id)
+                return 0
+            if row.state != "retry_wait":
+                return 0  # an attempt cut short: its message comes again (unacked)
+            message = self._retry_message(work)
+            delay = self._first_backoff()
+            repo.take_over(conn, tenant_id, request_id, message.message_id)
+            repo.retry_due(conn, tenant_id, request_id, delay / 1000)
+            self.broker.enqueue(message, delay=delay)
+        log.warning(
+            "sender: request %s of %s waited for a retry that did not come; scheduled again",
+            request_id,
+            tenant_id,
+        )
+        return 1
 
     def close(self) -> None:
         self.stopping.set()
@@ -941,8 +1002,10 @@ class Sender:
         elif row.state == "retry_wait":
             # Its retry may never have been enqueued: a new dramatiq message owns it now.
             message = self._retry_message(work)
+            delay = self._first_backoff()
             repo.take_over(work.conn, row.tenant_id, row.request_id, message.message_id)
-            self.broker.enqueue(message, delay=self._first_backoff())
+            repo.retry_due(work.conn, row.tenant_id, row.request_id, delay / 1000)
+            self.broker.enqueue(message, delay=delay)
         else:  # received, or sending without DATA: nothing was handed over, try now
             work.row = repo.claim(work.conn, row.tenant_id, row.request_id, repo.INTAKE_OWNER)
             self._resolve_and_attempt(work, command)
@@ -1226,6 +1289,13 @@ class Sender:
         }
         log.info("sender: request %s: %s; will retry", row.request_id, exc.reason)
         if not work.inline:
+            # Retries picks the delay, at most the longest backoff.
+            repo.retry_due(
+                work.conn,
+                work.tenant_id,
+                work.request_id,
+                self.settings.sender_retry_max_backoff_seconds,
+            )
             self._finish(work, state="retry_wait", **fields)
             self._emit(work, self._result(row, route, exc.reason, exc, final=False))
             current = CurrentMessage.get_current_message()
@@ -1234,6 +1304,7 @@ class Sender:
             raise dramatiq.Retry(exc.reason)  # Retries re-enqueues this message, with backoff
         message = self._retry_message(work)
         delay = self._first_backoff()
+        repo.retry_due(work.conn, work.tenant_id, work.request_id, delay / 1000)
         self._finish(
             work,
             state="retry_wait",

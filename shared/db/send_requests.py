@@ -396,6 +396,36 @@ def take_over(conn: DictConnection, tenant_id: str, request_id: str, owner_messa
     )
 
 
+def retry_due(conn: DictConnection, tenant_id: str, request_id: str, in_seconds: float) -> None:
+    """The request's next retry is scheduled to run within ``in_seconds`` (table
+    ``send_retries``: what finds a retry that was lost)."""
+    conn.execute(
+        "INSERT INTO send_retries (tenant_id, request_id, due_at)"
+        " VALUES (%s, %s, now() + make_interval(secs => %s))"
+        " ON CONFLICT (tenant_id, request_id) DO UPDATE SET due_at = EXCLUDED.due_at",
+        (tenant_id, request_id, in_seconds),
+    )
+
+
+def overdue_retries(
+    conn: DictConnection, overdue_seconds: float, limit: int = 100
+) -> list[tuple[str, str]]:
+    """Requests whose retry should have run ``overdue_seconds`` ago, the most overdue first."""
+    rows = conn.execute(
+        "SELECT tenant_id, request_id FROM send_retries"
+        " WHERE due_at < now() - make_interval(secs => %s) ORDER BY due_at LIMIT %s",
+        (overdue_seconds, limit),
+    ).fetchall()
+    return [(row["tenant_id"], row["request_id"]) for row in rows]
+
+
+def retry_done(conn: DictConnection, tenant_id: str, request_id: str) -> None:
+    conn.execute(
+        "DELETE FROM send_retries WHERE tenant_id = %s AND request_id = %s",
+        (tenant_id, request_id),
+    )
+
+
 def get(conn: DictConnection, tenant_id: str, request_id: str) -> SendRequest | None:
     row = conn.execute(
         f"SELECT {_COLUMNS} FROM send_requests WHERE tenant_id = %s AND request_id = %s",  # noqa: S608

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -489,3 +490,44 @@ def test_when_many_retries_fail_unexpectedly_none_is_closed_and_all_go_out_once_
         "slow0@example.org",
         "slow1@example.org",
     ]
+
+
+# --- a retry that is lost --------------------------------------------------------------------
+
+
+def retries_due(pool: ConnectionPool[DictConnection], tenant: str) -> list[str]:
+    with pool.connection() as conn:
+        rows = conn.execute(
+            "SELECT request_id FROM send_retries WHERE tenant_id = %s", (tenant,)
+        ).fetchall()
+    return [r["request_id"] for r in rows]
+
+
+@pytest.mark.parametrize("message", ["lost", "only late"])
+def test_a_request_whose_retry_does_not_come_is_taken_over_and_sent_once(
+    message: str,
+    sender: Sender,
+    settings: Settings,
+    tenant: str,
+    smtp_lab: SmtpLab,
+    pool: ConnectionPool[DictConnection],
+    results: rabbit.EventTap,
+) -> None:
+    """Its dramatiq message purged by an operator, or dramatiq acked it and failed to enqueue
+    it again: the request would wait for ever, without a final result. When the message was
+    only late, it finds the request taken over and ends: the mail still goes out once."""
+    body = command(tenant, to=["slow@example.org"])
+    purge_retries(settings.amqp_url)
+    first_attempt_fails_for_now(sender, smtp_lab, body)
+    assert retries_due(pool, tenant) == [body["request_id"]]
+    if message == "lost":
+        purge_retries(settings.amqp_url)
+    eventually(lambda: sender.sweep_overdue_retries(overdue_seconds=0) == 1, 5, "taken over")
+    sender.start_worker()
+
+    *_, final = results_for(results, body["request_id"], timeout=20)
+    assert final["status"] == "sent"
+    time.sleep(2)  # a late message, had it run, would have come by now
+    assert smtp_lab.count() == 1
+    eventually(lambda: sender.sweep_overdue_retries(overdue_seconds=0) == 0, 5, "swept")
+    eventually(lambda: retries_due(pool, tenant) == [], 5, "a sent request is forgotten")

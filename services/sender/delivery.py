@@ -644,7 +644,10 @@ class Sender:
                 repo.retry_done(conn, tenant_id, request_id)
                 return 0
             if row.state != "retry_wait":
-                return 0  # an attempt cut short: its message comes again (unacked)
+                # An attempt cut short: its message comes again (unacked). Looked at again
+                # later, behind the others (the oldest come first, a hundred at a time).
+                repo.retry_due(conn, tenant_id, request_id, self._retry_grace)
+                return 0
             message = self._retry_message(work)
             delay = self._first_backoff()
             repo.take_over(conn, tenant_id, request_id, message.message_id)

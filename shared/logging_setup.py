@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 # Query strings never logged: the OAuth2 callback's carries the authorization code and state.
 _PRIVATE_QUERIES = ("/api/v1/oauth/callback",)
@@ -19,6 +20,22 @@ class PrivateQueryFilter(logging.Filter):
             if query and path.startswith(_PRIVATE_QUERIES):
                 record.args = (*args[:2], f"{path}?…", *args[3:])
         return True
+
+
+class Throttled:
+    """A failure that repeats (every tick, while a service is away) logged with its traceback
+    at most once per ``seconds``, not once per repetition."""
+
+    def __init__(self, logger: logging.Logger, seconds: float = 60.0) -> None:
+        self._logger = logger
+        self._seconds = seconds
+        self._logged_at = -seconds
+
+    def exception(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._logged_at >= self._seconds:
+            self._logged_at = now
+            self._logger.exception(message, *args)
 
 
 def configure_logging(level: str = "INFO") -> None:

@@ -26,11 +26,10 @@ from shared.contracts import ConfigEvent
 from shared.db import email_servers as repo
 from shared.db.pool import DictConnection
 from shared.email_servers import EmailServer, ServerType
+from shared.logging_setup import Throttled
 from shared.worker import PermanentMessageError
 
 log = logging.getLogger(__name__)
-
-FAILURE_LOG_SECONDS = 60.0
 
 # Called with (before, after); None means absent. Fetchers start/stop pollers here.
 ChangeListener = Callable[[EmailServer | None, EmailServer | None], None]
@@ -53,7 +52,7 @@ class ServerDirectory:
         self._resync_due = True
         self._last_resync = 0.0
         self._synced = False
-        self._failure_logged_at = -FAILURE_LOG_SECONDS
+        self._failure_log = Throttled(log)  # a failure that lasts repeats every tick
         # Goes up with every change of a server: what was derived from the servers at one
         # generation (a sender's routes) holds as long as it is current.
         self.generation = 0
@@ -124,7 +123,7 @@ class ServerDirectory:
             return
         except Exception:  # noqa: BLE001 - a row this version cannot read (logged below)
             self._resync_due = True
-            self._log_failure("resync failed; retrying")
+            self._failure_log.exception("resync failed; retrying")
             return
         self._resync_due = False
         self._last_resync = time.monotonic()
@@ -133,15 +132,8 @@ class ServerDirectory:
             try:
                 self._replace(server_id, fresh.get(server_id))
             except Exception:  # noqa: BLE001 - the listener's (logged): told again next resync
-                self._log_failure(f"server {server_id}: its change failed; tried again")
+                self._failure_log.exception("server %s: its change failed; tried again", server_id)
         self._synced = True
-
-    def _log_failure(self, what: str) -> None:
-        """With its traceback, at most once a minute: a failure that lasts repeats every tick."""
-        now = time.monotonic()
-        if now - self._failure_logged_at >= FAILURE_LOG_SECONDS:
-            self._failure_logged_at = now
-            log.exception("%s", what)
 
     def _replace(self, server_id: str, current: EmailServer | None) -> None:
         with self._lock:

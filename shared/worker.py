@@ -21,11 +21,10 @@ from kombu import Message, Queue
 from kombu.mixins import ConsumerMixin
 
 from shared.broker import broker_connection
+from shared.logging_setup import Throttled
 from shared.metrics import TICK_FAILURES
 
 log = logging.getLogger(__name__)
-
-TICK_FAILURE_LOG_SECONDS = 60.0
 
 
 class _StopWhileDisconnected(Exception):
@@ -54,7 +53,7 @@ class Worker(ConsumerMixin):  # type: ignore[misc]
         self.connections_made = 0  # 1 after the first connect; more after every reconnect
         self.should_stop = False
         self._thread: threading.Thread | None = None
-        self._tick_failure_logged_at = -TICK_FAILURE_LOG_SECONDS
+        self._tick_failure_log = Throttled(log)
         # When the periodic work began to fail, every tick since (None: it works): for health.
         self.ticks_failing_since: float | None = None
 
@@ -111,14 +110,13 @@ class Worker(ConsumerMixin):  # type: ignore[misc]
             self.tick()
         except self.connection.connection_errors + self.connection.channel_errors:
             raise
-        except Exception:
-            now = time.monotonic()
+        except Exception:  # noqa: BLE001 - logged (throttled) and counted
             TICK_FAILURES.labels(self.service_name).inc()
             if self.ticks_failing_since is None:
-                self.ticks_failing_since = now
-            if now - self._tick_failure_logged_at >= TICK_FAILURE_LOG_SECONDS:
-                self._tick_failure_logged_at = now
-                log.exception("%s: periodic work failed; tried again next tick", self.service_name)
+                self.ticks_failing_since = time.monotonic()
+            self._tick_failure_log.exception(
+                "%s: periodic work failed; tried again next tick", self.service_name
+            )
         else:
             self.ticks_failing_since = None
 

@@ -648,11 +648,7 @@ class Sender:
                 # later, behind the others (the oldest come first, a hundred at a time).
                 repo.retry_due(conn, tenant_id, request_id, self._retry_grace)
                 return 0
-            message = self._retry_message(work)
-            delay = self._first_backoff()
-            repo.take_over(conn, tenant_id, request_id, message.message_id)
-            repo.retry_due(conn, tenant_id, request_id, delay / 1000)
-            self.broker.enqueue(message, delay=delay)
+            self._reschedule(work)
         log.warning(
             "sender: request %s of %s waited for a retry that did not come; scheduled again",
             request_id,
@@ -859,8 +855,7 @@ class Sender:
         with self._strikes_lock:
             recent = self._strikes
             counted = recent.pop(key, None)
-            memory = max(WIDESPREAD_SECONDS, self._retry_window)
-            while recent and now - next(iter(recent.values()))[2] > memory:
+            while recent and now - next(iter(recent.values()))[2] > self._retry_window:
                 recent.popitem(last=False)
             if kept is not None:
                 strikes, first = kept
@@ -1003,12 +998,7 @@ class Sender:
         elif row.state == "sending" and row.data_started_at is not None:
             self._close_uncertain(work, "the sender stopped before recording its answer")
         elif row.state == "retry_wait":
-            # Its retry may never have been enqueued: a new dramatiq message owns it now.
-            message = self._retry_message(work)
-            delay = self._first_backoff()
-            repo.take_over(work.conn, row.tenant_id, row.request_id, message.message_id)
-            repo.retry_due(work.conn, row.tenant_id, row.request_id, delay / 1000)
-            self.broker.enqueue(message, delay=delay)
+            self._reschedule(work)  # its retry may never have been enqueued
         else:  # received, or sending without DATA: nothing was handed over, try now
             work.row = repo.claim(work.conn, row.tenant_id, row.request_id, repo.INTAKE_OWNER)
             self._resolve_and_attempt(work, command)
@@ -1319,6 +1309,15 @@ class Sender:
             work,
             self._result(row, route, exc.reason, exc, final=False, next_attempt_in=delay / 1000),
         )
+        self.broker.enqueue(message, delay=delay)
+
+    def _reschedule(self, work: _Work) -> None:
+        """A ``retry_wait`` request gets a new dramatiq message as its owner (an older one, if
+        any comes, ends on the owner check) and its retry is due again."""
+        message = self._retry_message(work)
+        delay = self._first_backoff()
+        repo.take_over(work.conn, work.tenant_id, work.request_id, message.message_id)
+        repo.retry_due(work.conn, work.tenant_id, work.request_id, delay / 1000)
         self.broker.enqueue(message, delay=delay)
 
     def _retry_message(self, work: _Work) -> dramatiq.Message[Any]:

@@ -219,17 +219,17 @@ class StatusWorker(ConfigFollower):
             metrics.forget(server_id)
         self._reconcile_due = False
 
-    def _deleted(self, server_ids: set[str]) -> list[str]:
+    def _deleted(self, server_ids: set[str]) -> set[str]:
         """Of servers this replica does not know, those the database does not hold either
         (one may have been created since its directory was read)."""
         if not server_ids:
-            return []
+            return set()
         try:
             with self._pool.connection() as conn:
-                return [i for i in server_ids if repo.get(conn, i) is None]
+                return server_ids - repo.existing_ids(conn, server_ids)
         except psycopg.Error as exc:
             log.warning("status: database unavailable (%s); orphaned statuses stay for now", exc)
-            return []
+            return set()
 
     def on_stopped(self) -> None:
         self.alerts.close()

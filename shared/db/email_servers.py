@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from psycopg import sql
@@ -83,6 +83,17 @@ def is_valid_id(server_id: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def existing_ids(conn: DictConnection, server_ids: Iterable[str]) -> set[str]:
+    """Which of these servers the database holds (an id that is no UUID: none)."""
+    valid = [i for i in server_ids if is_valid_id(i)]
+    if not valid:
+        return set()
+    rows = conn.execute(
+        "SELECT id::text AS id FROM email_servers WHERE id = ANY(%s::uuid[])", (valid,)
+    ).fetchall()
+    return {str(row["id"]) for row in rows}
 
 
 def get(

@@ -14,12 +14,11 @@ from dataclasses import replace
 
 import httpx2
 import pytest
-import redis
 from fastapi.testclient import TestClient
 from psycopg_pool import ConnectionPool
 
 from services.status.state import ServerStatus, configure, now
-from services.status.store import server_key
+from services.status.store import StatusStore, server_key
 from services.status.worker import StatusWorker
 from shared.db import email_servers
 from shared.db.pool import DictConnection
@@ -62,8 +61,7 @@ def status_url(settings: Settings, redis_path: TcpProxy) -> Iterator[tuple[str, 
 
 def stored(settings: Settings, server_id: str) -> ServerStatus | None:
     """The status as Redis holds it (the API shows one for a server without it, too)."""
-    raw = redis.Redis.from_url(settings.redis_url).get(server_key(server_id))
-    return ServerStatus.from_json(raw) if raw is not None else None
+    return StatusStore.from_url(settings.redis_url).get(server_id)
 
 
 def test_the_status_service_waits_out_redis_and_catches_up_with_what_changed_meanwhile(
@@ -101,7 +99,7 @@ def test_the_status_service_waits_out_redis_and_catches_up_with_what_changed_mea
     assert [i["name"] for i in status.items()] == ["added", "kept"]
 
     # A stored status this version cannot read (another version's fields) is none, not a 500.
-    redis.Redis.from_url(settings.redis_url).set(
+    StatusStore.from_url(settings.redis_url).redis.set(
         server_key(kept["id"]), b'{"written_by": "another version"}'
     )
     assert {i["name"]: i["state"] for i in status.items()} == {

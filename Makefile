@@ -41,6 +41,7 @@ bench: $(STAMP) services
 	$(BIN)/python -m tests.perf.config_event_latency
 	$(BIN)/python -m tests.perf.fetcher_throughput
 	$(BIN)/python -m tests.perf.sender_throughput
+	$(BIN)/python -m tests.perf.sender_far_server
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache var

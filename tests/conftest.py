@@ -41,7 +41,10 @@ from tests.support.oauth import (  # noqa: E402, F401 - fixtures for every test 
     settings_with_lab,
 )
 from tests.support.processes import LOG_FILES  # noqa: E402
-from tests.support.sender import results  # noqa: E402, F401 - a fixture for every test module
+from tests.support.sender import (  # noqa: E402, F401 - fixtures for every test module
+    results,
+    smtp_connections,
+)
 
 
 @pytest.fixture(scope="session")

@@ -224,6 +224,8 @@ class SmtpConnections:
         return session, False
 
     def _give_back(self, entry: _ServerConnections, session: SmtpSession) -> None:
+        if session.closed:
+            return  # cut off by its last transaction (shared.mail.smtp): nothing to reuse
         with self._lock:
             if self._servers.get(entry.server.id) is entry:
                 entry.idle.append(_Idle(session, time.monotonic()))

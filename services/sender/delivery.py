@@ -94,6 +94,21 @@ mail went from 0.77 to 0.69 ms (median of six alternating rounds, lower in each)
 process's median from 63% to 67% of the bare loop (ahead in four rounds of six, on a day the
 bare loop ran at 380-444 mails/s).
 
+What remains is the machine, not one cost (a day when the bare loop ran at 950-1,110
+mails/s and the sender at 600-690, 57-65% of it). The sender's Python holds the GIL only about
+a fifth of the time (py-spy), and a prototype that moved the AMQP consumer, the results and the
+acks into a process of their own, the delivery threads talking to it over a socket, ran at 60%
+against 61% (three alternating rounds): the SMTP thread does not wait for the other threads.
+It waits for the CPUs: the sink, the sender, PostgreSQL (0.33 ms and 4.5 wake-ups per mail,
+``perf sched``) and RabbitMQ share two, the slow SMTP cycles come in bursts every 15-20 ms (when
+a batch of results is confirmed, its commands acked and the next deliveries arrive), and in
+them every step is slower, the server's replies most. Single-threaded loops over the same
+function, against the bare loop in the same rounds, bound what any design can reach there:
+with the real mark and ``sent`` per mail 81-85%, with each command also parsed and its mail
+built 72%, also consumed and acked 66%, also with a result published 56%. With the server
+10 ms away instead (``tests/perf/sender_far_server.py``) the round trips decide and the sender
+runs at 99-100% of the bare loop on one connection.
+
 **Never twice (the state machine of a request).** ``sending`` → ``sent`` | ``failed``, with
 ``retry_wait`` between attempts (``received`` is only found in rows of older versions); each
 step is committed before the next network step:

@@ -497,6 +497,35 @@ def test_550_fails_at_once_and_lands_in_the_dead_letter_queue(
     assert lab.count() == 0
 
 
+def test_a_refused_recipient_fails_the_mail_for_all_of_its_recipients(
+    sender: ServiceProcess,
+    labs: tuple[SmtpLab, SmtpLab],
+    company: tuple[ApiClient, str],
+    results: rabbit.EventTap,
+    dead: DeadLetters,
+    settings: Settings,
+) -> None:
+    """The lab offers PIPELINING: its 354 to DATA has come by the time the refusal is read,
+    and the mail must still reach nobody (a retry would otherwise deliver twice to the ones
+    that were accepted). The next command is sent on a new connection."""
+    lab, _ = labs
+    assert lab.pipelining
+    api, tenant = company
+    _server(api, sender, lab, "agent1@lab.test")
+    lab.script({}, rcpt={"gone@example.org": "550 5.1.1 no such user"})
+    body = command(tenant, to=["kept@example.org", "gone@example.org"])
+    [result] = send(settings.amqp_url, results, body)
+    assert (result["status"], result["final"], result["smtp_code"]) == ("failed", True, 550)
+    assert "gone@example.org" in result["reason"]
+    assert dead.wait_for(body["request_id"]).headers["x-smtp-code"] == 550
+    after = command(tenant, to=["kept@example.org"])
+    [sent] = send(settings.amqp_url, results, after)
+    assert sent["status"] == "sent"
+    [mail] = lab.wait_for(1)
+    assert mail.message["Message-ID"] == sent["message_id"]
+    assert mail.pipelined
+
+
 def _password_changed_at_the_provider(
     pool: ConnectionPool[DictConnection],
     settings: Settings,

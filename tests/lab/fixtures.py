@@ -53,20 +53,22 @@ SMTP_DEFAULT_USER = "system@default.test"
 
 @pytest.fixture(scope="session")
 def smtp_lab(mail_lab_certs: LabCertificates) -> Iterator[SmtpLab]:
-    """One aiosmtpd process for the session (STARTTLS port and implicit-TLS port, AUTH).
+    """One aiosmtpd process for the session (STARTTLS port and implicit-TLS port, AUTH), which
+    offers PIPELINING as the providers' servers do.
 
     Its users: ``SMTP_LAB_USER`` and ``agent1..3@lab.test``, with passwords from
     ``tests.support.leaks.password``; ``smtp_lab.users`` has them. Tests call ``clear()``.
     """
     users = {SMTP_LAB_USER: password("smtp")}
     users.update({f"agent{n}@lab.test": password(f"agent{n}") for n in (1, 2, 3)})
-    with SmtpLab(mail_lab_certs, users, "smtp") as lab:
+    with SmtpLab(mail_lab_certs, users, "smtp", pipelining=True) as lab:
         yield lab
 
 
 @pytest.fixture(scope="session")
 def smtp_default_lab(mail_lab_certs: LabCertificates) -> Iterator[SmtpLab]:
-    """A second SMTP sink: the system's default SMTP server (template mail fallback)."""
+    """A second SMTP sink: the system's default SMTP server (template mail fallback). It does
+    not offer PIPELINING (aiosmtpd's default), so mail to it goes one command at a time."""
     with SmtpLab(mail_lab_certs, {SMTP_DEFAULT_USER: password("default")}, "default") as lab:
         yield lab
 

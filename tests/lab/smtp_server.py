@@ -21,10 +21,18 @@ XOAUTH2/OAUTHBEARER protocol: ``334 <base64 JSON error>``, the client answers an
 Commands may be up to 64 KiB long (aiosmtpd's 1001-byte stream limit cuts off
 ``AUTH XOAUTH2 <initial response>`` with a real token); DATA lines keep the 1001-byte limit.
 
+With ``pipelining=True`` the server offers PIPELINING (RFC 2920) in its EHLO reply, as Postfix,
+Exchange and Gmail do; aiosmtpd reads pipelined commands in order either way. Each stored mail
+records whether its RCPT and DATA commands had arrived together with its MAIL FROM
+(``ReceivedMail.pipelined``).
+
 Replies can be scripted per recipient (``SmtpLab.script``): a list of replies used one per DATA,
 the last one repeating, e.g. ``["451 4.3.0 try later", "451 4.3.0 try later", "250"]`` or
 ``["550 5.7.1 no"]``. A reply may carry a delay (``{"reply": "250", "delay": 3}``): the mail is
 stored first, the answer comes after the delay (a worker killed "right after DATA").
+``rcpt`` and ``mail`` script the replies to RCPT TO and MAIL FROM per address instead (e.g.
+``{"gone@example.org": "550 5.1.1 no such user"}``): a refused address is not added to the
+transaction, as a real server does.
 
 Facts this relies on: a rejected login gets no reply at all unless the authenticator returns
 ``AuthResult(success=False, handled=False)`` (then ``535 5.7.8``).
@@ -74,6 +82,7 @@ class ReceivedMail:
     login: str | None
     tls_port: bool
     path: Path
+    pipelined: bool  # its RCPT and DATA commands came in the same read as its MAIL FROM
 
     @property
     def message(self) -> EmailMessage:
@@ -91,10 +100,13 @@ class SmtpLab:
         users: dict[str, str],
         name: str = "smtp",
         base: Path | None = None,
+        *,
+        pipelining: bool = False,
     ) -> None:
         """``base``: where its directory (and every mail it stores) goes; the system's temporary
-        directory unless told otherwise."""
+        directory unless told otherwise. ``pipelining``: offer PIPELINING."""
         self.certs = certs
+        self.pipelining = pipelining
         self.users = dict(users)
         self.directory = Path(tempfile.mkdtemp(prefix=f"mailroom-{name}-lab-", dir=base))
         self.store = self.directory / "store"
@@ -126,6 +138,7 @@ class SmtpLab:
             "script": str(self.script_file),
             "oauth_keys": str(self.oauth_keys_file),
             "ready": str(self.directory / "ready.json"),
+            "pipelining": self.pipelining,
         }
         config_file = self.directory / "config.json"
         config_file.write_text(json.dumps(config), encoding="utf-8")
@@ -172,10 +185,21 @@ class SmtpLab:
 
     # --- scripting and inspection ------------------------------------------------------------
 
-    def script(self, rules: dict[str, list[Any]]) -> None:
-        """Replies per recipient address; ``{}`` = accept everything (the default)."""
+    def script(
+        self,
+        rules: dict[str, list[Any]],
+        *,
+        rcpt: dict[str, str] | None = None,
+        mail: dict[str, str] | None = None,
+    ) -> None:
+        """Replies to DATA per recipient address, and to RCPT TO and MAIL FROM per address;
+        ``{}`` = accept everything (the default)."""
         temp = self.script_file.with_suffix(".tmp")
-        temp.write_text(json.dumps({"rules": rules, "version": time.time_ns()}))
+        temp.write_text(
+            json.dumps(
+                {"rules": rules, "rcpt": rcpt or {}, "mail": mail or {}, "version": time.time_ns()}
+            )
+        )
         temp.replace(self.script_file)
 
     def clear(self) -> None:
@@ -196,6 +220,7 @@ class SmtpLab:
                     login=meta["login"],
                     tls_port=meta["tls_port"],
                     path=eml,
+                    pipelined=meta["pipelined"],
                 )
             )
         return found
@@ -228,6 +253,8 @@ class _Script:
         self.sequence = 0
         self.version: object = None
         self.rules: dict[str, list[Any]] = {}
+        self.rcpt: dict[str, str] = {}
+        self.mail: dict[str, str] = {}
         self.used: dict[str, int] = {}
 
     def _load(self) -> None:
@@ -238,7 +265,14 @@ class _Script:
         if data.get("version") != self.version:
             self.version = data.get("version")
             self.rules = {k.lower(): v for k, v in data.get("rules", {}).items()}
+            self.rcpt = {k.lower(): v for k, v in data.get("rcpt", {}).items()}
+            self.mail = {k.lower(): v for k, v in data.get("mail", {}).items()}
             self.used = {}
+
+    def envelope_reply(self, command: str, address: str) -> str | None:
+        """The scripted reply to ``MAIL`` or ``RCPT`` for ``address``, if any."""
+        self._load()
+        return (self.mail if command == "MAIL" else self.rcpt).get(address.lower())
 
     def reply_for(self, recipients: list[str]) -> tuple[str, float]:
         self._load()
@@ -328,10 +362,44 @@ def parse_oauthbearer(blob: bytes) -> tuple[str, str]:
 
 
 class _Handler:
-    def __init__(self, script: _Script, implicit_tls: bool, oauth_keys: _TrustedKeys) -> None:
+    def __init__(
+        self, script: _Script, implicit_tls: bool, oauth_keys: _TrustedKeys, pipelining: bool
+    ) -> None:
         self.script = script
         self.implicit_tls = implicit_tls
         self.oauth_keys = oauth_keys
+        self.pipelining = pipelining
+
+    # aiosmtpd's hooks: with ``handle_EHLO`` the handler names the client itself.
+    async def handle_EHLO(
+        self, server: Any, session: Any, envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        session.host_name = hostname
+        if self.pipelining:
+            responses.insert(len(responses) - 1, "250-PIPELINING")
+        return responses
+
+    async def handle_MAIL(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        refused = self.script.envelope_reply("MAIL", address)
+        if refused:
+            return refused
+        # What the client sent after MAIL FROM without waiting for its reply: already read.
+        envelope.pipelined = bool(server._reader._buffer)
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 OK"
+
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        refused = self.script.envelope_reply("RCPT", address)
+        if refused:
+            return refused
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        return "250 OK"
 
     # aiosmtpd offers a handler's ``auth_<MECHANISM>(server, args)`` methods in EHLO and calls
     # them for AUTH; ``args`` is the AUTH line split (mechanism, initial response if any).
@@ -382,6 +450,7 @@ class _Handler:
                 "rcpt_tos": list(envelope.rcpt_tos),
                 "login": login.decode() if isinstance(login, bytes) else login,
                 "tls_port": self.implicit_tls,
+                "pipelined": getattr(envelope, "pipelined", False),
             }
             temp = store / f"{number}.tmp"
             temp.write_text(json.dumps(meta))
@@ -429,7 +498,7 @@ def _serve(config: dict[str, Any]) -> None:
     def factory(implicit: bool) -> Any:
         def make() -> Any:
             return LabSMTP(
-                _Handler(script, implicit, oauth_keys),
+                _Handler(script, implicit, oauth_keys, bool(config.get("pipelining"))),
                 hostname="smtp.lab.test",
                 tls_context=None if implicit else context,
                 require_starttls=not implicit,

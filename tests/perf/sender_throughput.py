@@ -64,6 +64,8 @@ import psycopg
 from cryptography.fernet import Fernet
 
 if TYPE_CHECKING:
+    from shared.settings import Settings
+    from tests.lab.certs import LabCertificates
     from tests.lab.smtp_server import SmtpLab
 
 MAILS = int(os.environ.get("BENCH_MAILS", "5000"))
@@ -262,9 +264,10 @@ def through_sender(
     log_dir: Path,
     lab: SmtpLab,
     tree: str | None = None,
+    mails: int = MAILS,
 ) -> SenderRun:
     results = SentResults(amqp_url)
-    bodies = [json.dumps(command(n)).encode() for n in range(MAILS)]
+    bodies = [json.dumps(command(n)).encode() for n in range(mails)]
     conn = pika.BlockingConnection(pika.URLParameters(amqp_url))
     channel = conn.channel()
     channel.queue_declare("mailroom.send", durable=True)
@@ -301,7 +304,7 @@ def through_sender(
         services_before = service_cpu_seconds()
         clock = MachineClock()
         deadline = time.monotonic() + 600
-        while results.count() < MAILS and time.monotonic() < deadline:
+        while results.count() < mails and time.monotonic() < deadline:
             time.sleep(0.1)
         sender_cpu = sum(cpu_seconds(pid) for pid in pids) - cpu_before[0]
         sink_cpu = cpu_seconds(lab.pid) - cpu_before[1]
@@ -345,59 +348,90 @@ def _print_bare(run: BareRun) -> None:
     )
 
 
-def main() -> None:
-    env = _environment()
-    os.environ.update(env)
-    from services.sender.mime import build
-    from shared.contracts.send import SendCommand
+def prepare(settings: Settings, port: int, secret: str) -> None:
+    """Empty bench database and queues, and the one SMTP server of the bench's company: the
+    sink (or whatever forwards to it) on ``port``, STARTTLS and AUTH PLAIN as ``USER``."""
     from shared.db import email_servers
-    from shared.db.migrate import migrate
     from shared.db.pool import make_pool
     from shared.secrets import SecretBox
+    from tests.support.sender import drain
+
+    pool = make_pool(settings, max_size=2)
+    with pool.connection() as conn:
+        conn.execute("TRUNCATE email_servers, send_requests RESTART IDENTITY CASCADE")
+        email_servers.insert(
+            conn,
+            TENANT,
+            {
+                "type": "smtp",
+                "name": "bench sink",
+                "host": "127.0.0.1",
+                "port": port,
+                "tls": False,
+                "auth_type": "basic",
+                "username": USER,
+                "password_encrypted": SecretBox.from_settings(settings).encrypt(secret),
+                "sender_addresses": ["bench@acme.com"],
+                "enabled": True,
+                "role": "agent",
+            },
+        )
+    pool.close()
+    for queue in ("mailroom.send", "mailroom.send.dead", "mailroom.status.reports"):
+        drain(settings.amqp_url, queue)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every sender benchmark starts from: its database and vhost ready, a directory for
+    logs, the lab's certificates, the sink's password and the sender processes' environment."""
+
+    settings: Settings
+    work: Path
+    certs: LabCertificates
+    secret: str
+    sender_env: dict[str, str]
+
+    def mails(self, count: int) -> list[bytes]:
+        """The benchmark's commands as ready-made mails, for the bare loop."""
+        from services.sender.mime import build
+        from shared.contracts.send import SendCommand
+
+        return [
+            build(SendCommand.model_validate(command(n)), "Bench <bench@acme.com>").data
+            for n in range(count)
+        ]
+
+
+def setup(prefix: str) -> Setup:
+    env = _environment()
+    os.environ.update(env)
+    from shared.db.migrate import migrate
     from shared.settings import Settings
     from tests.lab.certs import issue
-    from tests.lab.smtp_server import SmtpLab
     from tests.support.leaks import password
     from tests.support.rabbit import ensure_vhost
 
     ensure_vhost()
     settings = Settings()
     migrate(settings.database_url)
-    work = Path(tempfile.mkdtemp(prefix="mailroom-bench-sender-"))
+    work = Path(tempfile.mkdtemp(prefix=prefix))
     certs = issue(work / "certs")
-    secret = password("bench")
-    with SmtpLab(certs, {USER: secret}, "bench", base=MEMORY) as lab:
-        pool = make_pool(settings, max_size=2)
-        with pool.connection() as conn:
-            conn.execute("TRUNCATE email_servers, send_requests RESTART IDENTITY CASCADE")
-            email_servers.insert(
-                conn,
-                TENANT,
-                {
-                    "type": "smtp",
-                    "name": "bench sink",
-                    "host": "127.0.0.1",
-                    "port": lab.port,
-                    "tls": False,
-                    "auth_type": "basic",
-                    "username": USER,
-                    "password_encrypted": SecretBox.from_settings(settings).encrypt(secret),
-                    "sender_addresses": ["bench@acme.com"],
-                    "enabled": True,
-                    "role": "agent",
-                },
-            )
-        pool.close()
-        from tests.support.sender import drain
+    return Setup(
+        settings, work, certs, password("bench"), {**env, "MAILROOM_CA_BUNDLE": str(certs.ca)}
+    )
 
-        for queue in ("mailroom.send", "mailroom.send.dead", "mailroom.status.reports"):
-            drain(settings.amqp_url, queue)
-        mails = [
-            build(SendCommand.model_validate(command(n)), "Bench <bench@acme.com>").data
-            for n in range(MAILS)
-        ]
+
+def main() -> None:
+    from tests.lab.smtp_server import SmtpLab
+
+    bench = setup("mailroom-bench-sender-")
+    settings, work, certs, secret = bench.settings, bench.work, bench.certs, bench.secret
+    sender_env = bench.sender_env
+    with SmtpLab(certs, {USER: secret}, "bench", base=MEMORY) as lab:
+        prepare(settings, lab.port, secret)
+        mails = bench.mails(MAILS)
         size = sum(len(m) for m in mails) / len(mails)
-        sender_env = {**env, "MAILROOM_CA_BUNDLE": str(certs.ca)}
         bares = [bare_run(lab, secret, certs.ca, mails)]
         rounds: list[list[tuple[int, int, str, SenderRun, int]]] = []
         for _ in range(ROUNDS):

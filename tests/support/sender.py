@@ -14,6 +14,7 @@ import pika
 import pytest
 from fastapi.testclient import TestClient
 
+from services.sender.connections import SmtpConnections
 from shared.settings import Settings
 from tests.lab.certs import LabCertificates
 from tests.lab.fixtures import SMTP_DEFAULT_USER
@@ -178,6 +179,16 @@ def results_tap(amqp_url: str) -> Iterator[rabbit.EventTap]:
         yield tap
     finally:
         tap.stop()
+
+
+@pytest.fixture
+def smtp_connections(mail_lab_certs: LabCertificates) -> Iterator[SmtpConnections]:
+    """The sender's SMTP connection pool, one connection per server, on its own."""
+    pool = SmtpConnections(per_server=1, idle_seconds=60, timeout=10, ca_bundle=mail_lab_certs.ca)
+    try:
+        yield pool
+    finally:
+        pool.close()
 
 
 @pytest.fixture

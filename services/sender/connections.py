@@ -225,7 +225,7 @@ class SmtpConnections:
 
     def _give_back(self, entry: _ServerConnections, session: SmtpSession) -> None:
         if session.closed:
-            return  # cut off by its last transaction (shared.mail.smtp): nothing to reuse
+            return  # lost, or cut off by its last transaction (shared.mail.smtp): not reusable
         with self._lock:
             if self._servers.get(entry.server.id) is entry:
                 entry.idle.append(_Idle(session, time.monotonic()))

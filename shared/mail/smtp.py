@@ -17,11 +17,12 @@
 record its intent before the mail is handed over (a :class:`Handover`): the record starts once
 MAIL FROM is on its way, and only the end of the mail data (the final ``.``) waits for it. A
 server accepts a mail only at that line (RFC 5321 4.1.1.4; a connection that breaks before it
-delivers nothing), so the record has MAIL, RCPT and DATA's round trips to commit in, and "never
-twice" costs no database round trip of its own. When it is committed by the time the mail is
-written (the usual case), the mail and its final ``.`` go out in one write, as ``sendmail``
-sends them: on the benchmark's machine, writing the ``.`` on its own cost each mail 0.36 ms on
-the wire (the gap before it, and a second TLS record for the server to read).
+delivers nothing), so the record has MAIL, RCPT and DATA's round trips (one, pipelined) and the
+writing of the mail to commit in, and "never twice" costs no database round trip of its own.
+When it is committed by the time the mail is written (the usual case), the mail and its final
+``.`` go out in one write, as ``sendmail`` sends them: on the benchmark's machine, writing the
+``.`` on its own cost each mail 0.36 ms on the wire (the gap before it, and a second TLS record
+for the server to read).
 
 With a server that offers PIPELINING (RFC 2920: Postfix, Exchange, Microsoft 365 and Gmail
 do), MAIL, every RCPT and DATA go out in one write and their replies are read in order: a mail
@@ -38,6 +39,7 @@ import base64
 import smtplib
 import socket
 import ssl
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -157,7 +159,7 @@ class SmtpSession:
 
     @property
     def closed(self) -> bool:
-        """Closed by this side (after a transaction that had to be cut off): not reusable."""
+        """Closed (a transaction cut off, a connection lost or timed out): not reusable."""
         return self.client.sock is None
 
     def close(self) -> None:
@@ -348,14 +350,21 @@ def _envelope_in_turn(
     _write_envelope(client, "FROM", envelope_from, options)
     if handover is not None:
         handover.start()
-    code, message = client.getreply()
-    if code != 250:
-        raise smtplib.SMTPSenderRefused(code, message, envelope_from)
+    replies = [client.getreply()]
+    if replies[0][0] != 250:
+        raise smtplib.SMTPSenderRefused(*replies[0], envelope_from)
     progress.step = "RCPT TO"
-    refused = _refused_recipients(client, recipients, write_each=True)
-    if refused:
-        client.rset()
-        raise smtplib.SMTPRecipientsRefused(refused)
+    try:
+        for recipient in recipients:
+            _write_envelope(client, "TO", recipient, [])
+            replies.append(client.getreply())
+    except (smtplib.SMTPServerDisconnected, OSError):
+        _raise_refusal_before_hang_up(replies, recipients, envelope_from)
+        raise
+    refusal = _refusal(replies, recipients, envelope_from)
+    if refusal is not None:
+        _reset(client)
+        raise refusal
     progress.step = "DATA"
     client.putcmd("data")
     code, message = client.getreply()
@@ -371,53 +380,110 @@ def _envelope_pipelined(
     handover: Handover | None,
     progress: _Progress,
 ) -> None:
-    """MAIL, every RCPT and DATA in one write (RFC 2920), then their replies in order; returns
+    """MAIL, every RCPT and DATA pipelined (RFC 2920), their replies read in order; returns
     once DATA's 354 says the server waits for the mail.
+
+    The commands go in groups of at most ``PIPELINING_GROUP_BYTES``, each group's replies read
+    before the next is written: with blocking writes, a larger group could leave both sides
+    writing while neither reads (RFC 2920 3.1). An envelope is one group unless it has about a
+    hundred recipients.
 
     Every reply is read before anything is decided, so the connection stays in step. If any
     was a refusal the mail is not sent: after a refused DATA a RSET ends the transaction (as
     after a refusal one command at a time), but a server that answered DATA with 354 waits for
     the mail, and only closing the connection ends that without a delivery (no final ``.``, no
-    mail), as the rule "all recipients or none" demands (RFC 2920 3.1 would send a lone ``.``,
-    which delivers an empty mail to the recipients that were accepted). The caller then sees a
-    closed session (:attr:`SmtpSession.closed`).
+    mail), as the rule "all recipients or none" demands (the final ``.`` would deliver an empty
+    mail to the recipients that were accepted). The caller then sees a closed session
+    (:attr:`SmtpSession.closed`). A server that hangs up after refusing (Postfix does after too
+    many refusals) has that refusal reported, not the lost connection.
     """
-    lines = [_envelope_line("FROM", envelope_from, options)]
-    lines += [_envelope_line("TO", recipient, []) for recipient in recipients]
-    client.send("".join(f"{line}\r\n" for line in [*lines, "DATA"]))
-    if handover is not None:
-        handover.start()
-    mail_code, mail_message = client.getreply()
-    progress.step = "RCPT TO"
-    refused = _refused_recipients(client, recipients, write_each=False)
-    progress.step = "DATA"
-    data_code, data_message = client.getreply()
-    if mail_code == 250 and not refused and data_code == 354:
+    commands = [("MAIL FROM", _envelope_line("FROM", envelope_from, options))]
+    commands += [("RCPT TO", _envelope_line("TO", recipient, [])) for recipient in recipients]
+    commands.append(("DATA", "DATA"))
+    replies: list[tuple[int, bytes]] = []
+    try:
+        for group in _groups(commands):
+            client.send("".join(f"{line}\r\n" for _, line in group))
+            if handover is not None and not replies:
+                handover.start()
+            for step, _ in group:
+                progress.step = step
+                replies.append(client.getreply())
+    except (smtplib.SMTPServerDisconnected, OSError):
+        _raise_refusal_before_hang_up(replies, recipients, envelope_from)
+        raise
+    refusal = _refusal(replies, recipients, envelope_from)
+    if refusal is None:
         return
-    if data_code == 354:
+    if replies[-1][0] == 354:
         client.close()
-    if mail_code != 250:
-        raise smtplib.SMTPSenderRefused(mail_code, mail_message, envelope_from)
+    elif isinstance(refusal, smtplib.SMTPRecipientsRefused):
+        _reset(client)  # the others are reset by send_transaction
+    raise refusal
+
+
+# Bytes of pipelined commands written before their replies are read: within any network's
+# buffers (RFC 2920 suggests the TCP window; a client with blocking writes must stay below it).
+PIPELINING_GROUP_BYTES = 4096
+
+
+def _groups(commands: list[tuple[str, str]]) -> Iterator[list[tuple[str, str]]]:
+    group: list[tuple[str, str]] = []
+    size = 0
+    for command in commands:
+        length = len(command[1]) + 2
+        if group and size + length > PIPELINING_GROUP_BYTES:
+            yield group
+            group, size = [], 0
+        group.append(command)
+        size += length
+    yield group
+
+
+def _refusal(
+    replies: list[tuple[int, bytes]],
+    recipients: list[str],
+    envelope_from: str,
+    *,
+    hung_up: bool = False,
+) -> smtplib.SMTPException | None:
+    """What the envelope's replies (MAIL, the RCPTs, DATA, as far as they came) refuse, if
+    anything. ``hung_up``: the server closed the connection after them, and a 421 among them
+    was its notice of that (RFC 5321 3.8), not a refusal of this mail."""
+
+    def refuses(code: int) -> bool:
+        return not (hung_up and code == 421)
+
+    if replies and replies[0][0] != 250 and refuses(replies[0][0]):
+        return smtplib.SMTPSenderRefused(*replies[0], envelope_from)
+    refused = {
+        recipient: reply
+        for recipient, reply in zip(recipients, replies[1 : 1 + len(recipients)], strict=False)
+        if reply[0] not in (250, 251) and refuses(reply[0])
+    }
     if refused:
-        if data_code != 354:
-            client.rset()
-        raise smtplib.SMTPRecipientsRefused(refused)
-    raise smtplib.SMTPDataError(data_code, data_message)
+        return smtplib.SMTPRecipientsRefused(refused)
+    if len(replies) == len(recipients) + 2 and replies[-1][0] != 354:
+        return smtplib.SMTPDataError(*replies[-1])
+    return None
 
 
-def _refused_recipients(
-    client: smtplib.SMTP, recipients: list[str], *, write_each: bool
-) -> dict[str, tuple[int, bytes]]:
-    """The RCPT replies, in order: the refused recipients with their replies. ``write_each``:
-    send each RCPT before reading its reply (else they were sent already, pipelined)."""
-    refused: dict[str, tuple[int, bytes]] = {}
-    for recipient in recipients:
-        if write_each:
-            _write_envelope(client, "TO", recipient, [])
-        code, message = client.getreply()
-        if code not in (250, 251):
-            refused[recipient] = (code, message)
-    return refused
+def _raise_refusal_before_hang_up(
+    replies: list[tuple[int, bytes]], recipients: list[str], envelope_from: str
+) -> None:
+    """The server hung up: a refusal it gave before (Postfix hangs up after too many) is what
+    is reported (a 550 stays final), else the caller reports the lost connection."""
+    refusal = _refusal(replies, recipients, envelope_from, hung_up=True)
+    if refusal is not None:
+        raise refusal
+
+
+def _reset(client: smtplib.SMTP) -> None:
+    """RSET after a refused transaction; a server that hung up meanwhile leaves it closed."""
+    try:
+        client.rset()
+    except (smtplib.SMTPException, OSError):
+        client.close()
 
 
 def _dot_stuffed(data: bytes) -> bytes:

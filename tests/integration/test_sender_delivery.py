@@ -507,7 +507,7 @@ def test_a_refused_recipient_fails_the_mail_for_all_of_its_recipients(
 ) -> None:
     """The lab offers PIPELINING: its 354 to DATA has come by the time the refusal is read,
     and the mail must still reach nobody (a retry would otherwise deliver twice to the ones
-    that were accepted). The next command is sent on a new connection."""
+    that were accepted). The next command is sent."""
     lab, _ = labs
     assert lab.pipelining
     api, tenant = company

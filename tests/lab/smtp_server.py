@@ -23,8 +23,8 @@ Commands may be up to 64 KiB long (aiosmtpd's 1001-byte stream limit cuts off
 
 With ``pipelining=True`` the server offers PIPELINING (RFC 2920) in its EHLO reply, as Postfix,
 Exchange and Gmail do; aiosmtpd reads pipelined commands in order either way. Each stored mail
-records whether its RCPT and DATA commands had arrived together with its MAIL FROM
-(``ReceivedMail.pipelined``).
+records whether more commands had arrived by the time its MAIL FROM was read (what a client
+that pipelines does; ``ReceivedMail.pipelined``).
 
 Replies can be scripted per recipient (``SmtpLab.script``): a list of replies used one per DATA,
 the last one repeating, e.g. ``["451 4.3.0 try later", "451 4.3.0 try later", "250"]`` or
@@ -32,7 +32,8 @@ the last one repeating, e.g. ``["451 4.3.0 try later", "451 4.3.0 try later", "2
 stored first, the answer comes after the delay (a worker killed "right after DATA").
 ``rcpt`` and ``mail`` script the replies to RCPT TO and MAIL FROM per address instead (e.g.
 ``{"gone@example.org": "550 5.1.1 no such user"}``): a refused address is not added to the
-transaction, as a real server does.
+transaction, as a real server does. ``{"reply": ..., "hang_up": true}`` closes the connection
+right after that reply, as Postfix does after too many refusals.
 
 Facts this relies on: a rejected login gets no reply at all unless the authenticator returns
 ``AuthResult(success=False, handled=False)`` (then ``535 5.7.8``).
@@ -82,7 +83,7 @@ class ReceivedMail:
     login: str | None
     tls_port: bool
     path: Path
-    pipelined: bool  # its RCPT and DATA commands came in the same read as its MAIL FROM
+    pipelined: bool  # more commands had come by the time its MAIL FROM was read
 
     @property
     def message(self) -> EmailMessage:
@@ -189,8 +190,8 @@ class SmtpLab:
         self,
         rules: dict[str, list[Any]],
         *,
-        rcpt: dict[str, str] | None = None,
-        mail: dict[str, str] | None = None,
+        rcpt: dict[str, Any] | None = None,
+        mail: dict[str, Any] | None = None,
     ) -> None:
         """Replies to DATA per recipient address, and to RCPT TO and MAIL FROM per address;
         ``{}`` = accept everything (the default)."""
@@ -253,8 +254,8 @@ class _Script:
         self.sequence = 0
         self.version: object = None
         self.rules: dict[str, list[Any]] = {}
-        self.rcpt: dict[str, str] = {}
-        self.mail: dict[str, str] = {}
+        self.rcpt: dict[str, Any] = {}
+        self.mail: dict[str, Any] = {}
         self.used: dict[str, int] = {}
 
     def _load(self) -> None:
@@ -269,10 +270,16 @@ class _Script:
             self.mail = {k.lower(): v for k, v in data.get("mail", {}).items()}
             self.used = {}
 
-    def envelope_reply(self, command: str, address: str) -> str | None:
-        """The scripted reply to ``MAIL`` or ``RCPT`` for ``address``, if any."""
+    def envelope_reply(self, command: str, address: str) -> tuple[str, bool] | None:
+        """The scripted reply to ``MAIL`` or ``RCPT`` for ``address``, and whether to hang up
+        after it; ``None``: accepted."""
         self._load()
-        return (self.mail if command == "MAIL" else self.rcpt).get(address.lower())
+        entry = (self.mail if command == "MAIL" else self.rcpt).get(address.lower())
+        if entry is None:
+            return None
+        if isinstance(entry, dict):
+            return str(entry["reply"]), bool(entry.get("hang_up"))
+        return str(entry), False
 
     def reply_for(self, recipients: list[str]) -> tuple[str, float]:
         self._load()
@@ -361,6 +368,16 @@ def parse_oauthbearer(blob: bytes) -> tuple[str, str]:
     return user, auth[7:].strip()
 
 
+def _refuse(server: Any, reply: str, hang_up: bool) -> str:
+    """``reply`` for aiosmtpd to send. With ``hang_up`` it is written here and the connection
+    closed at once (a transport sends what it holds first), before aiosmtpd answers any command
+    the client sent after it (pipelined): those answers go nowhere."""
+    if hang_up:
+        server.transport.write(f"{reply}\r\n".encode())
+        server.transport.close()
+    return reply
+
+
 class _Handler:
     def __init__(
         self, script: _Script, implicit_tls: bool, oauth_keys: _TrustedKeys, pipelining: bool
@@ -384,7 +401,7 @@ class _Handler:
     ) -> str:
         refused = self.script.envelope_reply("MAIL", address)
         if refused:
-            return refused
+            return _refuse(server, *refused)
         # What the client sent after MAIL FROM without waiting for its reply: already read.
         envelope.pipelined = bool(server._reader._buffer)
         envelope.mail_from = address
@@ -396,7 +413,7 @@ class _Handler:
     ) -> str:
         refused = self.script.envelope_reply("RCPT", address)
         if refused:
-            return refused
+            return _refuse(server, *refused)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
         return "250 OK"

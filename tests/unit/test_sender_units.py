@@ -6,6 +6,7 @@ import base64
 import contextlib
 import email
 import email.policy
+import itertools
 import json
 import re
 import types
@@ -23,7 +24,9 @@ from services.sender.results import ResultStream
 from shared.contracts.send import InvalidCommand, SendCommand, SendResult, parse_command
 from shared.db import send_requests
 from shared.email_servers import AuthType, EmailServer, Role, ServerType
+from shared.mail.smtp import PIPELINING_GROUP_BYTES
 from shared.mail.smtp import _dot_stuffed as dot_stuffed
+from shared.mail.smtp import _groups as pipelining_groups
 from shared.server_directory import ServerDirectory
 from shared.settings import Settings
 
@@ -276,6 +279,24 @@ def test_dot_stuffing_doubles_the_dot_that_starts_any_line(data: bytes) -> None:
     expected = re.sub(rb"(?m)^\.", b"..", data)  # RFC 5321 4.5.2, as smtplib writes it
     expected += b"" if expected.endswith(b"\r\n") else b"\r\n"
     assert dot_stuffed(data) == expected
+
+
+@pytest.mark.parametrize(("recipients", "groups"), [(1, 1), (60, 1), (500, 5)])
+def test_pipelined_commands_go_in_as_few_groups_as_fit_the_network_buffers(
+    recipients: int, groups: int
+) -> None:
+    commands = [("MAIL FROM", "mail FROM:<a@acme.com> SIZE=2075")]
+    commands += [("RCPT TO", f"rcpt TO:<customer-{n:04d}@example.org>") for n in range(recipients)]
+    commands.append(("DATA", "DATA"))
+    found = list(pipelining_groups(commands))
+
+    def size(group: list[tuple[str, str]]) -> int:
+        return sum(len(line) + 2 for _, line in group)
+
+    assert [command for group in found for command in group] == commands  # all, in order
+    assert all(size(group) <= PIPELINING_GROUP_BYTES for group in found)
+    assert all(size(a) + size(b[:1]) > PIPELINING_GROUP_BYTES for a, b in itertools.pairwise(found))
+    assert len(found) == groups
 
 
 def test_results_count_as_confirmed_only_without_gaps() -> None:

@@ -305,8 +305,15 @@ def send_transaction(
     try:
         if smtputf8:
             client.command_encoding = "utf-8"  # as smtplib's mail() does; rset() undoes it
-        envelope = _envelope_pipelined if session.pipelining else _envelope_in_turn
-        envelope(client, envelope_from, recipients, options, handover, progress)
+        _envelope(
+            client,
+            envelope_from,
+            recipients,
+            options,
+            handover,
+            progress,
+            pipelined=session.pipelining,
+        )
         mail = _dot_stuffed(data)
         if handover is not None:
             if not handover.ready():
@@ -323,10 +330,7 @@ def send_transaction(
     except (smtplib.SMTPException, OSError) as exc:
         error = _fail(exc, session.server, progress.step)
         if isinstance(exc, smtplib.SMTPResponseException) and exc.smtp_code >= 0:
-            try:
-                client.rset()
-            except (smtplib.SMTPException, OSError):
-                client.close()
+            _reset(client)
         raise error from exc
 
 
@@ -337,72 +341,44 @@ class _Progress:
     step: str = "MAIL FROM"
 
 
-def _envelope_in_turn(
+def _envelope(
     client: smtplib.SMTP,
     envelope_from: str,
     recipients: list[str],
     options: list[str],
     handover: Handover | None,
     progress: _Progress,
+    *,
+    pipelined: bool,
 ) -> None:
-    """MAIL, each RCPT and DATA one at a time, each awaiting its reply; returns after DATA's
-    354. Any refused recipient aborts the transaction (RSET) before DATA."""
-    _write_envelope(client, "FROM", envelope_from, options)
-    if handover is not None:
-        handover.start()
-    replies = [client.getreply()]
-    if replies[0][0] != 250:
-        raise smtplib.SMTPSenderRefused(*replies[0], envelope_from)
-    progress.step = "RCPT TO"
-    try:
-        for recipient in recipients:
-            _write_envelope(client, "TO", recipient, [])
-            replies.append(client.getreply())
-    except (smtplib.SMTPServerDisconnected, OSError):
-        _raise_refusal_before_hang_up(replies, recipients, envelope_from)
-        raise
-    refusal = _refusal(replies, recipients, envelope_from)
-    if refusal is not None:
-        _reset(client)
-        raise refusal
-    progress.step = "DATA"
-    client.putcmd("data")
-    code, message = client.getreply()
-    if code != 354:
-        raise smtplib.SMTPDataError(code, message)
+    """MAIL, every RCPT and DATA, their replies read in order; returns once DATA's 354 says
+    the server waits for the mail. The ``handover`` starts once MAIL FROM is written.
 
+    One command at a time, nothing is sent whose answer cannot matter: no RCPT after a refused
+    MAIL, no DATA after a refused recipient. Pipelined (RFC 2920) the commands go in groups of
+    at most ``PIPELINING_GROUP_BYTES``, each group's replies read before the next is written:
+    with blocking writes a larger group could leave both sides writing while neither reads
+    (RFC 2920 3.1). An envelope is one group unless it has about a hundred recipients.
 
-def _envelope_pipelined(
-    client: smtplib.SMTP,
-    envelope_from: str,
-    recipients: list[str],
-    options: list[str],
-    handover: Handover | None,
-    progress: _Progress,
-) -> None:
-    """MAIL, every RCPT and DATA pipelined (RFC 2920), their replies read in order; returns
-    once DATA's 354 says the server waits for the mail.
-
-    The commands go in groups of at most ``PIPELINING_GROUP_BYTES``, each group's replies read
-    before the next is written: with blocking writes, a larger group could leave both sides
-    writing while neither reads (RFC 2920 3.1). An envelope is one group unless it has about a
-    hundred recipients.
-
-    Every reply is read before anything is decided, so the connection stays in step. If any
-    was a refusal the mail is not sent: after a refused DATA a RSET ends the transaction (as
-    after a refusal one command at a time), but a server that answered DATA with 354 waits for
-    the mail, and only closing the connection ends that without a delivery (no final ``.``, no
-    mail), as the rule "all recipients or none" demands (the final ``.`` would deliver an empty
-    mail to the recipients that were accepted). The caller then sees a closed session
-    (:attr:`SmtpSession.closed`). A server that hangs up after refusing (Postfix does after too
-    many refusals) has that refusal reported, not the lost connection.
+    Every reply sent is read before anything is decided, so the connection stays in step. If
+    any was a refusal the mail is not sent: a RSET ends the transaction, but a server that
+    answered DATA with 354 waits for the mail, and only closing the connection ends that without
+    a delivery (no final ``.``, no mail), as the rule "all recipients or none" demands (the
+    final ``.`` would deliver an empty mail to the recipients that were accepted). The caller
+    then sees a closed session (:attr:`SmtpSession.closed`). A server that hangs up after
+    refusing (Postfix does after too many refusals) has that refusal reported, not the lost
+    connection.
     """
     commands = [("MAIL FROM", _envelope_line("FROM", envelope_from, options))]
     commands += [("RCPT TO", _envelope_line("TO", recipient, [])) for recipient in recipients]
     commands.append(("DATA", "DATA"))
+    groups = _groups(commands) if pipelined else ([command] for command in commands)
     replies: list[tuple[int, bytes]] = []
     try:
-        for group in _groups(commands):
+        for group in groups:
+            if not pipelined and _pointless(group, replies, recipients, envelope_from):
+                break
+            progress.step = group[0][0]
             client.send("".join(f"{line}\r\n" for _, line in group))
             if handover is not None and not replies:
                 handover.start()
@@ -410,7 +386,9 @@ def _envelope_pipelined(
                 progress.step = step
                 replies.append(client.getreply())
     except (smtplib.SMTPServerDisconnected, OSError):
-        _raise_refusal_before_hang_up(replies, recipients, envelope_from)
+        refusal = _refusal(replies, recipients, envelope_from, hung_up=True)
+        if refusal is not None:
+            raise refusal from None
         raise
     refusal = _refusal(replies, recipients, envelope_from)
     if refusal is None:
@@ -420,6 +398,19 @@ def _envelope_pipelined(
     elif isinstance(refusal, smtplib.SMTPRecipientsRefused):
         _reset(client)  # the others are reset by send_transaction
     raise refusal
+
+
+def _pointless(
+    group: list[tuple[str, str]],
+    replies: list[tuple[int, bytes]],
+    recipients: list[str],
+    envelope_from: str,
+) -> bool:
+    """One command at a time: whether the answers so far make sending ``group`` pointless."""
+    refusal = _refusal(replies, recipients, envelope_from)
+    return refusal is not None and (
+        isinstance(refusal, smtplib.SMTPSenderRefused) or group[0][0] == "DATA"
+    )
 
 
 # Bytes of pipelined commands written before their replies are read: within any network's
@@ -468,16 +459,6 @@ def _refusal(
     return None
 
 
-def _raise_refusal_before_hang_up(
-    replies: list[tuple[int, bytes]], recipients: list[str], envelope_from: str
-) -> None:
-    """The server hung up: a refusal it gave before (Postfix hangs up after too many) is what
-    is reported (a 550 stays final), else the caller reports the lost connection."""
-    refusal = _refusal(replies, recipients, envelope_from, hung_up=True)
-    if refusal is not None:
-        raise refusal
-
-
 def _reset(client: smtplib.SMTP) -> None:
     """RSET after a refused transaction; a server that hung up meanwhile leaves it closed."""
     try:
@@ -497,17 +478,13 @@ def _dot_stuffed(data: bytes) -> bytes:
     return stuffed if stuffed.endswith(b"\r\n") else stuffed + b"\r\n"
 
 
-def _write_envelope(client: smtplib.SMTP, field: str, address: str, options: list[str]) -> None:
-    """``MAIL FROM:<address>`` or ``RCPT TO:<address>``, for an address the sender built
-    itself (a bare ``local@domain``): nothing to quote. smtplib's ``mail()`` and ``rcpt()``
-    would parse each address again (``email.utils.parseaddr``), which cost a tenth of the
-    sender's CPU per mail, between two round trips of the SMTP connection."""
-    client.send(f"{_envelope_line(field, address, options)}\r\n")
-
-
 def _envelope_line(field: str, address: str, options: list[str]) -> str:
-    """The command line without its CRLF; refuses a line break as smtplib's ``putcmd`` does
-    (the addresses were validated long before: this is the last guard against injection)."""
+    """``MAIL FROM:<address>`` or ``RCPT TO:<address>`` without its CRLF, for an address the
+    sender built itself (a bare ``local@domain``): nothing to quote. smtplib's ``mail()`` and
+    ``rcpt()`` would parse each address again (``email.utils.parseaddr``), which cost a tenth of
+    the sender's CPU per mail, between two round trips of the SMTP connection. A line break is
+    refused as smtplib's ``putcmd`` does (the addresses were validated long before: this is the
+    last guard against injection)."""
     verb = "mail" if field == "FROM" else "rcpt"
     line = f"{verb} {field}:<{address}>" + "".join(f" {option}" for option in options)
     if "\r" in line or "\n" in line:

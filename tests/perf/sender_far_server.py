@@ -25,8 +25,7 @@ import sys
 from tests.perf.sender_throughput import (
     MEMORY,
     USER,
-    arrival_rate,
-    bare_loop,
+    bare_run,
     prepare,
     setup,
     through_sender,
@@ -54,17 +53,14 @@ def main() -> None:
             proxy.start()
         try:
             for _ in range(ROUNDS):
-                bare_loop(proxies[plain].port, secret, certs.ca, mails)
-                bare = arrival_rate(plain)
-                plain.clear()
-                rates.setdefault("bare", []).append(bare)
+                bare = bare_run(plain, secret, certs.ca, mails, port=proxies[plain].port)
+                rates.setdefault("bare", []).append(bare.rate)
                 for name, lab in (("sender", plain), ("sender, PIPELINING", fast)):
                     prepare(settings, proxies[lab].port, secret)
-                    through_sender(
+                    run = through_sender(
                         bench.sender_env, 1, 1, settings.amqp_url, bench.work, lab, mails=MAILS
                     )
-                    rates.setdefault(name, []).append(arrival_rate(lab))
-                    rates.setdefault(f"{name} ratio", []).append(arrival_rate(lab) / bare)
+                    rates.setdefault(name, []).append(run.rate)
                     lab.clear()
         finally:
             for proxy in proxies.values():
@@ -75,7 +71,7 @@ def main() -> None:
     )
     print(f"  bare smtplib loop (no PIPELINING):   {statistics.median(rates['bare']):6.1f} mails/s")
     for name in ("sender", "sender, PIPELINING"):
-        ratios = rates[f"{name} ratio"]
+        ratios = [run / bare for run, bare in zip(rates[name], rates["bare"], strict=True)]
         print(
             f"  {name + ':':<36}{statistics.median(rates[name]):6.1f} mails/s ="
             f" {statistics.median(ratios):4.0%} of the bare loop"

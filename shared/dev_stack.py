@@ -6,6 +6,7 @@ so what works here works there.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -20,6 +21,9 @@ from shared.settings import Settings
 from shared.tokens import MANAGE, mint_token
 
 SERVICE_NAMES = ("config-api", "fetcher", "sender", "status")
+# On a developer's machine the mail servers are local ones (a Dovecot, a test SMTP sink):
+# loopback is allowed unless the developer says otherwise. Production denies it.
+DEV_ALLOWED_NETWORKS = "127.0.0.0/8,::1/128"
 READY_TIMEOUT_SECONDS = 30.0
 
 
@@ -60,8 +64,9 @@ def run_stack(settings: Settings, tenant: str) -> int:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
 
+    environment = {"MAILROOM_ALLOWED_NETWORKS": DEV_ALLOWED_NETWORKS, **os.environ}
     children = {
-        name: subprocess.Popen([sys.executable, "-m", "shared.cli", "run", name])
+        name: subprocess.Popen([sys.executable, "-m", "shared.cli", "run", name], env=environment)
         for name in SERVICE_NAMES
     }
     api = f"http://{settings.api_host}:{settings.api_port}"

@@ -94,12 +94,24 @@ class EmailServer:
     is_template_server: bool = False
     oauth_provider: str | None = None
     last_connection: dict[str, Any] | None = None
+    starttls_seen_at: str | None = None  # "host:port" where a connection test saw STARTTLS
     created_at: datetime | None = None
     updated_at: datetime | None = None
 
     @property
     def effective_port(self) -> int:
         return effective_port(self.type, self.tls, self.port)
+
+    @property
+    def place(self) -> str:
+        """Where connections go: ``host:port`` (what a STARTTLS pin is tied to)."""
+        return f"{self.host}:{self.effective_port}"
+
+    @property
+    def requires_tls(self) -> bool:
+        """Credentials go only over TLS: the TLS box is checked, or a connection test saw this
+        host and port offer STARTTLS (a server that stops offering it is not trusted)."""
+        return self.tls or self.starttls_seen_at == self.place
 
     @property
     def has_password(self) -> bool:

@@ -9,10 +9,11 @@ before any mail is touched:
 - SMTP: connect, EHLO, STARTTLS, AUTH, NOOP (never sends mail).
 
 Before that it checks what needs no network: an inbound server has a routing plan, the host
-resolves, and it resolves to no address the installation denies (``NetworkPolicy``). The whole
-test is bounded by ``timeout`` (each network step by the same limit, the total by a little
-more). The result names the cause in words an admin can act on, a category for machines, and
-the capabilities worth showing.
+resolves, and it resolves to no address the installation denies (``NetworkPolicy``); the test
+then connects to the address it checked (``shared.mail.connector``). The whole test is bounded
+by ``timeout`` (each network step by the same limit, the total by a little more), and what the
+server may send by the connector's read limits. The result names the cause in words an admin
+can act on, a category for machines, and the capabilities worth showing.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import ssl
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -33,9 +33,9 @@ from imapclient import IMAPClient
 
 from shared.contracts.status_reports import FailureCategory
 from shared.email_servers import AuthType, EmailServer, ServerType
+from shared.mail.connector import Connector
 from shared.mail.errors import MailServerError, describe
 from shared.mail.imap import ImapMailbox
-from shared.mail.network_policy import NetworkPolicy
 from shared.mail.pop3 import Pop3Mailbox
 from shared.mail.smtp import smtp_probe
 from shared.mail.tls import connect_address, tls_server_name
@@ -81,17 +81,15 @@ _EXECUTOR = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_pr
 
 @dataclass(frozen=True)
 class ConnectionProbe:
-    timeout: float
-    policy: NetworkPolicy
-    ca_bundle: Path | None = None
+    connector: Connector
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ConnectionProbe:
-        return cls(
-            settings.probe_timeout_seconds,
-            NetworkPolicy.parse(settings.denied_networks),
-            settings.ca_bundle,
-        )
+        return cls(Connector.from_settings(settings, settings.probe_timeout_seconds))
+
+    @property
+    def timeout(self) -> float:
+        return self.connector.timeout
 
     def __call__(self, server: EmailServer, password: str | None) -> ProbeResult:
         """Test ``server`` with these settings; ``password`` is the plaintext password, or the
@@ -100,7 +98,7 @@ class ConnectionProbe:
             return ProbeResult(False, NO_ROUTING_PLAN, FailureCategory.NO_ROUTING_PLAN)
         started = datetime.now(UTC)
         try:
-            self.policy.resolve(server.host, server.effective_port)
+            self.connector.policy.resolve(server.host, server.effective_port)
             if server.auth_type is AuthType.OAUTH2 and not password:
                 return ProbeResult(False, NO_ACCESS_TOKEN, FailureCategory.REAUTH_REQUIRED)
             future = _EXECUTOR.submit(self._talk, server, password)
@@ -138,7 +136,7 @@ class ConnectionProbe:
                 return self._imap(server, password)
             if server.type is ServerType.POP3:
                 return self._pop3(server, password)
-            result = smtp_probe(server, password, self.timeout, self.ca_bundle)
+            result = smtp_probe(server, password, self.connector)
         except MailServerError:
             raise
         except Exception as exc:  # an adapter let something through: still a readable answer
@@ -153,9 +151,7 @@ class ConnectionProbe:
         return sorted(shown)
 
     def _imap(self, server: EmailServer, password: str | None) -> list[str]:
-        mailbox = _ProbingImapMailbox(
-            server, password, ca_bundle=self.ca_bundle, timeout=self.timeout
-        )
+        mailbox = _ProbingImapMailbox(server, password, self.connector)
         try:
             mailbox.open()  # connect, TLS/STARTTLS, login, CAPABILITY, SELECT
         except MailServerError as error:
@@ -169,9 +165,7 @@ class ConnectionProbe:
         return sorted(n for n in names if n.startswith(_SHOWN_IMAP))
 
     def _pop3(self, server: EmailServer, password: str | None) -> list[str]:
-        mailbox = _ProbingPop3Mailbox(
-            server, password, ca_bundle=self.ca_bundle, timeout=self.timeout
-        )
+        mailbox = _ProbingPop3Mailbox(server, password, self.connector)
         mailbox.open()  # connect, TLS/STLS, USER/PASS
         try:
             mailbox.stat()
@@ -200,7 +194,7 @@ class ConnectionProbe:
 
     def _explain_certificate(self, server: EmailServer, error: MailServerError) -> MailServerError:
         """Name what the certificate is for: "certificate is for mx.example.org, not 10.0.0.5"."""
-        names = certificate_names(server, min(self.timeout, 5.0))
+        names = certificate_names(server, self.connector)
         if not names:
             return error
         host, port = connect_address(server)
@@ -259,7 +253,7 @@ def _smtp_names(capability: str) -> list[str]:
     return [name]
 
 
-def certificate_names(server: EmailServer, timeout: float) -> list[str]:
+def certificate_names(server: EmailServer, connector: Connector) -> list[str]:
     """The names of the certificate ``server`` presents; empty when it cannot be had.
 
     Only to explain a failure: the chain is not checked here, and nothing is sent but the
@@ -270,7 +264,8 @@ def certificate_names(server: EmailServer, timeout: float) -> list[str]:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     try:
-        with socket.create_connection((host, port), timeout) as sock:
+        with connector.connect(server) as sock:
+            sock.settimeout(min(connector.timeout, 5.0))
             if not server.tls:
                 _start_tls(sock, server.type)
             with context.wrap_socket(sock, server_hostname=tls_server_name(server)) as secure:
@@ -278,7 +273,7 @@ def certificate_names(server: EmailServer, timeout: float) -> list[str]:
         if der is None:
             return []
         certificate = x509.load_der_x509_certificate(der)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, MailServerError) as exc:
         log.debug("certificate names of %s:%d unavailable: %s", host, port, exc)
         return []
     try:

@@ -19,6 +19,7 @@ from cryptography.fernet import Fernet
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.mail.network_policy import DENIED_BY_DEFAULT
 from shared.oauth.providers import OAuthProvider, parse_providers
 
 log = logging.getLogger(__name__)
@@ -71,9 +72,20 @@ class Settings(BaseSettings):
         default=8, description="Connection tests the config API runs at once; more wait."
     )
     denied_networks: str = Field(
-        default="169.254.0.0/16,fe80::/10",
-        description="Comma-separated networks Mailroom never connects to for an admin "
-        "(default: link-local, where cloud metadata services live). Add internal ranges.",
+        default=DENIED_BY_DEFAULT,
+        description="Comma-separated networks Mailroom never connects to for a tenant (mail "
+        "servers, OAuth2 token endpoints). Default: loopback, link-local, private, CGNAT, ULA, "
+        "0.0.0.0/8, multicast and reserved ranges.",
+    )
+    allowed_networks: str = Field(
+        default="",
+        description="Comma-separated networks allowed even though denied above, e.g. an "
+        "on-premises mail server's (make run and the tests allow loopback).",
+    )
+    mail_answer_max_bytes: int = Field(
+        default=1024 * 1024,
+        description="Most a mail server may send in answer to one command (a greeting, a "
+        "reply); a fetched mail may be as large as max_mail_bytes.",
     )
     outbox_poll_seconds: float = 1.0
     config_resync_seconds: float = 300.0

@@ -28,12 +28,7 @@ RECHECK_SECONDS = 0.3
 class ImapPoller(MailboxPoller):
     def serve(self) -> None:
         settings = self.context.settings
-        mailbox = ImapMailbox(
-            self.server,
-            self.login_secret(),
-            ca_bundle=settings.ca_bundle,
-            timeout=settings.mail_server_timeout_seconds,
-        )
+        mailbox = ImapMailbox(self.server, self.login_secret(), self.context.connector)
         mailbox.open()
         try:
             self._finish_earlier_batches(mailbox)
@@ -138,7 +133,7 @@ class ImapPoller(MailboxPoller):
 
     def _read(self, mailbox: ImapMailbox, batch: list[tuple[int, int]]) -> list[FetchedMail]:
         limit = self.context.settings.max_mail_bytes
-        small = [uid for uid, size in batch if size <= limit]
+        small = {uid: size for uid, size in batch if size <= limit}
         large = [uid for uid, size in batch if size > limit]
         bodies = mailbox.bodies(small) if small else {}
         heads = mailbox.headers(large) if large else {}

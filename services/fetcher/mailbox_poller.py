@@ -24,6 +24,7 @@ from shared.db.pool import DictConnection
 from shared.email_servers import AuthType, EmailServer
 from shared.leases import Leases, LeasesUnavailable
 from shared.login_secrets import LoginSecrets
+from shared.mail.connector import Connector
 from shared.mail.errors import MailServerError
 from shared.settings import Settings
 
@@ -44,6 +45,7 @@ class FetcherContext:
     login_secrets: LoginSecrets
     leases: Leases
     worker: str
+    connector: Connector
 
 
 class MailboxPoller(threading.Thread):

@@ -26,13 +26,7 @@ class Pop3Poller(MailboxPoller):
             self.pause(self.context.settings.pop3_poll_seconds)
 
     def poll_once(self) -> int:
-        settings = self.context.settings
-        mailbox = Pop3Mailbox(
-            self.server,
-            self.login_secret(),
-            ca_bundle=settings.ca_bundle,
-            timeout=settings.mail_server_timeout_seconds,
-        )
+        mailbox = Pop3Mailbox(self.server, self.login_secret(), self.context.connector)
         mailbox.open()
         try:
             self.handover.recover()

@@ -22,6 +22,7 @@ from shared.db.pool import DictConnection
 from shared.email_servers import EmailServer, ServerType
 from shared.leases import Leases
 from shared.login_secrets import LoginSecrets
+from shared.mail.connector import Connector
 from shared.oauth.tokens import OAuthTokens
 from shared.redis_client import redis_client
 from shared.secrets import SecretBox
@@ -59,6 +60,7 @@ class FetcherSupervisor(ConfigFollower):
             ),
             leases=Leases(redis_client(settings.redis_url), worker, settings.mailbox_lease_seconds),
             worker=worker,
+            connector=Connector.from_settings(settings, settings.mail_server_timeout_seconds),
         )
         super().__init__(settings, pool)
 

@@ -19,10 +19,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from shared.contracts.status_reports import FailureCategory
 from shared.email_servers import EmailServer
+from shared.mail.connector import Connector
 from shared.mail.smtp import Handover, SmtpError, SmtpSession, open_session, send_transaction
 
 log = logging.getLogger(__name__)
@@ -104,13 +104,11 @@ class SmtpConnections:
         *,
         per_server: int,
         idle_seconds: float,
-        timeout: float,
-        ca_bundle: Path | None,
+        connector: Connector,
     ) -> None:
         self._per_server = max(1, per_server)
         self._idle_seconds = idle_seconds
-        self._timeout = timeout
-        self._ca_bundle = ca_bundle
+        self._connector = connector
         self._lock = threading.Lock()
         self._servers: dict[str, _ServerConnections] = {}
         self.opened = 0  # connections opened in this process (tests and benchmark read it)
@@ -217,9 +215,7 @@ class SmtpConnections:
             return idle.session, True
         if before_wait is not None:
             before_wait()
-        session = open_session(
-            entry.server, password, timeout=self._timeout, ca_bundle=self._ca_bundle
-        )
+        session = open_session(entry.server, password, self._connector)
         self.opened += 1
         return session, False
 

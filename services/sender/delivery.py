@@ -221,6 +221,7 @@ from shared.db import send_requests as repo
 from shared.db.pool import DictConnection, session_options
 from shared.email_servers import AuthType, EmailServer
 from shared.login_secrets import LoginSecrets
+from shared.mail.connector import Connector
 from shared.mail.errors import MailServerError
 from shared.mail.smtp import SmtpError
 from shared.oauth.tokens import OAuthTokens
@@ -578,8 +579,7 @@ class Sender:
         self.connections = SmtpConnections(
             per_server=settings.sender_connections_per_server,
             idle_seconds=settings.sender_idle_close_seconds,
-            timeout=settings.sender_smtp_timeout_seconds,
-            ca_bundle=settings.ca_bundle,
+            connector=Connector.from_settings(settings, settings.sender_smtp_timeout_seconds),
         )
         self.limiter = RateLimiter(
             settings.redis_url, settings.sender_rate_per_minute, settings.sender_rate_burst

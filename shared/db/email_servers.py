@@ -34,6 +34,7 @@ WRITABLE_COLUMNS = (
     "is_template_server",
     "oauth_provider",
     "last_connection",
+    "starttls_seen_at",
 )
 
 
@@ -63,6 +64,7 @@ def _to_model(row: Mapping[str, Any]) -> EmailServer:
         is_template_server=row["is_template_server"],
         oauth_provider=row["oauth_provider"],
         last_connection=row["last_connection"],
+        starttls_seen_at=row["starttls_seen_at"],
         version=row["version"],
         created_at=row["created_at"],
         updated_at=row["updated_at"],

@@ -10,11 +10,12 @@ can act on.
 from __future__ import annotations
 
 import contextlib
+import imaplib
+import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from imapclient import IMAPClient, SocketTimeout
@@ -23,13 +24,17 @@ from imapclient.exceptions import IMAPClientError, LoginError
 from shared.contracts.status_reports import FailureCategory
 from shared.email_servers import DEFAULT_INBOX_FOLDER, AuthType, EmailServer
 from shared.mail import sasl
+from shared.mail.connector import Connector
 from shared.mail.errors import MailServerError, describe
-from shared.mail.imap_compress import DeflateStream, enable_deflate
-from shared.mail.tls import NamedContext, client_context, connect_address, tls_server_name
+from shared.mail.guarded_socket import GuardedReader, ReadGuard, guard_of
+from shared.mail.imap_compress import enable_deflate
+from shared.mail.tls import connect_address, tls_server_name
 
 SEEN = b"\\Seen"
 # UIDs named in one command: 2,000 of up to 10 digits stay far below servers' line limits.
 _UIDS_PER_COMMAND = 2000
+# What a FETCH answer may hold beyond the mails' checked sizes (the items' names, flags, UIDs).
+_FETCH_OVERHEAD_PER_MAIL = 1024
 
 
 @dataclass(frozen=True)
@@ -42,23 +47,14 @@ class FolderState:
 class ImapMailbox:
     """One logged-in IMAP connection with the server's inbox folder selected."""
 
-    def __init__(
-        self,
-        server: EmailServer,
-        secret: str | None,
-        *,
-        ca_bundle: Path | None = None,
-        timeout: float = 30.0,
-    ) -> None:
+    def __init__(self, server: EmailServer, secret: str | None, connector: Connector) -> None:
         self.server = server
         self.folder = server.inbox_folder or DEFAULT_INBOX_FOLDER
         self._secret = secret  # the password (Basic) or an access token (OAuth2)
-        self._ca_bundle = ca_bundle
-        self._timeout = timeout
+        self._connector = connector
         self._client: IMAPClient | None = None
         self.capabilities: frozenset[str] = frozenset()
         self.compressed = False
-        self._deflate: DeflateStream | None = None
         self.state: FolderState | None = None
         self._host, self._port = connect_address(server)
 
@@ -75,18 +71,18 @@ class ImapMailbox:
             raise self._describe(exc) from exc
 
     def _open(self) -> FolderState:
-        name = tls_server_name(self.server)
-        context: Any = NamedContext(client_context(self._ca_bundle), name)
-        client = IMAPClient(
-            self._host,
-            port=self._port,
-            ssl=self.server.tls,
-            ssl_context=context,
-            timeout=SocketTimeout(connect=self._timeout, read=self._timeout),
+        connector = self._connector
+        context: Any = connector.tls(self.server)
+        client = _ConnectedClient(
+            self._connect, self._host, self._port, self.server.tls, connector.timeout
         )
+        client.ssl_context = context
         self._client = client
-        if not self.server.tls and client.has_capability("STARTTLS"):
-            client.starttls(context)
+        if not self.server.tls:
+            if client.has_capability("STARTTLS"):
+                client.starttls(context)
+            elif self.server.requires_tls:
+                raise MailServerError(FailureCategory.TLS, _NO_LONGER_STARTTLS)
         try:
             self._login(client)
         except LoginError as exc:
@@ -96,9 +92,15 @@ class ImapMailbox:
             ) from exc
         self.capabilities = frozenset(c.decode().upper() for c in client.capabilities())
         if "COMPRESS=DEFLATE" in self.capabilities and not self.server.disable_compression:
-            self._deflate = enable_deflate(client._imap)
+            enable_deflate(client._imap)
             self.compressed = True
         return self.select()
+
+    def _connect(self) -> socket.socket:
+        sock: socket.socket = self._connector.connect(self.server)
+        if self.server.tls:
+            sock = self._connector.tls(self.server).wrap_socket(sock)
+        return sock
 
     def _login(self, client: IMAPClient) -> None:
         """AUTHENTICATE PLAIN when offered: it carries UTF-8, where LOGIN allows only ASCII.
@@ -185,15 +187,27 @@ class ImapMailbox:
             sizes.update({int(uid): int(data[b"RFC822.SIZE"]) for uid, data in answer.items()})
         return sizes
 
-    def bodies(self, uids: list[int]) -> dict[int, bytes]:
-        """The raw mails, byte for byte as the server holds them; ``PEEK`` keeps them unread."""
-        answer = self._call(lambda c: c.fetch(uids, ["BODY.PEEK[]"]))
-        return {int(uid): bytes(data.get(b"BODY[]") or b"") for uid, data in answer.items()}
+    def bodies(self, sizes: dict[int, int]) -> dict[int, bytes]:
+        """The raw mails, byte for byte as the server holds them; ``PEEK`` keeps them unread.
+
+        ``sizes`` are the checked sizes (RFC822.SIZE): the answer may hold those and little
+        more, so a server that lies about a size fails the FETCH instead of filling memory.
+        """
+        allowed = sum(sizes.values()) + _FETCH_OVERHEAD_PER_MAIL * len(sizes)
+        with self.guard.allowing(allowed):
+            answer = self._call(lambda c: c.fetch(sorted(sizes), ["BODY.PEEK[]"]))
+        return {
+            int(uid): bytes(data[b"BODY[]"]) for uid, data in answer.items() if b"BODY[]" in data
+        }
 
     def headers(self, uids: list[int]) -> dict[int, bytes]:
         """Only the header blocks (for mails too large to hand over)."""
         answer = self._call(lambda c: c.fetch(uids, ["BODY.PEEK[HEADER]"]))
-        return {int(uid): bytes(data.get(b"BODY[HEADER]") or b"") for uid, data in answer.items()}
+        return {
+            int(uid): bytes(data[b"BODY[HEADER]"])
+            for uid, data in answer.items()
+            if b"BODY[HEADER]" in data
+        }
 
     def mark_seen(self, uids: list[int]) -> None:
         if uids:
@@ -231,6 +245,16 @@ class ImapMailbox:
             raise MailServerError(FailureCategory.NETWORK, "not connected")
         return self._client
 
+    @property
+    def guard(self) -> ReadGuard:
+        return guard_of(self._require().socket())
+
+    @property
+    def unread_input(self) -> bool:
+        """The server's lines already received but not read: polling would not show them."""
+        reader = self._require()._imap.file
+        return isinstance(reader, GuardedReader) and reader.pending
+
     def _call(self, operation: Any) -> Any:
         try:
             return operation(self._require())
@@ -264,11 +288,12 @@ class IdleWatch:
         if self._missed:
             self._missed = False
             return True
-        deflate = self._mailbox._deflate
-        if deflate is not None and deflate.pending:
-            # The server's lines came in one compressed block with IDLE's go-ahead: they are
-            # inflated already, and polling the socket would wait for the next renewal.
+        if self._mailbox.unread_input:
+            # The server's lines came in one read with IDLE's go-ahead (one compressed block,
+            # one TLS record): they are received already, and polling the socket would wait
+            # for the next renewal.
             return True
+        self._mailbox.guard.restart()  # each wait is an answer of its own (IDLE lasts minutes)
         started = time.monotonic()
         responses = self._mailbox._call(lambda c: c.idle_check(timeout=timeout))
         mailbox = self._mailbox
@@ -283,6 +308,37 @@ class IdleWatch:
             len(response) >= 2 and response[1] in (b"EXISTS", b"RECENT", b"EXPUNGE")
             for response in responses
         )
+
+
+_NO_LONGER_STARTTLS = (
+    "the server no longer offers STARTTLS, which it offered before: Mailroom sends no "
+    "credentials without TLS"
+)
+
+
+class _ConnectedIMAP4(imaplib.IMAP4):
+    """imaplib on a connection Mailroom opened itself: to the checked address, with bounded
+    reads, TLS already on for implicit TLS (``shared.mail.connector``)."""
+
+    def __init__(self, connect: Callable[[], socket.socket], host: str, port: int) -> None:
+        self._connect_socket = connect
+        super().__init__(host, port)
+
+    def _create_socket(self, timeout: float | None = None) -> socket.socket:
+        return self._connect_socket()
+
+
+class _ConnectedClient(IMAPClient):  # type: ignore[misc] # imapclient is untyped
+    """IMAPClient over :class:`_ConnectedIMAP4` (its one hook for how imaplib connects)."""
+
+    def __init__(
+        self, connect: Callable[[], socket.socket], host: str, port: int, tls: bool, timeout: float
+    ) -> None:
+        self._connect_socket = connect
+        super().__init__(host, port=port, ssl=tls, timeout=SocketTimeout(timeout, timeout))
+
+    def _create_IMAP4(self) -> imaplib.IMAP4:
+        return _ConnectedIMAP4(self._connect_socket, self.host, self.port)
 
 
 def _text(exc: BaseException) -> str:

@@ -9,15 +9,17 @@ from __future__ import annotations
 import base64
 import contextlib
 import poplib
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from shared.contracts.status_reports import FailureCategory
 from shared.email_servers import AuthType, EmailServer
 from shared.mail import sasl
+from shared.mail.connector import Connector
 from shared.mail.errors import MailServerError, describe
-from shared.mail.tls import NamedContext, client_context, connect_address, tls_server_name
+from shared.mail.tls import connect_address, tls_server_name
 
 
 @dataclass(frozen=True)
@@ -28,18 +30,10 @@ class Pop3Message:
 
 
 class Pop3Mailbox:
-    def __init__(
-        self,
-        server: EmailServer,
-        secret: str | None,
-        *,
-        ca_bundle: Path | None = None,
-        timeout: float = 30.0,
-    ) -> None:
+    def __init__(self, server: EmailServer, secret: str | None, connector: Connector) -> None:
         self.server = server
         self._secret = secret  # the password (Basic) or an access token (OAuth2)
-        self._ca_bundle = ca_bundle
-        self._timeout = timeout
+        self._connector = connector
         self._client: poplib.POP3 | None = None
         self._host, self._port = connect_address(server)
         self.capabilities: frozenset[str] = frozenset()
@@ -55,18 +49,20 @@ class Pop3Mailbox:
             raise self._describe(exc) from exc
 
     def _open(self) -> None:
-        context: Any = NamedContext(client_context(self._ca_bundle), tls_server_name(self.server))
-        if self.server.tls:
-            client: poplib.POP3 = poplib.POP3_SSL(
-                self._host, self._port, timeout=self._timeout, context=context
-            )
-        else:
-            client = poplib.POP3(self._host, self._port, timeout=self._timeout)
+        context: Any = self._connector.tls(self.server)
+        client = _ConnectedPOP3(self._connect, self._host, self._port)
         self._client = client
         self.capabilities = frozenset(_capabilities(client))
-        if not self.server.tls and "STLS" in self.capabilities:
-            client.stls(context)
-            self.capabilities = frozenset(_capabilities(client))
+        if not self.server.tls:
+            if "STLS" in self.capabilities:
+                client.stls(context)
+                self.capabilities = frozenset(_capabilities(client))
+            elif self.server.requires_tls:
+                raise MailServerError(
+                    FailureCategory.TLS,
+                    "the server no longer offers STLS, which it offered before: Mailroom sends "
+                    "no credentials without TLS",
+                )
         try:
             if self.server.auth_type is AuthType.OAUTH2:
                 _sasl_login(client, self.server.username, self._secret or "")
@@ -77,6 +73,12 @@ class Pop3Mailbox:
             raise MailServerError(
                 FailureCategory.AUTHENTICATION, f"authentication failed: server said {_text(exc)}"
             ) from exc
+
+    def _connect(self) -> socket.socket:
+        sock: socket.socket = self._connector.connect(self.server)
+        if self.server.tls:
+            sock = self._connector.tls(self.server).wrap_socket(sock)
+        return sock
 
     def listing(self) -> list[Pop3Message]:
         """Every mail in the maildrop with its unique id (UIDL) and size."""
@@ -147,6 +149,17 @@ class Pop3Mailbox:
                 f"POP3 server {self._host}:{self._port} answered: {_text(exc)}",
             )
         return describe(exc, self._host, self._port, tls_server_name(self.server))
+
+
+class _ConnectedPOP3(poplib.POP3):
+    """poplib on a connection Mailroom opened itself (``shared.mail.connector``)."""
+
+    def __init__(self, connect: Callable[[], socket.socket], host: str, port: int) -> None:
+        self._connect_socket = connect
+        super().__init__(host, port)
+
+    def _create_socket(self, timeout: float) -> socket.socket:
+        return self._connect_socket()
 
 
 def _sasl_login(client: poplib.POP3, user: str, access_token: str) -> None:

@@ -8,7 +8,8 @@
   ``SecretBox``), or OAUTHBEARER/XOAUTH2 with an OAuth2 access token
   (``shared.oauth.tokens``); neither is ever logged, and no reason built here quotes what was
   sent.
-- **Timeouts** on every socket operation (``timeout`` applies to connect and each reply).
+- **Connections** come from :class:`~shared.mail.connector.Connector`: a checked address, a
+  timeout on every socket operation, bounded replies (a reply of endless lines is cut off).
 - **Failures** are :class:`SmtpError` (a :class:`~shared.mail.errors.MailServerError`): the
   server's code and text, and whether trying again later may help (4xx, timeouts, dropped
   connections) or not (5xx).
@@ -38,17 +39,21 @@ from __future__ import annotations
 import base64
 import smtplib
 import socket
-import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 from shared.contracts.status_reports import FailureCategory
 from shared.email_servers import AuthType, EmailServer
 from shared.mail import sasl
+from shared.mail.connector import Connector
 from shared.mail.errors import MailServerError, describe
-from shared.mail.tls import client_context, connect_address, tls_server_name
+from shared.mail.guarded_socket import AnswerTooLarge
+from shared.mail.tls import connect_address, tls_server_name
+
+# What ends an exchange: a refusal, a lost connection, an answer over its limit (which leaves
+# the connection unusable: _fail closes it).
+_BROKEN = (smtplib.SMTPException, OSError, AnswerTooLarge)
 
 
 class SmtpError(MailServerError):
@@ -69,16 +74,20 @@ class SmtpError(MailServerError):
         self.response = response
 
 
-class _SMTP_SSL(smtplib.SMTP_SSL):
-    """Implicit TLS that checks ``tls_name`` (the SNI name), not necessarily the host."""
+class _ConnectedSMTP(smtplib.SMTP):
+    """smtplib on a connection Mailroom opened itself: to the checked address, with bounded
+    replies, TLS already on for implicit TLS (``shared.mail.connector``)."""
 
-    def __init__(self, tls_name: str, **kwargs: Any) -> None:
-        self._tls_name = tls_name
+    def __init__(self, connector: Connector, server: EmailServer, **kwargs: Any) -> None:
+        self._connector = connector
+        self._server = server
         super().__init__(**kwargs)
 
-    def _get_socket(self, host: str, port: int, timeout: float) -> ssl.SSLSocket:
-        sock = socket.create_connection((host, port), timeout, self.source_address)
-        return self.context.wrap_socket(sock, server_hostname=self._tls_name)
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        sock: socket.socket = self._connector.connect(self._server)
+        if self._server.tls:
+            sock = self._connector.tls(self._server).wrap_socket(sock)
+        return sock
 
 
 def _text(message: bytes | str) -> str:
@@ -165,49 +174,44 @@ class SmtpSession:
     def close(self) -> None:
         try:
             self.client.quit()
-        except (smtplib.SMTPException, OSError):
+        except _BROKEN:
             self.client.close()
 
 
 def open_session(
     server: EmailServer,
     secret: str | None,
+    connector: Connector,
     *,
-    timeout: float,
-    ca_bundle: Path | None = None,
     local_hostname: str | None = None,
 ) -> SmtpSession:
     """Connect, EHLO, STARTTLS (or implicit TLS) and AUTH; raises :class:`SmtpError`."""
     host, port = connect_address(server)
-    tls_name = tls_server_name(server)
-    context = client_context(ca_bundle)
     client: smtplib.SMTP | None = None
     step = "connect"
     try:
-        if server.tls:
-            client = _SMTP_SSL(
-                tls_name,
-                host=host,
-                port=port,
-                local_hostname=local_hostname,
-                timeout=timeout,
-                context=context,
-            )
-        else:
-            client = smtplib.SMTP(host, port, local_hostname=local_hostname, timeout=timeout)
-        _without_delay(client)
+        client = _ConnectedSMTP(
+            connector, server, local_hostname=local_hostname, timeout=connector.timeout
+        )
+        client.connect(host, port)
         step = "EHLO"
         client.ehlo()
         secure = server.tls
         if not server.tls and client.has_extn("starttls"):
             step = "STARTTLS"
-            client._host = tls_name  # type: ignore[attr-defined] # smtplib checks the cert against _host
-            client.starttls(context=context)
+            client.starttls(context=connector.tls(server))  # type: ignore[call-overload] # duck-typed
             client.ehlo()
             secure = True
         authenticated = False
         if server.username and secret:
             step = "AUTH"
+            if not secure and server.requires_tls:
+                raise SmtpError(
+                    FailureCategory.TLS,
+                    f"{host}:{port} no longer offers STARTTLS, which it offered before: "
+                    "Mailroom sends no credentials without TLS",
+                    temporary=True,
+                )
             if not client.has_extn("auth"):
                 raise SmtpError(
                     FailureCategory.AUTHENTICATION,
@@ -230,16 +234,6 @@ def open_session(
         if isinstance(exc, KeyboardInterrupt | SystemExit):
             raise
         raise _fail(exc, server, step) from exc
-
-
-def _without_delay(client: smtplib.SMTP) -> None:
-    """Every write leaves at once (``TCP_NODELAY``; STARTTLS keeps the socket). When the
-    caller's record is not committed by the time the mail is written, the final ``.`` follows
-    on its own (:func:`send_transaction`): Nagle's algorithm would hold it until the server
-    acknowledged the mail, which a server waiting for that very line delays by up to 40 ms
-    (Linux). Measured while every dot went alone: 21 instead of 150 mails/s."""
-    if client.sock is not None:
-        client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _token_login(client: smtplib.SMTP, user: str, access_token: str) -> None:
@@ -327,10 +321,12 @@ def send_transaction(
         if code != 250:
             raise smtplib.SMTPDataError(code, message)
         return code, _text(message)
-    except (smtplib.SMTPException, OSError) as exc:
+    except _BROKEN as exc:
         error = _fail(exc, session.server, progress.step)
         if isinstance(exc, smtplib.SMTPResponseException) and exc.smtp_code >= 0:
             _reset(client)
+        elif isinstance(exc, AnswerTooLarge):
+            client.close()
         raise error from exc
 
 
@@ -385,7 +381,7 @@ def _envelope(
             for step, _ in group:
                 progress.step = step
                 replies.append(client.getreply())
-    except (smtplib.SMTPServerDisconnected, OSError):
+    except (smtplib.SMTPServerDisconnected, OSError, AnswerTooLarge):
         refusal = _refusal(replies, recipients, envelope_from, hung_up=True)
         if refusal is not None:
             raise refusal from None
@@ -463,7 +459,7 @@ def _reset(client: smtplib.SMTP) -> None:
     """RSET after a refused transaction; a server that hung up meanwhile leaves it closed."""
     try:
         client.rset()
-    except (smtplib.SMTPException, OSError):
+    except _BROKEN:
         client.close()
 
 
@@ -499,23 +495,18 @@ class SmtpProbeResult:
     authenticated: bool
 
 
-def smtp_probe(
-    server: EmailServer,
-    secret: str | None,
-    timeout: float,
-    ca_bundle: Path | None = None,
-) -> SmtpProbeResult:
+def smtp_probe(server: EmailServer, secret: str | None, connector: Connector) -> SmtpProbeResult:
     """The SMTP connection test: connect, EHLO, STARTTLS, AUTH, NOOP. Never sends mail.
 
     Raises :class:`SmtpError` (with an admin-readable ``reason`` and ``category``).
     """
-    session = open_session(server, secret, timeout=timeout, ca_bundle=ca_bundle)
+    session = open_session(server, secret, connector)
     try:
         code, message = session.client.noop()
         if code != 250:
             raise reply_error(code, message, "NOOP", f"{server.host}:{server.effective_port}")
         return SmtpProbeResult(session.capabilities, session.secure, session.authenticated)
-    except (smtplib.SMTPException, OSError) as exc:
-        raise _fail(exc, server, "NOOP") from exc
+    except _BROKEN as exc:
+        raise _fail(exc, session.server, "NOOP") from exc
     finally:
         session.close()

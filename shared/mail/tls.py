@@ -2,6 +2,7 @@
 
 Certificates are checked against the system store plus the operator's ``MAILROOM_CA_BUNDLE``,
 and against the SNI server name when the admin set one, else the host (REQUIREMENTS: SNI).
+The TLS socket keeps bounding what the server may send (``shared.mail.guarded_socket``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from shared.email_servers import EmailServer
 from shared.hostnames import to_ascii
+from shared.mail.guarded_socket import AnswerLimits, GuardedSSLSocket, ReadGuard
 
 
 @lru_cache(maxsize=8)
@@ -21,6 +23,7 @@ def client_context(ca_bundle: Path | None = None) -> ssl.SSLContext:
     """A context shared by all connections (loading the system store costs milliseconds)."""
     context = ssl.create_default_context()
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.sslsocket_class = GuardedSSLSocket
     if ca_bundle is not None:
         context.load_verify_locations(cafile=str(ca_bundle))
     return context
@@ -37,16 +40,21 @@ def connect_address(server: EmailServer) -> tuple[str, int]:
 
 
 class NamedContext:
-    """An SSLContext that checks the certificate against the SNI name, not the host.
+    """An SSLContext that checks the certificate against the SNI name, not the host, and
+    hands the plain socket's read guard on to the TLS socket.
 
-    imaplib and poplib pass the host they connect to as ``server_hostname``; an admin may
-    connect to an IP address and name the certificate's host in the SNI field.
+    imaplib and smtplib pass the host they connect to as ``server_hostname``; Mailroom connects
+    to the address it checked, and an admin may name the certificate's host in the SNI field.
     """
 
-    def __init__(self, context: ssl.SSLContext, server_name: str) -> None:
+    def __init__(self, context: ssl.SSLContext, server_name: str, limits: AnswerLimits) -> None:
         self._context = context
         self._server_name = server_name
+        self._limits = limits
 
     def wrap_socket(self, sock: socket.socket, **kwargs: Any) -> ssl.SSLSocket:
         kwargs["server_hostname"] = self._server_name
-        return self._context.wrap_socket(sock, **kwargs)
+        guard = getattr(sock, "guard", None)
+        secure = self._context.wrap_socket(sock, **kwargs)
+        secure.guard = guard if isinstance(guard, ReadGuard) else ReadGuard(self._limits)  # type: ignore[attr-defined]
+        return secure

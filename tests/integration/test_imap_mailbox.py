@@ -11,7 +11,7 @@ from shared.mail.imap import ImapMailbox
 from tests.lab.certs import LabCertificates
 from tests.lab.dovecot import NON_ASCII_FOLDER, DovecotLab, LabUser
 from tests.support.leaks import password
-from tests.support.mail_servers import lab_server
+from tests.support.mail_servers import lab_connector, lab_server
 from tests.support.tcp import closed_port
 
 MAIL = b"From: a@example.org\r\nSubject: Gr\xfc\xdfe\r\n\r\nbody \xe4\r\n"
@@ -23,7 +23,7 @@ def open_mailbox(
     tls = bool(kw.pop("tls", True))
     password = kw.pop("password", user.password)
     server = lab_server(dovecot, user, ServerType.IMAP, tls=tls, **kw)
-    mailbox = ImapMailbox(server, str(password), ca_bundle=certs.ca, timeout=5)
+    mailbox = ImapMailbox(server, str(password), lab_connector(certs))
     mailbox.open()
     return mailbox
 
@@ -49,7 +49,7 @@ def test_mails_are_read_byte_identical_and_marked_seen(
     try:
         assert mailbox.compressed is (not disable_compression)
         assert mailbox.uids_after(0) == [uid]
-        assert mailbox.bodies([uid]) == {uid: MAIL}
+        assert mailbox.bodies({uid: len(MAIL)}) == {uid: MAIL}
         assert dovecot.seen(lab_user.name, NON_ASCII_FOLDER) == set()  # PEEK kept it unread
         mailbox.mark_seen([uid])
         assert dovecot.seen(lab_user.name, NON_ASCII_FOLDER) == {uid}

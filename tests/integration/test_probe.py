@@ -11,19 +11,18 @@ from dataclasses import replace
 import pytest
 
 from shared.email_servers import AuthType, ServerType
-from shared.mail.network_policy import NetworkPolicy
 from shared.probe import NO_ROUTING_PLAN, ConnectionProbe
 from tests.lab.certs import LabCertificates
 from tests.lab.dovecot import NON_ASCII_FOLDER, DovecotLab, LabUser
 from tests.lab.fixtures import SMTP_LAB_USER
 from tests.lab.smtp_server import SmtpLab
-from tests.support.mail_servers import lab_server, smtp_lab_server
+from tests.support.mail_servers import lab_connector, lab_server, smtp_lab_server
 from tests.support.tcp import closed_port, listening_port
 
 
 @pytest.fixture
 def probe(mail_lab_certs: LabCertificates) -> ConnectionProbe:
-    return ConnectionProbe(2.0, NetworkPolicy.parse("169.254.0.0/16"), mail_lab_certs.ca)
+    return ConnectionProbe(lab_connector(mail_lab_certs, timeout=2.0))
 
 
 # --- IMAP ----------------------------------------------------------------------------------

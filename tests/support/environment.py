@@ -35,5 +35,7 @@ def install() -> None:
             "MAILROOM_OUTBOX_POLL_SECONDS": "0.5",
             "MAILROOM_PROBE_TIMEOUT_SECONDS": "2",
             "MAILROOM_LOG_LEVEL": "DEBUG",
+            # The mail lab and the fake servers listen on loopback, which production denies.
+            "MAILROOM_ALLOWED_NETWORKS": "127.0.0.0/8,::1/128",
         }
     )

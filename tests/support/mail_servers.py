@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from shared.email_servers import AuthType, EmailServer, ServerType
+from shared.mail.connector import Connector
+from shared.settings import Settings
+from tests.lab.certs import LabCertificates
 from tests.lab.dovecot import DovecotLab, LabUser
 from tests.lab.fixtures import SMTP_LAB_USER
 from tests.lab.smtp_server import SmtpLab
+
+
+def lab_connector(certs: LabCertificates, timeout: float = 5.0) -> Connector:
+    """How the services reach the lab: the test settings' policy (loopback allowed), the
+    lab's CA trusted."""
+    return replace(Connector.from_settings(Settings(), timeout), ca_bundle=certs.ca)
 
 
 def lab_server(

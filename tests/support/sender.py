@@ -7,7 +7,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pika
@@ -15,6 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from services.sender.connections import SmtpConnections
+from shared.mail.connector import Connector
 from shared.settings import Settings
 from tests.lab.certs import LabCertificates
 from tests.lab.fixtures import SMTP_DEFAULT_USER
@@ -184,7 +185,8 @@ def results_tap(amqp_url: str) -> Iterator[rabbit.EventTap]:
 @pytest.fixture
 def smtp_connections(mail_lab_certs: LabCertificates) -> Iterator[SmtpConnections]:
     """The sender's SMTP connection pool, one connection per server, on its own."""
-    pool = SmtpConnections(per_server=1, idle_seconds=60, timeout=10, ca_bundle=mail_lab_certs.ca)
+    connector = replace(Connector.from_settings(Settings(), 10), ca_bundle=mail_lab_certs.ca)
+    pool = SmtpConnections(per_server=1, idle_seconds=60, connector=connector)
     try:
         yield pool
     finally:

@@ -103,6 +103,12 @@ class EmailServer:
         return effective_port(self.type, self.tls, self.port)
 
     @property
+    def operators_own(self) -> bool:
+        """A server the operator configured (the system default SMTP server), not a tenant:
+        it belongs to no tenant, and the network policy does not apply to it."""
+        return not self.tenant_id
+
+    @property
     def place(self) -> str:
         """Where connections go: ``host:port`` (what a STARTTLS pin is tied to)."""
         return f"{self.host}:{self.effective_port}"

@@ -61,7 +61,9 @@ def verify_token(key: str, token: str) -> Principal:
         raise InvalidTokenError(str(exc) or type(exc).__name__) from exc
     claims = decoded.claims
     permissions = claims.get("permissions", [])
-    if not isinstance(claims["tenant"], str) or not isinstance(permissions, list):
+    tenant = claims["tenant"]
+    # An empty tenant would name the operator's own servers (EmailServer.operators_own).
+    if not isinstance(tenant, str) or not tenant or not isinstance(permissions, list):
         raise InvalidTokenError("malformed claims")
     return Principal(
         subject=str(claims["sub"]),

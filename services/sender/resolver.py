@@ -84,7 +84,7 @@ def system_default_server(settings: Settings) -> EmailServer | None:
         return None
     return EmailServer(
         id=SYSTEM_DEFAULT_ID,
-        tenant_id="",
+        tenant_id="",  # the operator's own (EmailServer.operators_own)
         type=ServerType.SMTP,
         name="system default SMTP server",
         host=settings.default_smtp_host,

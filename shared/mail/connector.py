@@ -31,16 +31,19 @@ class Connector:
     @classmethod
     def from_settings(cls, settings: Settings, timeout: float) -> Connector:
         return cls(
-            policy=NetworkPolicy.parse(settings.denied_networks, settings.allowed_networks),
+            policy=NetworkPolicy.from_settings(settings),
             timeout=timeout,
             ca_bundle=settings.ca_bundle,
             limits=AnswerLimits(max_bytes=settings.mail_answer_max_bytes, max_seconds=timeout),
         )
 
     def connect(self, server: EmailServer) -> GuardedSocket:
-        """A TCP connection to a checked address of ``server`` (no TLS yet)."""
+        """A TCP connection to a checked address of ``server`` (no TLS yet). The operator's own
+        servers (the system default SMTP relay, often on loopback) are the operator's choice,
+        not a tenant's: the policy does not apply to them; the read limits do."""
         host, port = connect_address(server)
-        sock = self.policy.connect(host, port, self.timeout, make_socket=_guarded_socket)
+        policy = _OPERATORS_CHOICE if server.operators_own else self.policy
+        sock = policy.connect(host, port, self.timeout, make_socket=_guarded_socket)
         assert isinstance(sock, GuardedSocket)
         sock.guard = ReadGuard(self.limits)
         # Every write leaves at once: a mail's final "." written on its own would otherwise
@@ -50,6 +53,9 @@ class Connector:
 
     def tls(self, server: EmailServer) -> NamedContext:
         return NamedContext(client_context(self.ca_bundle), tls_server_name(server), self.limits)
+
+
+_OPERATORS_CHOICE = NetworkPolicy()
 
 
 def _guarded_socket(family: socket.AddressFamily) -> socket.socket:

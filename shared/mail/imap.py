@@ -25,7 +25,7 @@ from shared.contracts.status_reports import FailureCategory
 from shared.email_servers import DEFAULT_INBOX_FOLDER, AuthType, EmailServer
 from shared.mail import sasl
 from shared.mail.connector import Connector
-from shared.mail.errors import MailServerError, describe
+from shared.mail.errors import MailServerError, describe, excerpt
 from shared.mail.guarded_socket import GuardedReader, ReadGuard, guard_of
 from shared.mail.imap_compress import enable_deflate
 from shared.mail.tls import connect_address, tls_server_name
@@ -342,7 +342,8 @@ class _ConnectedClient(IMAPClient):  # type: ignore[misc] # imapclient is untype
 
 
 def _text(exc: BaseException) -> str:
+    """What the server said, as a reason may quote it (``shared.mail.errors.excerpt``)."""
     text = str(exc)
     if text.startswith("b'") or text.startswith('b"'):
         text = text[2:-1]
-    return text.strip()
+    return excerpt(text)

@@ -12,7 +12,8 @@ mail server, and to an OAuth2 provider's token endpoint, goes through :meth:`con
 - the connection goes to the address that was checked, never to a second resolution of the
   name (DNS rebinding).
 
-An address is allowed when it lies in an explicitly allowed network, or in no denied one. The
+An address is allowed when it, and every IPv4 address it carries, lies in an explicitly allowed
+network or in no denied one. The
 default denies what no public mail server uses: loopback, link-local, the private ranges
 (RFC 1918, CGNAT, IPv6 ULA), 0.0.0.0/8, multicast and the reserved ranges. The operator allows
 ranges explicitly (``MAILROOM_ALLOWED_NETWORKS``), e.g. an on-premises Exchange server's.
@@ -22,13 +23,16 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared.contracts.status_reports import FailureCategory
 from shared.hostnames import to_ascii
 from shared.mail.errors import MailServerError
+
+if TYPE_CHECKING:
+    from shared.settings import Settings
 
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -93,11 +97,19 @@ class NetworkPolicy:
     def parse(cls, denied: str, allowed: str = "") -> NetworkPolicy:
         return cls(parse_networks(denied), parse_networks(allowed))
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> NetworkPolicy:
+        return cls.parse(settings.denied_networks, settings.allowed_networks)
+
     def permits(self, address: IpAddress) -> bool:
-        forms = spellings(address)
-        if any(form in network for form in forms for network in self.allowed):
+        """Every form of the address must pass: allowing an IPv6 range never opens the IPv4
+        addresses carried inside it."""
+        return all(self._permits_form(form) for form in spellings(address))
+
+    def _permits_form(self, address: IpAddress) -> bool:
+        if any(address in network for network in self.allowed):
             return True
-        return not any(form in network for form in forms for network in self.denied)
+        return not any(address in network for network in self.denied)
 
     def resolve(self, host: str, port: int) -> list[Resolved]:
         """Every address of ``host``, each checked; refuses the name if any is denied (a name
@@ -149,7 +161,3 @@ class NetworkPolicy:
             return sock
         assert error is not None  # resolve() returned at least one address
         raise error
-
-
-def describe_networks(networks: Iterable[IpNetwork]) -> str:
-    return ",".join(str(network) for network in networks)

@@ -181,7 +181,8 @@ def _sasl_login(client: poplib.POP3, user: str, access_token: str) -> None:
     putline(f"AUTH {mechanism}")
     answer: bytes = getresp()  # raises error_proto on -ERR (mechanism not offered)
     while not answer.startswith(b"+OK"):
-        putline(base64.b64encode(respond()).decode("ascii"))
+        response = respond()
+        putline("*" if response is None else base64.b64encode(response).decode("ascii"))
         answer = getresp()
 
 

@@ -13,6 +13,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from shared.contracts.status_reports import FailureCategory
+from shared.mail.errors import MailServerError
+
 OAUTHBEARER = "OAUTHBEARER"
 XOAUTH2 = "XOAUTH2"
 
@@ -36,17 +39,29 @@ def error_reply(mechanism: str) -> str:
     return "\x01" if mechanism == OAUTHBEARER else ""
 
 
+# Challenges answered before the exchange is cancelled: the initial response and the reply to
+# the error challenge are all a token login needs; a server that keeps asking is looping.
+MAX_ROUNDS = 3
+
+
 class TokenResponder:
-    """A SASL callback: the initial response to the first challenge, the error reply to any
-    later one (the server then fails the command with its reason)."""
+    """A SASL callback: the initial response to the first challenge, the error reply to the
+    next; after :data:`MAX_ROUNDS` it answers ``None``, which the caller sends as the
+    client's cancel (``*``, RFC 4422 3.5), and a server that challenges even after that gets
+    :class:`~shared.mail.errors.MailServerError`: it cannot hold the connection for ever."""
 
     def __init__(self, mechanism: str, user: str, access_token: str) -> None:
         self._first = initial_response(mechanism, user, access_token).encode("utf-8")
         self._error = error_reply(mechanism).encode("utf-8")
-        self._answered = False
+        self._rounds = 0
 
-    def __call__(self, challenge: bytes | None = None) -> bytes:
-        if self._answered:
-            return self._error
-        self._answered = True
-        return self._first
+    def __call__(self, challenge: bytes | None = None) -> bytes | None:
+        self._rounds += 1
+        if self._rounds > MAX_ROUNDS + 1:
+            raise MailServerError(
+                FailureCategory.AUTHENTICATION,
+                f"authentication failed: the server asked for more than {MAX_ROUNDS} rounds",
+            )
+        if self._rounds > MAX_ROUNDS:
+            return None
+        return self._first if self._rounds == 1 else self._error

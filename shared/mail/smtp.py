@@ -47,9 +47,11 @@ from shared.contracts.status_reports import FailureCategory
 from shared.email_servers import AuthType, EmailServer
 from shared.mail import sasl
 from shared.mail.connector import Connector
-from shared.mail.errors import MailServerError, describe
+from shared.mail.errors import MailServerError, describe, excerpt
 from shared.mail.guarded_socket import AnswerTooLarge
 from shared.mail.tls import connect_address, tls_server_name
+
+SMTP_REPLY_CHARACTERS = 512
 
 # What ends an exchange: a refusal, a lost connection, an answer over its limit (which leaves
 # the connection unusable: _fail closes it).
@@ -91,10 +93,9 @@ class _ConnectedSMTP(smtplib.SMTP):
 
 
 def _text(message: bytes | str) -> str:
-    """A server's reply as one line of text that PostgreSQL can store (``text`` refuses NUL:
-    a reply with one could not be recorded, so an accepted mail would end as uncertain)."""
-    raw = message.decode("utf-8", "replace") if isinstance(message, bytes) else message
-    return " ".join(raw.replace("\x00", "\ufffd").split())
+    """A server's reply as recorded and reported: one printable line, at most the 512
+    characters of an SMTP reply line (RFC 5321 4.5.3.1.5)."""
+    return excerpt(message, SMTP_REPLY_CHARACTERS)
 
 
 def reply_error(code: int, message: bytes | str, what: str, where: str) -> SmtpError:
@@ -104,7 +105,7 @@ def reply_error(code: int, message: bytes | str, what: str, where: str) -> SmtpE
     category = FailureCategory.PROTOCOL
     if code in (454, 530, 534, 535, 538) and "auth" in what.lower():
         category = FailureCategory.AUTHENTICATION
-    reason = f"{what} refused by {where}: {code} {text}".strip()
+    reason = f"{what} refused by {where}: {code} {excerpt(text)}".strip()
     return SmtpError(category, reason, temporary=temporary, code=code, response=text)
 
 
@@ -119,7 +120,7 @@ def _fail(exc: BaseException, server: EmailServer, what: str) -> SmtpError:
         refused = ", ".join(sorted(exc.recipients))
         return SmtpError(
             FailureCategory.PROTOCOL,
-            f"recipients refused by {where} ({refused}): {first_code} {_text(first_text)}",
+            f"recipients refused by {where} ({refused}): {first_code} {excerpt(first_text)}",
             temporary=any(400 <= c < 500 for c in codes),
             code=first_code,
             response=_text(first_text),
@@ -238,18 +239,18 @@ def open_session(
 
 def _token_login(client: smtplib.SMTP, user: str, access_token: str) -> None:
     """AUTH OAUTHBEARER or XOAUTH2 with the initial response (RFC 4954); a refused token is
-    answered with a 334 challenge, the client replies, and 535 follows.
+    answered with a 334 challenge, the client replies, and 535 follows. A server that keeps
+    challenging gets the client's cancel (``*``) once the responder has had enough.
 
     Not ``smtplib``'s ``auth()``: it encodes the response as ASCII, and user names may be any
     Unicode (REQUIREMENTS).
     """
     mechanism = sasl.choose_mechanism(client.esmtp_features.get("auth", "").split())
     respond = sasl.TokenResponder(mechanism, user, access_token)
-    code, reply = client.docmd("AUTH", f"{mechanism} {_b64(respond())}")
-    for _ in range(3):  # an error challenge, answered once; a server that keeps asking stops
-        if code != 334:
-            break
-        code, reply = client.docmd(_b64(respond()))
+    code, reply = client.docmd("AUTH", f"{mechanism} {_b64(respond() or b'')}")
+    while code == 334:  # ends: the responder raises once the server ignored the cancel
+        answer = respond()
+        code, reply = client.docmd("*" if answer is None else _b64(answer))
     if code not in (235, 503):  # 503: already authenticated
         raise smtplib.SMTPAuthenticationError(code, reply)
 

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpcore2
 import httpx2
 from authlib.integrations.base_client import OAuthError
 from authlib.integrations.httpx_client import OAuth2Client
 
 from shared.email_servers import ServerType
+from shared.mail.errors import MailServerError
+from shared.mail.network_policy import NetworkPolicy
 from shared.oauth.providers import OAuthProvider
 from shared.secrets import SecretBox, SecretDecryptError
 
@@ -75,6 +79,40 @@ def signed_in_as(id_token: object) -> str | None:
     return None
 
 
+class _PolicedBackend(httpcore2.SyncBackend):
+    """httpcore's network backend, connecting only to an address the policy checked (the
+    TLS handshake still names and verifies the endpoint's host)."""
+
+    def __init__(self, policy: NetworkPolicy) -> None:
+        self._policy = policy
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore2.NetworkStream:
+        try:
+            checked = self._policy.resolve(host, port)[0].address
+        except MailServerError as exc:
+            raise httpcore2.ConnectError(exc.reason) from None
+        return super().connect_tcp(checked, port, timeout, local_address, socket_options)
+
+
+def policed_transport(policy: NetworkPolicy) -> httpx2.HTTPTransport:
+    """An httpx transport whose connections obey ``policy`` (the one every mail connection
+    obeys too). httpx takes no network backend of its own, so its pool is replaced by one
+    built with ours and httpx's default TLS context."""
+    transport = httpx2.HTTPTransport(trust_env=False)
+    transport._pool = httpcore2.ConnectionPool(
+        ssl_context=httpx2.create_ssl_context(trust_env=False),
+        network_backend=_PolicedBackend(policy),
+    )
+    return transport
+
+
 class ProviderClient:
     """One provider, as seen by one Mailroom installation (its registered client)."""
 
@@ -83,11 +121,13 @@ class ProviderClient:
         provider: OAuthProvider,
         secret_box: SecretBox,
         redirect_uri: str,
+        policy: NetworkPolicy,
         timeout: float = 15.0,
     ) -> None:
         self.provider = provider
         self._secret_box = secret_box
         self._redirect_uri = redirect_uri
+        self._policy = policy
         self._timeout = timeout
 
     def check(self) -> None:
@@ -134,6 +174,7 @@ class ProviderClient:
             code_challenge_method="S256",
             timeout=self._timeout,
             trust_env=False,
+            transport=policed_transport(self._policy),
         )
 
     def _client_secret(self) -> str:

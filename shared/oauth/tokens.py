@@ -27,6 +27,7 @@ from shared import metrics
 from shared.db import oauth as repo
 from shared.db.pool import DictConnection
 from shared.email_servers import EmailServer
+from shared.mail.network_policy import NetworkPolicy
 from shared.oauth.provider_client import (
     GrantRefused,
     ProviderClient,
@@ -73,6 +74,7 @@ class OAuthTokens:
         providers: dict[str, OAuthProvider],
         *,
         redirect_uri: str,
+        policy: NetworkPolicy,
         refresh_margin_seconds: float = 300.0,
         lock_seconds: float = 120.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -82,6 +84,7 @@ class OAuthTokens:
         self._redis = locks  # refresh locks, one per server
         self.providers = providers
         self._redirect_uri = redirect_uri
+        self._policy = policy
         self._margin = refresh_margin_seconds
         self._lock_seconds = lock_seconds
         self._now = clock
@@ -96,6 +99,7 @@ class OAuthTokens:
             redis_client(settings.redis_url),
             settings.oauth_provider_table,
             redirect_uri=settings.oauth_callback_url,
+            policy=NetworkPolicy.from_settings(settings),
             refresh_margin_seconds=settings.oauth_refresh_margin_seconds,
         )
 
@@ -108,7 +112,7 @@ class OAuthTokens:
                 f"OAuth2 provider {provider.name!r} has no client id: the operator must register "
                 "Mailroom at the provider and set it in MAILROOM_OAUTH_PROVIDERS"
             )
-        return ProviderClient(provider, self._secret_box, self._redirect_uri)
+        return ProviderClient(provider, self._secret_box, self._redirect_uri, self._policy)
 
     # --- what workers call -----------------------------------------------------------------
 

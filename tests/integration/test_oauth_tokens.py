@@ -19,7 +19,6 @@ from shared.db import email_servers as servers_repo
 from shared.db.pool import DictConnection
 from shared.email_servers import EmailServer
 from shared.oauth.tokens import OAuthTokens
-from shared.redis_client import redis_client
 from shared.secrets import SecretBox
 from shared.settings import Settings
 from shared.tokens import READ
@@ -41,13 +40,7 @@ def stored_server(pool: ConnectionPool[DictConnection], server_id: str) -> Email
 
 def tokens_of_a_worker(settings: Settings, pool: ConnectionPool[DictConnection]) -> OAuthTokens:
     """What one fetcher or sender process holds: its own Redis connection, nothing shared."""
-    return OAuthTokens(
-        pool,
-        SecretBox.from_settings(settings),
-        redis_client(settings.redis_url),
-        settings.oauth_provider_table,
-        redirect_uri=settings.oauth_callback_url,
-    )
+    return OAuthTokens.from_settings(settings, pool, SecretBox.from_settings(settings))
 
 
 @pytest.fixture

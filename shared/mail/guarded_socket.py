@@ -165,11 +165,16 @@ def _verb(command: bytes) -> str | None:
 
 
 class GuardedReader:
-    """The file a library reads a guarded socket through (``read``, ``readline``)."""
+    """The file a library reads a guarded socket through (``read``, ``readline``).
+
+    Received bytes wait in one buffer from a read position on; the read part is dropped once
+    it is most of the buffer, so a chunk of many short lines is not moved once per line.
+    """
 
     def __init__(self, sock: GuardedSocket | GuardedSSLSocket) -> None:
         self._sock = sock
         self._buffer = bytearray()
+        self._position = 0
         self._inflater: Any = None  # zlib decompressobj once COMPRESS=DEFLATE is on
         self.closed = False
 
@@ -180,46 +185,57 @@ class GuardedReader:
     @property
     def pending(self) -> bool:
         """Bytes received but not read yet: a poll of the socket would not show them."""
-        if self._buffer or (self._inflater is not None and self._inflater.unconsumed_tail):
+        if self._available or (self._inflater is not None and self._inflater.unconsumed_tail):
             return True
         return isinstance(self._sock, ssl.SSLSocket) and self._sock.pending() > 0
+
+    @property
+    def _available(self) -> int:
+        return len(self._buffer) - self._position
 
     def inflate(self) -> None:
         """From now on the server's bytes are a raw deflate stream (RFC 4978); whatever came
         already behind the server's go-ahead is compressed too."""
         self._inflater = zlib.decompressobj(-15)
-        early, self._buffer = bytes(self._buffer), bytearray()
+        early = self._take(self._available)
         if early:
             self._buffer += self._inflater.decompress(early, _RECV_BYTES)
 
     def readline(self, size: int = -1) -> bytes:
-        searched = 0
+        searched = self._position
         while (end := self._buffer.find(b"\n", searched)) < 0:
-            if 0 <= size <= len(self._buffer):
+            if 0 <= size <= self._available:
                 return self._take(size)
             searched = len(self._buffer)
             if not self._fill():
-                return self._take(len(self._buffer))
-        return self._take(end + 1 if size < 0 else min(end + 1, size))
+                return self._take(self._available)
+        length = end + 1 - self._position
+        return self._take(length if size < 0 else min(length, size))
 
     def read(self, size: int = -1) -> bytes:
         if size < 0:
             while self._fill():
                 pass
-            return self._take(len(self._buffer))
-        missing = size - len(self._buffer)
-        if missing > 0:
-            self.guard.announced(missing)
-        while len(self._buffer) < size and self._fill():
+            return self._take(self._available)
+        if size > self._available:
+            self.guard.announced(size - self._available)
+        while self._available < size and self._fill():
             pass
-        return self._take(min(size, len(self._buffer)))
+        return self._take(min(size, self._available))
 
     def close(self) -> None:
         self.closed = True
 
     def _take(self, count: int) -> bytes:
-        data = bytes(self._buffer[:count])
-        del self._buffer[:count]
+        start = self._position
+        data = bytes(self._buffer[start : start + count])
+        self._position = start + count
+        if self._position == len(self._buffer):
+            self._buffer.clear()
+            self._position = 0
+        elif self._position > _RECV_BYTES and self._position * 2 > len(self._buffer):
+            del self._buffer[: self._position]
+            self._position = 0
         return data
 
     def _fill(self) -> bool:

@@ -210,6 +210,11 @@ class Settings(BaseSettings):
     default_smtp_from: str = Field(
         default="", description="Sender address of template mail sent through the default server."
     )
+    default_smtp_sender_addresses: str = Field(
+        default="",
+        description="Further addresses (comma-separated) a template command may name as its "
+        "'from' through the default server; any other 'from' is replaced by default_smtp_from.",
+    )
 
     # --- status (issue 5) ------------------------------------------------------------------
     status_failures_before_failing: int = Field(

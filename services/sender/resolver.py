@@ -12,7 +12,9 @@ within a second). Addresses compare case-insensitively.
   address; several candidates are a clear failure, never a guess.
 - ``template``: the designated template server (as ``from`` when given and one of its
   addresses, else its user or first sender address); none designated (or it is disabled):
-  the system default SMTP server from the settings.
+  the system default SMTP server from the settings, always as one of the system's own
+  addresses: a ``from`` that is not one of them is replaced by the system's sender address
+  (the system's relay never sends as whatever a command names).
 
 Anything else raises :class:`NoRoute` with a reason fit for the requester
 ("no SMTP server for sender …").
@@ -20,7 +22,8 @@ Anything else raises :class:`NoRoute` with a reason fit for the requester
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass, field, replace
 
 from psycopg_pool import ConnectionPool
 
@@ -33,6 +36,8 @@ from shared.mail.errors import MailServerError
 from shared.secrets import SecretBox
 from shared.server_directory import ServerDirectory
 from shared.settings import Settings
+
+log = logging.getLogger(__name__)
 
 SYSTEM_DEFAULT_ID = "system-default"
 ROUTES_KEPT = 10_000
@@ -222,9 +227,7 @@ class Resolver:
                 "no SMTP server for template mail: the company designated no template server "
                 "and no system default SMTP server is configured"
             )
-        from_mailbox = command.from_ or self._settings.default_smtp_from
-        if not from_mailbox and is_email(default.username):
-            from_mailbox = default.username
+        from_mailbox = self._system_from(command.from_, default)
         if not from_mailbox:
             raise NoRoute(
                 "no SMTP server for sender (none given): the system default SMTP "
@@ -232,6 +235,22 @@ class Resolver:
             )
         password = self._settings.default_smtp_password.get_secret_value() or None
         return Route(default, from_mailbox, password, system_default=True)
+
+    def _system_from(self, wanted: str | None, default: EmailServer) -> str:
+        """The system's sender address, or ``wanted`` when it is one of the system's own."""
+        settings = self._settings
+        own = [settings.default_smtp_from] if settings.default_smtp_from else []
+        own += sender_addresses(replace(default, sender_addresses=()))  # its user, if an address
+        own += [a.strip() for a in settings.default_smtp_sender_addresses.split(",") if a.strip()]
+        if wanted is not None:
+            if address_of(wanted).casefold() in (address_of(a).casefold() for a in own):
+                return wanted
+            log.info(
+                "template 'from' %s is not an address of the system default SMTP server; "
+                "sent as the system's address",
+                address_of(wanted),
+            )
+        return own[0] if own else ""
 
     def _route(self, server: EmailServer, from_mailbox: str) -> Route:
         return Route(server, from_mailbox, self._password(server))

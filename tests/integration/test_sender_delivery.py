@@ -380,6 +380,29 @@ def test_template_mail_goes_to_the_default_server_until_one_is_designated(
     assert default_lab.count() == 1
 
 
+def test_template_mail_through_the_system_default_never_sends_as_a_foreign_from(
+    sender: ServiceProcess,
+    labs: tuple[SmtpLab, SmtpLab],
+    company: tuple[ApiClient, str],
+    results: rabbit.EventTap,
+    settings: Settings,
+) -> None:
+    """The system's relay sends as the system's address, whatever a command names."""
+    lab, default_lab = labs
+    api, tenant = company
+    _server(api, sender, lab, "agent1@lab.test")  # a company the sender knows
+    foreign = command(tenant, kind="template", **{"from": "CEO <ceo@victim.example.org>"})
+    own = command(tenant, kind="template", **{"from": "Mailroom <NOREPLY@default.test>"})
+    [foreign_result] = send(settings.amqp_url, results, foreign)
+    [own_result] = send(settings.amqp_url, results, own)
+    assert foreign_result["status"] == own_result["status"] == "sent"
+    assert foreign_result["from_address"] == "noreply@default.test"
+    first, second = default_lab.wait_for(2)
+    for mail in (first, second):
+        assert "victim" not in mail.message["From"] and "victim" not in mail.envelope_from
+        assert mail.envelope_from.casefold() == "noreply@default.test"
+
+
 def test_a_new_server_is_used_without_a_restart(
     sender: ServiceProcess,
     labs: tuple[SmtpLab, SmtpLab],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Any
 
 from kombu import Exchange, Queue
 
@@ -77,3 +78,31 @@ def send_queue() -> Queue:
 def send_dead_letter_queue() -> Queue:
     """Commands that were invalid or failed for good, each with its reason in the headers."""
     return Queue(SEND_DEAD_LETTER_QUEUE_NAME, routing_key=SEND_DEAD_LETTER_QUEUE_NAME, durable=True)
+
+
+def inbound_quarantine_queue() -> Queue:
+    """Mail that cannot be handed over (too large, refused by the server), with its reason."""
+    return Queue(INBOUND_QUARANTINE_QUEUE_NAME, durable=True)
+
+
+def owned_by(service: str) -> tuple[Exchange | Queue, ...]:
+    """What ``service`` declares as soon as it is connected (CONTRACT: every exchange and queue
+    exists once the service that owns it has started, so a client may bind before the first
+    message). Several services declare what they all write to; declaring is idempotent."""
+    owned: dict[str, tuple[Exchange | Queue, ...]] = {
+        "config-api": (CONFIG_EXCHANGE, INBOUND_EXCHANGE),
+        "fetcher": (INBOUND_EXCHANGE, inbound_quarantine_queue(), status_reports_queue()),
+        "sender": (
+            send_queue(),
+            SEND_RESULTS_EXCHANGE,
+            send_dead_letter_queue(),
+            status_reports_queue(),
+        ),
+        "status": (STATUS_EXCHANGE, status_reports_queue()),
+    }
+    return owned.get(service, ())
+
+
+def declare_owned(service: str, channel: Any) -> None:
+    for entity in owned_by(service):
+        entity(channel).declare()

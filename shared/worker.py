@@ -23,6 +23,7 @@ from kombu.mixins import ConsumerMixin
 from shared.broker import broker_connection
 from shared.logging_setup import Throttled
 from shared.metrics import TICK_FAILURES
+from shared.topology import declare_owned
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class Worker(ConsumerMixin):  # type: ignore[misc]
     def on_consume_ready(
         self, connection: Any, channel: Any, consumers: Any, **kwargs: Any
     ) -> None:
+        declare_owned(self.service_name, channel)
         log.info("%s: connected to RabbitMQ, consuming", self.service_name)
         self.on_connected()
         self.connections_made += 1

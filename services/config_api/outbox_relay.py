@@ -27,7 +27,7 @@ from psycopg.rows import dict_row
 from shared.broker import broker_connection
 from shared.db import outbox
 from shared.db.pool import DictConnection, session_options
-from shared.topology import CONFIG_EXCHANGE, ROUTING_PLAN_CREATED, inbound_queue
+from shared.topology import CONFIG_EXCHANGE, ROUTING_PLAN_CREATED, declare_owned, inbound_queue
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ class OutboxRelay:
             conn.execute(f"LISTEN {outbox.NOTIFY_CHANNEL}")
             if not self._become_leader(conn):
                 return
+            self._declare_topology()
             log.info("outbox relay: publishing config events")
             while not self._stopping.is_set():
                 if self.publish_pending(conn) == 0:
@@ -172,8 +173,15 @@ class OutboxRelay:
             broker.connect()
             self._broker = broker
             self._producer = Producer(broker.channel(), exchange=CONFIG_EXCHANGE)
-            CONFIG_EXCHANGE(self._producer.channel).declare()
+            declare_owned("config-api", self._producer.channel)
         return self._producer
+
+    def _declare_topology(self) -> None:
+        """What the config API owns exists from its start, not from its first event."""
+        try:
+            self._ensure_producer()
+        except BROKER_ERRORS as exc:  # the broker may be away: publishing retries
+            self._broker_failed(exc, 0)
 
     def _broker_failed(self, exc: Exception, waiting: int) -> None:
         self._close_broker()

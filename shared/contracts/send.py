@@ -23,7 +23,7 @@ it is parsed at all.
 What goes back to the client is bounded too, whatever the command or a server said: a reason
 or a server's reply in a result or a dead letter's headers is cut to ``TEXT_MAX_CHARS``
 characters, an id to ``ID_MAX_CHARS`` (:func:`cut`, marked by ``…``). So a dead letter's header
-table stays within about 40 KB even in 4-byte UTF-8, far below the 128 KiB of RabbitMQ's
+table stays under 20 KB even in 4-byte UTF-8, far below the 128 KiB of RabbitMQ's
 ``frame_max`` that bounds it: a publish the broker would refuse (``FRAME_ERROR``, the
 connection closed) would requeue the command, and it would come back for ever.
 """
@@ -333,7 +333,7 @@ def parse_command(body: Any, limits: SendLimits = DEFAULT_LIMITS) -> ParsedComma
         except (UnicodeDecodeError, ValueError) as exc:
             raise InvalidCommand(f"not JSON: {exc}", None, None) from exc
         escaped = _ESCAPED_UNSTORABLE.search(text) is not None
-        del text  # the body and its JSON are enough to hold at once
+        del text  # while the command is validated: the body and its JSON, no third copy
     elif isinstance(body, str):  # may hold a raw surrogate: always walked
         oversized = too_large(utf8_length(body), limits)
         if oversized:

@@ -19,6 +19,7 @@ from cryptography.fernet import Fernet
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.contracts.send_limits import DEFAULT_LIMITS as DEFAULT_SEND_LIMITS
 from shared.mail.network_policy import DENIED_BY_DEFAULT
 from shared.oauth.providers import OAuthProvider, parse_providers
 
@@ -188,6 +189,40 @@ class Settings(BaseSettings):
         default=5.0,
         description="How often the sender sends each SMTP server's counters to the status "
         "service; a change between ok and failing is sent at once.",
+    )
+    # A command over one of these limits is answered failed (the reason names the limit) and
+    # kept in mailroom.send.dead; shared/contracts/send_limits.py checks them.
+    send_max_command_bytes: int = Field(
+        default=DEFAULT_SEND_LIMITS.command_bytes,
+        ge=1,
+        description="Largest send command, in bytes of its AMQP body; checked before the JSON "
+        "is parsed. Base64 makes an attachment a third larger than its file.",
+    )
+    send_max_attachments: int = Field(
+        default=DEFAULT_SEND_LIMITS.attachments,
+        ge=0,
+        description="Most attachments in one send command.",
+    )
+    send_max_attachment_bytes: int = Field(
+        default=DEFAULT_SEND_LIMITS.attachment_bytes,
+        ge=0,
+        description="Largest attachment, in bytes of its file (decoded), computed from the "
+        "length of its base64 text.",
+    )
+    send_max_recipients: int = Field(
+        default=DEFAULT_SEND_LIMITS.recipients,
+        ge=1,
+        description="Most recipients of one send command: to, cc and bcc together.",
+    )
+    send_max_headers: int = Field(
+        default=DEFAULT_SEND_LIMITS.headers,
+        ge=0,
+        description="Most custom headers (the command's headers) in one send command.",
+    )
+    send_max_header_bytes: int = Field(
+        default=DEFAULT_SEND_LIMITS.header_bytes,
+        ge=1,
+        description="Longest custom header: its name and value together, in UTF-8 bytes.",
     )
     default_smtp_host: str = Field(
         default="",

@@ -24,7 +24,7 @@ from kombu import Connection, Producer
 
 from shared import metrics
 from shared.broker import broker_connection
-from shared.contracts.send import SendResult
+from shared.contracts.send import ID_MAX_CHARS, TEXT_MAX_CHARS, SendResult, cut
 from shared.contracts.status_reports import FailureCategory, StatusReport
 from shared.email_servers import EmailServer, ServerType
 from shared.topology import (
@@ -99,17 +99,18 @@ class Publisher:
         smtp_response: str | None = None,
         attempts: int = 0,
     ) -> None:
+        # Cut: the header table must fit in one AMQP frame (shared.contracts.send).
         headers: dict[str, Any] = {
-            "x-reason": reason,
-            "x-request-id": request_id or "",
-            "x-tenant-id": tenant_id or "",
+            "x-reason": cut(reason, TEXT_MAX_CHARS),
+            "x-request-id": cut(request_id or "", ID_MAX_CHARS),
+            "x-tenant-id": cut(tenant_id or "", ID_MAX_CHARS),
             "x-attempts": attempts,
             "x-failed-at": datetime.now(UTC).isoformat(),
         }
         if smtp_code is not None:
             headers["x-smtp-code"] = smtp_code
         if smtp_response is not None:
-            headers["x-smtp-response"] = smtp_response
+            headers["x-smtp-response"] = cut(smtp_response, TEXT_MAX_CHARS)
         self._publish(
             body,
             exchange="",

@@ -26,6 +26,7 @@ from services.sender.delivery import Sender
 from services.sender.intake import REQUEUE_PAUSE_SECONDS, SETTLE_SECONDS, Intake
 from shared.config_follower import ConfigFollower
 from shared.contracts.send import InvalidCommand, parse_command
+from shared.contracts.send_limits import SendLimits
 from shared.db.pool import DictConnection
 from shared.email_servers import EmailServer, ServerType
 from shared.settings import Settings
@@ -46,6 +47,7 @@ class SenderSupervisor(ConfigFollower):
         super().__init__(settings, pool)
         self.sender = Sender(settings, self.directory)
         self.intake = Intake(self.sender.deliver_batch, settings.sender_threads, settings.amqp_url)
+        self.limits = SendLimits.from_settings(settings)
         self.commands_accepted = 0
         self._last_tick = 0.0
 
@@ -124,7 +126,7 @@ class SenderSupervisor(ConfigFollower):
         body: bytes = message.body if isinstance(message.body, bytes) else bytes(message.body)
         try:
             try:
-                command, raw = parse_command(body)
+                command, raw = parse_command(body, self.limits)
                 if not self.sender.tenant_known(command.tenant_id):
                     raise InvalidCommand(
                         f"unknown tenant {command.tenant_id!r}",

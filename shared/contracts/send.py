@@ -15,6 +15,17 @@ its retries, and ``jsonb`` refuses the NUL character and UTF-16 surrogates witho
 both valid in JSON (``\\u0000``, ``\\ud800``). Such a string anywhere in the command, even in
 a field the sender does not read, makes it invalid (:func:`parse_command`). It is refused at
 once, instead of failing the statement that records its first retry.
+
+A command's size is bounded by the sender's limits (:mod:`shared.contracts.send_limits`),
+checked by :func:`parse_command` before the command is validated, and its body's length before
+it is parsed at all.
+
+What goes back to the client is bounded too, whatever the command or a server said: a reason
+or a server's reply in a result or a dead letter's headers is cut to ``TEXT_MAX_CHARS``
+characters, an id to ``ID_MAX_CHARS`` (:func:`cut`, marked by ``…``). So a dead letter's header
+table stays under 20 KB even in 4-byte UTF-8, far below the 128 KiB of RabbitMQ's
+``frame_max`` that bounds it: a publish the broker would refuse (``FRAME_ERROR``, the
+connection closed) would requeue the command, and it would come back for ever.
 """
 
 from __future__ import annotations
@@ -41,7 +52,31 @@ from pydantic import (
     model_validator,
 )
 
-MAX_RECIPIENTS = 500
+from shared.contracts.send_limits import (
+    DEFAULT_LIMITS,
+    PEEK_BYTES,
+    SendLimits,
+    over_limits,
+    peek_ids,
+    too_large,
+    utf8_length,
+)
+
+TEXT_MAX_CHARS = 2000  # a reason or a server's reply, in results and dead letters
+ID_MAX_CHARS = 255  # request_id and tenant_id (a valid command's are at most this long)
+
+
+def cut(text: str, limit: int) -> str:
+    """``text`` as a result or an AMQP header can carry it: its first ``limit`` characters and
+    ``…`` if longer (so a cut id never equals a valid one), a lone surrogate as ``?`` (UTF-8
+    cannot encode one: the publish would fail, and the command come again)."""
+    short = text if len(text) <= limit else text[:limit] + "…"
+    return short if short.isascii() else short.encode("utf-8", "replace").decode("utf-8")
+
+
+def _cut_or_none(text: str | None, limit: int) -> str | None:
+    return None if text is None else cut(text, limit)
+
 
 # Headers the sender writes itself; a command may not set them through ``headers``.
 RESERVED_HEADERS = frozenset(
@@ -70,9 +105,13 @@ _LOCAL = re.compile(r"^[^\s@<>()\[\],;:\"\\]+$")
 _DOMAIN_LABEL = re.compile(r"^[^\s@<>()\[\],;:\"\\.]+$")
 
 
+# Every line boundary of ``str.splitlines`` (the email package refuses each in a header), and NUL.
+_LINE_BREAKS = "\r\n\x00\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+
+
 def no_line_breaks(value: str) -> str:
     """Refuse CR, LF (and other line separators) raw or inside encoded words."""
-    if any(ch in value for ch in "\r\n\x00\x0b\x0c\x85\u2028\u2029"):
+    if any(ch in value for ch in _LINE_BREAKS):
         raise ValueError("must not contain line breaks (header injection)")
     if "=?" in value:
         try:
@@ -187,8 +226,6 @@ class SendCommand(BaseModel):
         count = len(self.to) + len(self.cc) + len(self.bcc)
         if count == 0:
             raise ValueError("no recipient: to, cc and bcc are all empty")
-        if count > MAX_RECIPIENTS:
-            raise ValueError(f"more than {MAX_RECIPIENTS} recipients")
         return self
 
     @property
@@ -206,9 +243,9 @@ class InvalidCommand(Exception):
 
     def __init__(self, reason: str, request_id: str | None, tenant_id: str | None) -> None:
         super().__init__(reason)
-        self.reason = reason
-        self.request_id = request_id
-        self.tenant_id = tenant_id
+        self.reason = cut(reason, TEXT_MAX_CHARS)
+        self.request_id = _cut_or_none(request_id, ID_MAX_CHARS)
+        self.tenant_id = _cut_or_none(tenant_id, ID_MAX_CHARS)
 
 
 # Where JSON can hide a character that jsonb refuses: only an escape writes it (raw UTF-8 cannot
@@ -271,11 +308,8 @@ def _decoded(text: str) -> Any:
 
 
 def _identifier(value: Any) -> str | None:
-    """An id for the answer to an invalid command: what it came as, if a result can carry it
-    (a lone surrogate cannot be serialised: the answer would fail, and the command come again)."""
-    if not isinstance(value, str):
-        return None
-    return value.encode("utf-8", "replace").decode("utf-8")
+    """An id for the answer to an invalid command: what it came as, as a result can carry it."""
+    return cut(value, ID_MAX_CHARS) if isinstance(value, str) else None
 
 
 class ParsedCommand(NamedTuple):
@@ -283,19 +317,28 @@ class ParsedCommand(NamedTuple):
     raw: dict[str, Any]  # the JSON object as published: what is kept for retries
 
 
-def parse_command(body: Any) -> ParsedCommand:
+def parse_command(body: Any, limits: SendLimits = DEFAULT_LIMITS) -> ParsedCommand:
     """The command in an AMQP body (bytes, str or already decoded JSON), and the JSON object it
-    came as; raises InvalidCommand."""
+    came as; raises InvalidCommand. A body over ``limits.command_bytes`` is refused before it
+    is decoded, a command over the other limits before it is validated."""
     data: Any = body
     escaped = True  # whether the JSON may hide a string jsonb refuses
     if isinstance(body, bytes | bytearray):
+        oversized = too_large(len(body), limits)
+        if oversized:
+            raise InvalidCommand(oversized, *peek_ids(body))
         try:
             text = bytes(body).decode("utf-8")
             data = _decoded(text)
         except (UnicodeDecodeError, ValueError) as exc:
             raise InvalidCommand(f"not JSON: {exc}", None, None) from exc
         escaped = _ESCAPED_UNSTORABLE.search(text) is not None
+        del text  # while the command is validated: the body and its JSON, no third copy
     elif isinstance(body, str):  # may hold a raw surrogate: always walked
+        oversized = too_large(utf8_length(body), limits)
+        if oversized:
+            start = body[:PEEK_BYTES].encode("utf-8", "replace")
+            raise InvalidCommand(oversized, *peek_ids(start))
         try:
             data = _decoded(body)
         except ValueError as exc:
@@ -304,6 +347,9 @@ def parse_command(body: Any) -> ParsedCommand:
         raise InvalidCommand("not a JSON object", None, None)
     request_id = _identifier(data.get("request_id"))
     tenant_id = _identifier(data.get("tenant_id"))
+    exceeded = over_limits(data, limits)
+    if exceeded:
+        raise InvalidCommand("; ".join(exceeded), request_id, tenant_id)
     try:
         problem = _unstorable(data) if escaped else None
     except RecursionError:
@@ -351,6 +397,16 @@ class SendResult(BaseModel):
     uncertain: bool = False
     next_attempt_in_seconds: float | None = None
     at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+
+    @field_validator("request_id", "tenant_id")
+    @classmethod
+    def _short_id(cls, value: str | None) -> str | None:
+        return _cut_or_none(value, ID_MAX_CHARS)
+
+    @field_validator("reason", "smtp_response")
+    @classmethod
+    def _short_text(cls, value: str | None) -> str | None:
+        return _cut_or_none(value, TEXT_MAX_CHARS)
 
     @property
     def routing_key(self) -> str:

@@ -132,6 +132,7 @@ HIDDEN = (
     "answer like an IMAP server: is this its IMAP port?', hiding the guard's reason "
     "(AnswerTooLarge has the category PROTOCOL)"
 )
+LINE_LIMIT_HIDDEN = f"{IMAP_LINE_LIMIT}; {HIDDEN}"
 SMTP_LINE_LIMIT = (
     "smtplib's own 8,192-byte line limit trips first as SMTPResponseException(500, 'Line too "
     "long.'): the reason is 'connect refused by ...: 500 Line too long.', a refusal the server "
@@ -245,6 +246,9 @@ def attempt(fake: FakeServer, action: Callable[[], Any], give_up_after: float) -
         if not outcome.finished:
             fake.stop()
             worker.join(10)
+            # A client that goes on once the server hung up is a failure of its own, even in
+            # a test marked as a known failure.
+            assert not worker.is_alive(), "still running 10 s after the server hung up"
     outcome.memory = growth.peak
     return outcome
 
@@ -320,8 +324,8 @@ def connector(mail_lab_certs: LabCertificates) -> Connector:
 # --- the connection test --------------------------------------------------------------------
 
 PROBE_CASES = [
-    case(IMAP, Script.ENDLESS_GREETING, GREETING, FLOODED, known=f"{IMAP_LINE_LIMIT}; {HIDDEN}"),
-    case(IMAP, Script.ENDLESS_GREETING, GREETING, FLOODED, IMPLICIT, known=IMAP_LINE_LIMIT),
+    case(IMAP, Script.ENDLESS_GREETING, GREETING, FLOODED, known=LINE_LIMIT_HIDDEN),
+    case(IMAP, Script.ENDLESS_GREETING, GREETING, FLOODED, IMPLICIT, known=LINE_LIMIT_HIDDEN),
     case(IMAP, Script.TRICKLE_GREETING, SLOW_GREETING, TRICKLED, known=HIDDEN),
     case(IMAP, Script.ENDLESS_REPLY, cut("its answer to CAPABILITY"), FLOODED, known=HIDDEN),
     case(IMAP, Script.HUGE_LITERAL_IN_SELECT, HUGE.format("SELECT"), INSTANT, known=LOGOUT),

@@ -44,7 +44,7 @@ from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
-from typing import BinaryIO, ClassVar
+from typing import BinaryIO, ClassVar, NoReturn
 
 from tests.lab.certs import LabCertificates
 
@@ -124,7 +124,7 @@ class Conversation:
         del self._buffer[: end + 1]
         return line.rstrip(b"\r\n")
 
-    def wait_for_hang_up(self) -> None:
+    def wait_for_hang_up(self) -> NoReturn:
         """Say nothing more; record what the client still sends until it hangs up."""
         while True:
             self._receive()
@@ -148,8 +148,8 @@ class Conversation:
     def say(self, *lines: str) -> None:
         self.send("".join(f"{line}\r\n" for line in lines).encode())
 
-    def flood(self, unit: bytes) -> None:
-        """``unit`` again and again, until the client hangs up (never returns)."""
+    def flood(self, unit: bytes) -> NoReturn:
+        """``unit`` again and again, until the client hangs up."""
         block = unit * max(1, _BLOCK // len(unit))
         while not self._stopping.is_set():
             self.send(block)
@@ -220,7 +220,7 @@ class Session:
         assert self.tls is not None
         self.talk.start_tls(self.tls)
 
-    def flood_lines(self, prefix: bytes) -> None:
+    def flood_lines(self, prefix: bytes) -> NoReturn:
         """Lines of ``flood_line`` bytes for ever: ``prefix``, at least two ``x`` (one would let
         a library keep CPython's cached one-byte string instead of a new object) and CRLF."""
         self.talk.flood(prefix + b"x" * max(2, self.flood_line - len(prefix) - 2) + b"\r\n")
@@ -711,6 +711,6 @@ class FakeServer:
                 )
                 session.serve()
             except (ClientGone, OSError, ValueError):
-                pass  # the client hung up, or gave up on what it was sent
+                pass  # the client hung up or gave up, or sent what the fake cannot parse
             finally:
                 talk.sock.close()

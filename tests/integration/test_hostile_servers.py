@@ -113,9 +113,10 @@ LOGOUT = (
 )
 IMAP_SASL_LOOP = (
     "imaplib's authenticate() answers '+ ' challenges for ever: each response is a write, so "
-    "the guard's per-answer budget starts afresh, and AUTHENTICATE PLAIN sends the password "
-    "again every round; the probe gives 'no answer from ... in time' after 2 x timeout + 1 s "
-    "while its thread goes on until the server hangs up"
+    "the guard's per-answer budget starts afresh; AUTHENTICATE PLAIN sends the password again "
+    "every round (about 6,000 times a second here), XOAUTH2 an empty response; the probe gives "
+    "'no answer from ... in time' after 2 x timeout + 1 s while its thread goes on until the "
+    "server hangs up"
 )
 POP3_SASL_LOOP = (
     "pop3._sasl_login loops 'while not answer.startswith(b\"+OK\")' without a limit: each "

@@ -114,9 +114,15 @@ LOGOUT = (
 IMAP_SASL_LOOP = (
     "imaplib's authenticate() answers '+ ' challenges for ever: each response is a write, so "
     "the guard's per-answer budget starts afresh; AUTHENTICATE PLAIN sends the password again "
-    "every round (about 6,000 times a second here), XOAUTH2 an empty response; the probe gives "
+    "every round (about 6,000 times a second here); the probe gives "
     "'no answer from ... in time' after 2 x timeout + 1 s while its thread goes on until the "
     "server hangs up"
+)
+IMAP_TOKEN_LOOP = (
+    "an IMAP server that challenges a token login for ever: where the callback sets no limit, "
+    "imaplib's authenticate() answers for ever (as for PLAIN); where it cancels ('*') and "
+    "gives up, ImapMailbox.close() sends LOGOUT into the unfinished AUTHENTICATE and waits a "
+    "socket timeout for an answer (see LOGOUT), so the reason comes after the timeout"
 )
 POP3_SASL_LOOP = (
     "pop3._sasl_login loops 'while not answer.startswith(b\"+OK\")' without a limit: each "
@@ -332,7 +338,7 @@ PROBE_CASES = [
     case(IMAP, Script.HUGE_LITERAL_IN_SELECT, HUGE.format("SELECT"), INSTANT, known=LOGOUT),
     case(IMAP, Script.DEFLATE_BOMB, cut("its answer to SELECT"), FLOODED, STARTTLS, known=LOGOUT),
     case(IMAP, Script.SASL_LOOP, CHALLENGES, INSTANT, known=IMAP_SASL_LOOP),
-    case(IMAP, Script.SASL_LOOP, CHALLENGES, INSTANT, oauth=True, known=IMAP_SASL_LOOP),
+    case(IMAP, Script.SASL_LOOP, CHALLENGES, INSTANT, oauth=True, known=IMAP_TOKEN_LOOP),
     case(IMAP, Script.NO_STARTTLS, NO_STARTTLS, INSTANT, STARTTLS),
     case(POP3, Script.ENDLESS_GREETING, GREETING, FLOODED, known=POP3_LINE_LIMIT),
     case(POP3, Script.TRICKLE_GREETING, SLOW_GREETING, TRICKLED),

@@ -11,12 +11,14 @@ raises, so the tests that need the lab fail (they never skip).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.lab.certs import LabCertificates, issue
 from tests.lab.dovecot import DovecotLab, LabUser, ensure_installed
+from tests.lab.hostile_servers import FLOOD_LINE, FakeServer, Protocol, Script, Security
 from tests.lab.oauth_server import OAuthLab
 from tests.lab.smtp_server import SmtpLab
 from tests.support.leaks import OTHER_SECRETS, password
@@ -92,3 +94,45 @@ def oauth_lab(dovecot: DovecotLab, smtp_lab: SmtpLab) -> Iterator[OAuthLab]:
         yield lab
         # The session's leak check (it runs after this) looks for every token it issued.
         OTHER_SECRETS.update(lab.issued_tokens())
+
+
+# --- hostile servers (issue 20) -----------------------------------------------------------------
+
+
+@pytest.fixture(name="hostile_servers")
+def hostile_servers_fixture(
+    mail_lab_certs: LabCertificates, tmp_path: Path
+) -> Iterator[Callable[..., FakeServer]]:
+    """``hostile_servers``: starts fake mail servers that misbehave on script
+    (``tests.lab.hostile_servers``):
+    ``hostile_servers(Protocol.IMAP, Script.DEFLATE_BOMB, security=Security.STARTTLS)``. TLS
+    uses the lab's certificate for ``localhost``/127.0.0.1; each server is stopped when the
+    test ends, its recordings kept in the test's ``tmp_path``.
+    """
+    started: list[FakeServer] = []
+
+    def start(
+        protocol: Protocol,
+        script: Script = Script.POLITE,
+        *,
+        security: Security = Security.PLAIN,
+        mails: list[bytes] | None = None,
+        flood_line: int = FLOOD_LINE,
+    ) -> FakeServer:
+        directory = tmp_path / f"fake-{len(started) + 1}-{protocol}"
+        fake = FakeServer(
+            protocol,
+            script,
+            security=security,
+            certs=mail_lab_certs,
+            mails=mails,
+            directory=directory,
+            flood_line=flood_line,
+        )
+        started.append(fake)
+        fake.start()
+        return fake
+
+    yield start
+    for fake in started:
+        fake.stop()

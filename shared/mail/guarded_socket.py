@@ -89,6 +89,9 @@ class AnswerLimits:
     """What one answer of a mail server may cost by default."""
 
     max_bytes: int = 1024 * 1024
+    # Lines a library reads into objects it keeps (smtplib's reply, imapclient's IDLE news):
+    # a megabyte of one-byte lines would cost tens of megabytes of them.
+    max_lines: int = 10_000
     max_seconds: float = 30.0
     # A widened answer gets this much more time per byte allowed: a slow but honest link
     # still delivers a large FETCH.
@@ -101,10 +104,13 @@ class ReadGuard:
     def __init__(self, limits: AnswerLimits) -> None:
         self.limits = limits
         self._max_bytes = limits.max_bytes
+        self._max_lines = limits.max_lines
         self._max_seconds = limits.max_seconds
         self._what = "its greeting"
         self._used = 0
+        self._lines = 0
         self._first_byte_at: float | None = None
+        self.broken: str | None = None  # why an answer was cut off: out of step for good
 
     def expecting(self, command: bytes) -> None:
         """A command is written: its answer starts with a fresh budget."""
@@ -114,27 +120,37 @@ class ReadGuard:
     def restart(self) -> None:
         """A fresh budget for what follows (IDLE: each wait for news is an answer of its own)."""
         self._used = 0
+        self._lines = 0
         self._first_byte_at = None
 
     @contextmanager
     def allowing(self, max_bytes: int) -> Iterator[None]:
         """Answers read inside the block may be up to ``max_bytes`` (and take longer)."""
-        saved = self._max_bytes, self._max_seconds
+        saved = self._max_bytes, self._max_lines, self._max_seconds
         self._max_bytes = max(max_bytes, self.limits.max_bytes)
+        self._max_lines = max(self.limits.max_lines, max_bytes // 1024)
         self._max_seconds = self.limits.max_seconds + max_bytes / self.limits.min_bytes_per_second
         try:
             yield
         finally:
-            self._max_bytes, self._max_seconds = saved
+            self._max_bytes, self._max_lines, self._max_seconds = saved
 
     def announced(self, size: int) -> None:
         """The server announced ``size`` bytes to come (an IMAP literal): refused before
         anything is read or allocated when it would pass the limit."""
         if self._used + size > self._max_bytes:
-            raise AnswerTooLarge(
+            self._cut(
                 f"server announced {size} bytes in {self._what}, more than the "
                 f"{mebibytes(self._max_bytes)} allowed"
             )
+
+    def line_read(self, line: bytes, size: int) -> None:
+        """A library read a line of at most ``size`` bytes (``size - 1`` and its line end)."""
+        self._lines += 1
+        if self._lines > self._max_lines:
+            self._cut(f"server sent more than {self._max_lines:,} lines in {self._what}")
+        if 0 < size <= len(line) and not line.endswith(b"\n"):
+            self._cut(f"server sent a line longer than {size - 1:,} bytes in {self._what}")
 
     def received(self, count: int) -> None:
         now = time.monotonic()
@@ -142,13 +158,19 @@ class ReadGuard:
             self._first_byte_at = now
         self._used += count
         if self._used > self._max_bytes:
-            raise AnswerTooLarge(
-                f"server sent more than {mebibytes(self._max_bytes)} in {self._what}"
-            )
+            self._cut(f"server sent more than {mebibytes(self._max_bytes)} in {self._what}")
         if now - self._first_byte_at > self._max_seconds:
-            raise AnswerTooLarge(
-                f"server took more than {self._max_seconds:g} s to send {self._what}"
-            )
+            self._cut(f"server took more than {self._max_seconds:g} s to send {self._what}")
+
+    def _cut(self, reason: str) -> None:
+        self.broken = reason
+        raise AnswerTooLarge(reason)
+
+    def writable(self) -> None:
+        """Refuses to write on a connection whose answer was cut off: its next reply would be
+        the rest of the flood (a goodbye like LOGOUT or QUIT included)."""
+        if self.broken is not None:
+            raise AnswerTooLarge(self.broken)
 
 
 def _verb(command: bytes) -> str | None:
@@ -202,6 +224,16 @@ class GuardedReader:
             self._buffer += self._inflater.decompress(early, _RECV_BYTES)
 
     def readline(self, size: int = -1) -> bytes:
+        """A line as a library reads it: one that passes ``size`` without its end is cut off
+        with a reason (instead of the library's own "line too long", or a made-up refusal
+        such as smtplib's "500 Line too long"), and the lines of one answer are counted."""
+        line = self.read_piece(size)
+        self.guard.line_read(line, size)
+        return line
+
+    def read_piece(self, size: int = -1) -> bytes:
+        """Up to the next line end, or ``size`` bytes of a longer line (a mail's lines may be
+        of any length: its reader takes them piece by piece, and keeps no line objects)."""
         searched = self._position
         while (end := self._buffer.find(b"\n", searched)) < 0:
             if 0 <= size <= self._available:
@@ -267,6 +299,7 @@ class GuardedSocket(socket.socket):
         return super().makefile(mode, *args, **kwargs)  # type: ignore[call-overload]
 
     def sendall(self, data: Any, flags: int = 0) -> None:
+        self.guard.writable()
         self.guard.expecting(bytes(data[:64]))
         super().sendall(data, flags)
 
@@ -282,6 +315,7 @@ class GuardedSSLSocket(ssl.SSLSocket):
         return super().makefile(mode, *args, **kwargs)  # type: ignore[call-overload]
 
     def sendall(self, data: Any, flags: int = 0) -> None:
+        self.guard.writable()
         self.guard.expecting(bytes(data[:64]))
         super().sendall(data, flags)
 

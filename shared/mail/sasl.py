@@ -39,29 +39,43 @@ def error_reply(mechanism: str) -> str:
     return "\x01" if mechanism == OAUTHBEARER else ""
 
 
-# Challenges answered before the exchange is cancelled: the initial response and the reply to
-# the error challenge are all a token login needs; a server that keeps asking is looping.
-MAX_ROUNDS = 3
+class Responder:
+    """A SASL callback that gives up: the initial response to the first challenge, an error
+    reply to the next (token mechanisms: the server then fails the command with its reason),
+    then the client's cancel (``None``, sent as ``*``, RFC 4422 3.5). A server that challenges
+    even after that gets :class:`~shared.mail.errors.MailServerError`: it cannot hold the
+    connection for ever, nor have the credentials sent again and again."""
 
-
-class TokenResponder:
-    """A SASL callback: the initial response to the first challenge, the error reply to the
-    next; after :data:`MAX_ROUNDS` it answers ``None``, which the caller sends as the
-    client's cancel (``*``, RFC 4422 3.5), and a server that challenges even after that gets
-    :class:`~shared.mail.errors.MailServerError`: it cannot hold the connection for ever."""
-
-    def __init__(self, mechanism: str, user: str, access_token: str) -> None:
-        self._first = initial_response(mechanism, user, access_token).encode("utf-8")
-        self._error = error_reply(mechanism).encode("utf-8")
+    def __init__(self, first: bytes, error_reply: bytes | None = None) -> None:
+        self._answers: list[bytes | None] = [first]
+        if error_reply is not None:
+            self._answers.append(error_reply)
+        self._answers.append(None)
         self._rounds = 0
 
     def __call__(self, challenge: bytes | None = None) -> bytes | None:
         self._rounds += 1
-        if self._rounds > MAX_ROUNDS + 1:
+        if self._rounds > len(self._answers):
             raise MailServerError(
                 FailureCategory.AUTHENTICATION,
-                f"authentication failed: the server asked for more than {MAX_ROUNDS} rounds",
+                f"authentication failed: the server went on challenging after "
+                f"{self._rounds - 1} rounds and the client's cancel",
             )
-        if self._rounds > MAX_ROUNDS:
-            return None
-        return self._first if self._rounds == 1 else self._error
+        return self._answers[self._rounds - 1]
+
+
+class TokenResponder(Responder):
+    """OAUTHBEARER or XOAUTH2 with an access token."""
+
+    def __init__(self, mechanism: str, user: str, access_token: str) -> None:
+        super().__init__(
+            initial_response(mechanism, user, access_token).encode("utf-8"),
+            error_reply(mechanism).encode("utf-8"),
+        )
+
+
+class PlainResponder(Responder):
+    """PLAIN (RFC 4616): UTF-8 user name and password, answered once."""
+
+    def __init__(self, user: str, password: str) -> None:
+        super().__init__(f"\x00{user}\x00{password}".encode())

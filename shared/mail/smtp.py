@@ -143,7 +143,15 @@ def _fail(exc: BaseException, server: EmailServer, what: str) -> SmtpError:
             FailureCategory.NETWORK, f"{where} closed the connection ({what})", temporary=True
         )
     if isinstance(exc, smtplib.SMTPException):
-        return SmtpError(FailureCategory.PROTOCOL, f"{where}: {what}: {exc}", temporary=True)
+        if "infinite loop" in str(exc):  # smtplib's AUTH gave up after 5 challenges
+            return SmtpError(
+                FailureCategory.AUTHENTICATION,
+                f"authentication failed: {where} went on challenging",
+                temporary=False,
+            )
+        return SmtpError(
+            FailureCategory.PROTOCOL, f"{where}: {what}: {excerpt(str(exc))}", temporary=True
+        )
     described = describe(exc, host, port, tls_server_name(server))
     permanent = described.category in (FailureCategory.CERTIFICATE, FailureCategory.TLS)
     return SmtpError(described.category, described.reason, temporary=not permanent)

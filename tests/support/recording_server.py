@@ -1,10 +1,10 @@
 """A mail server that lets anyone log in without TLS and records every byte it receives.
 
 It stands for the host a hostile admin points a server at: it speaks just enough SMTP, IMAP or
-POP3 for a client to log in in plain text (it offers AUTH PLAIN and LOGIN, never STARTTLS or
-STLS) and accepts whatever credentials come. A test then asks whether a secret reached it, in
-any spelling a login uses: as typed, in a SASL response (base64), or inside a longer base64
-string.
+POP3 for a client to log in in plain text (it offers AUTH PLAIN and LOGIN, and XOAUTH2 and
+OAUTHBEARER for access tokens, never STARTTLS or STLS) and accepts whatever credentials come.
+A test then asks whether a secret reached it, in any spelling a login uses: as typed, in a
+SASL response (base64), or inside a longer base64 string.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from tests.support.tcp import closed_port
 
 _BASE64_RUN = re.compile(rb"[A-Za-z0-9+/]{4,}={0,2}")
 _LITERAL = re.compile(rb"\{(\d+)\+?\}\r\n$")
+_IMAP_CAPABILITIES = "IMAP4rev1 AUTH=PLAIN AUTH=XOAUTH2 AUTH=OAUTHBEARER IDLE"
 
 
 class _Client:
@@ -70,7 +71,9 @@ def _smtp(client: _Client) -> None:
         words = client.line().strip().split()
         verb = words[0].upper().decode(errors="replace") if words else ""
         if verb in ("EHLO", "HELO"):
-            client.send("250-recorder.test\r\n250-AUTH PLAIN LOGIN\r\n250 8BITMIME\r\n")
+            client.send(
+                "250-recorder.test\r\n250-AUTH PLAIN LOGIN XOAUTH2 OAUTHBEARER\r\n250 8BITMIME\r\n"
+            )
         elif verb == "AUTH":
             mechanism = words[1].upper() if len(words) > 1 else b""
             if mechanism == b"LOGIN":
@@ -96,7 +99,7 @@ def _smtp(client: _Client) -> None:
 
 
 def _imap(client: _Client) -> None:
-    client.send("* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN] recorder ready\r\n")
+    client.send(f"* OK [CAPABILITY {_IMAP_CAPABILITIES}] recorder ready\r\n")
     while True:
         words = client.command().strip().split(maxsplit=2)
         if len(words) < 2:
@@ -104,7 +107,7 @@ def _imap(client: _Client) -> None:
             continue
         tag, verb = words[0].decode(errors="replace"), words[1].upper().decode(errors="replace")
         if verb == "CAPABILITY":
-            client.send("* CAPABILITY IMAP4rev1 AUTH=PLAIN IDLE\r\n")
+            client.send(f"* CAPABILITY {_IMAP_CAPABILITIES}\r\n")
         elif verb == "AUTHENTICATE" and len(words[2:] and words[2].split()) < 2:
             client.send("+ \r\n")  # no initial response: ask for it
             client.line()
@@ -122,7 +125,7 @@ def _pop3(client: _Client) -> None:
         words = client.line().strip().split()
         verb = words[0].upper().decode(errors="replace") if words else ""
         if verb == "CAPA":
-            client.send("+OK\r\nUSER\r\nSASL PLAIN\r\nUIDL\r\n.\r\n")
+            client.send("+OK\r\nUSER\r\nSASL PLAIN XOAUTH2 OAUTHBEARER\r\nUIDL\r\n.\r\n")
         elif verb == "AUTH" and len(words) == 2:
             client.send("+ \r\n")
             client.line()

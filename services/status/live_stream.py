@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,6 +47,11 @@ REDIS_RETRY_AFTER_SECONDS = 5
 MAX_BEHIND = 1000  # changes a stream may hold unread before it is ended
 POLL_SECONDS = 1.0  # how often the reader looks whether any stream is left
 CONNECT_TIMEOUT_SECONDS = 5.0
+
+
+def client_name() -> str:
+    """How the feed's connection shows in Redis's CLIENT LIST: one per status process."""
+    return f"mailroom-status-streams-{os.getpid()}"
 
 
 @dataclass(eq=False)
@@ -91,7 +97,9 @@ class ChangeFeed:
         async with self._lock:
             if self._subscribed is None:
                 client = redis.asyncio.Redis.from_url(
-                    self._url, socket_connect_timeout=CONNECT_TIMEOUT_SECONDS
+                    self._url,
+                    socket_connect_timeout=CONNECT_TIMEOUT_SECONDS,
+                    client_name=client_name(),
                 )
                 pubsub = client.pubsub()
                 try:

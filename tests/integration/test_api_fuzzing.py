@@ -108,7 +108,6 @@ def is_loopback(address: str) -> bool:
 
 
 LOG = ConnectionLog()
-sys.addaudithook(LOG.audit)  # audit hooks stay for the process; LOG.recording gates this one
 
 
 def numeric_resolver(host: str, port: int) -> list[tuple[Any, ...]]:
@@ -277,6 +276,7 @@ def fuzz_settings(settings: Settings) -> Settings:
 
 @pytest.fixture(scope="module")
 def config_api(fuzz_settings: Settings) -> Iterator[FastAPI]:
+    sys.addaudithook(LOG.audit)  # stays for the process; LOG.recording gates it
     policy = RecordingPolicy(
         parse_networks(fuzz_settings.denied_networks),
         parse_networks(fuzz_settings.allowed_networks),

@@ -49,12 +49,12 @@ from shared.tenant_slots import NoSlot, TenantSlots
 from shared.tokens import Principal
 
 CONNECTION_COLUMNS = frozenset({*CONNECTION_SETTINGS, "enabled"})
+CONNECTION_FIELDS = CONNECTION_COLUMNS | {"password"}
+COPY_SUFFIX = " (copy)"
 # Columns a connection test writes, not the admin: never named as changed fields.
 TEST_RESULTS = frozenset({"last_connection", "starttls_seen_at"})
 # How each protocol names the upgrade to TLS on a plain connection.
 _STARTTLS_NAME = {ServerType.IMAP: "STARTTLS", ServerType.POP3: "STLS", ServerType.SMTP: "STARTTLS"}
-CONNECTION_FIELDS = CONNECTION_COLUMNS | {"password"}
-COPY_SUFFIX = " (copy)"
 
 
 def copy_name(name: str) -> str:

@@ -6,15 +6,33 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
 
 from shared.settings import Settings
 from shared.tokens import InvalidTokenError, Principal, verify_token
 
 _bearer = HTTPBearer(auto_error=False, description="A token minted by `mailroom token`.")
+
+
+class Problem(BaseModel):
+    """An error answer: what went wrong, in words for the admin."""
+
+    detail: str
+
+
+# The answers every authenticated call may give, for its OpenAPI document.
+AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {
+        "model": Problem,
+        "description": "No bearer token, or one that is invalid or expired.",
+        "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
+    },
+    403: {"model": Problem, "description": "The token lacks the permission this call needs."},
+}
 
 
 def _unauthorized(detail: str) -> HTTPException:

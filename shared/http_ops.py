@@ -12,7 +12,15 @@ def ops_router(ready: Callable[[], str | None]) -> APIRouter:
     """``ready`` returns None when the service can serve, else what it is missing."""
     router = APIRouter(tags=["operations"])
 
-    @router.get("/healthz")
+    @router.get(
+        "/healthz",
+        responses={
+            503: {
+                "description": "The service cannot serve now; `reason` says why.",
+                "content": {"application/json": {"schema": {"type": "object"}}},
+            }
+        },
+    )
     def healthz(response: Response) -> dict[str, str]:
         problem = ready()
         if problem is not None:

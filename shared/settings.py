@@ -70,7 +70,16 @@ class Settings(BaseSettings):
 
     probe_timeout_seconds: float = 10.0
     probe_concurrency: int = Field(
-        default=8, description="Connection tests the config API runs at once; more wait."
+        default=8,
+        ge=1,
+        description="Connection tests the config API runs at once, all tenants together; a "
+        "test beyond it is answered 429 with Retry-After.",
+    )
+    probe_concurrency_per_tenant: int = Field(
+        default=2,
+        ge=1,
+        description="Connection tests one tenant may run at once (within probe_concurrency), "
+        "so that one tenant cannot hold back another's saves; beyond it: 429 with Retry-After.",
     )
     denied_networks: str = Field(
         default=DENIED_BY_DEFAULT,
@@ -263,6 +272,19 @@ class Settings(BaseSettings):
         gt=1.0,
         description="An enabled inbound server is stale when no worker reported on it for "
         "this many of its report intervals (a dead fetcher shows up by itself).",
+    )
+    status_streams: int = Field(
+        default=1000,
+        ge=1,
+        description="Live status streams (server-sent events) one status-service process "
+        "serves at once, all tenants together; all share one Redis connection. Beyond it: 429 "
+        "with Retry-After.",
+    )
+    status_streams_per_tenant: int = Field(
+        default=20,
+        ge=1,
+        description="Live status streams one tenant may hold open at once per status-service "
+        "process; beyond it: 429 with Retry-After.",
     )
     status_heartbeat_seconds: float = Field(
         default=60.0,

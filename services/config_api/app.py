@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -22,6 +21,7 @@ from shared.oauth.tokens import OAuthTokens
 from shared.probe import ConnectionProbe, Probe
 from shared.secrets import SecretBox
 from shared.settings import Settings
+from shared.tenant_slots import TenantSlots
 
 API_PREFIX = "/api/v1"
 
@@ -46,7 +46,12 @@ def create_app(
             probe=probe or ConnectionProbe.from_settings(settings),
             consents=consents,
             oauth_health=OAuthHealth(pool, tokens.providers, settings.oauth_warning_days),
-            probe_slots=threading.BoundedSemaphore(settings.probe_concurrency),
+            probe_slots=TenantSlots(
+                "connection tests",
+                total=settings.probe_concurrency,
+                per_tenant=settings.probe_concurrency_per_tenant,
+            ),
+            probe_seconds=settings.probe_timeout_seconds,
         )
         app.state.routing_plans = RoutingPlanService(pool)
         relay = OutboxRelay(settings.database_url, settings.amqp_url, settings.outbox_poll_seconds)

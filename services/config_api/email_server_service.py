@@ -7,7 +7,6 @@ transaction: it talks to the network and must not hold row locks.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -15,12 +14,12 @@ from typing import Any
 from psycopg_pool import ConnectionPool
 
 from services.config_api.errors import (
-    ApiError,
     Conflict,
     ConnectionFailed,
     FieldsInvalid,
     NotFound,
     PreconditionFailed,
+    TooBusy,
 )
 from services.config_api.oauth_consent import (
     CONSENT_FIELD,
@@ -46,11 +45,16 @@ from shared.email_servers import CONNECTION_SETTINGS, AuthType, EmailServer, Ser
 from shared.oauth.health import OAuthHealth
 from shared.probe import Probe, ProbeResult
 from shared.secrets import SecretBox, SecretDecryptError
+from shared.tenant_slots import NoSlot, TenantSlots
 from shared.tokens import Principal
 
 CONNECTION_COLUMNS = frozenset({*CONNECTION_SETTINGS, "enabled"})
 CONNECTION_FIELDS = CONNECTION_COLUMNS | {"password"}
 COPY_SUFFIX = " (copy)"
+# Columns a connection test writes, not the admin: never named as changed fields.
+TEST_RESULTS = frozenset({"last_connection", "starttls_seen_at"})
+# How each protocol names the upgrade to TLS on a plain connection.
+_STARTTLS_NAME = {ServerType.IMAP: "STARTTLS", ServerType.POP3: "STLS", ServerType.SMTP: "STARTTLS"}
 
 
 def copy_name(name: str) -> str:
@@ -64,6 +68,12 @@ def _candidate(tenant_id: str, columns: dict[str, Any], server_id: str = "") -> 
     """An unsaved server built from columns, for the connection test."""
     values = {**columns, "sender_addresses": tuple(columns.get("sender_addresses") or ())}
     return EmailServer(id=server_id, tenant_id=tenant_id, version=0, **values)
+
+
+def saw_starttls(server: EmailServer, result: ProbeResult) -> bool:
+    """The test upgraded a plain connection with STARTTLS (STLS): from now on this host and
+    port get credentials only over TLS (``EmailServer.requires_tls``)."""
+    return result.ok and not server.tls and _STARTTLS_NAME[server.type] in result.capabilities
 
 
 @dataclass(frozen=True)
@@ -82,9 +92,10 @@ class EmailServerService:
     probe: Probe
     consents: OAuthConsents
     oauth_health: OAuthHealth
-    probe_slots: threading.BoundedSemaphore = field(
-        default_factory=lambda: threading.BoundedSemaphore(8)
+    probe_slots: TenantSlots = field(
+        default_factory=lambda: TenantSlots("connection tests", total=8, per_tenant=2)
     )
+    probe_seconds: float = 10.0  # how long a test may take: the Retry-After of a busy answer
 
     # --- reads -----------------------------------------------------------------------------
 
@@ -122,18 +133,25 @@ class EmailServerService:
         if not result.ok:
             raise ConnectionFailed(result)
         merged.columns["last_connection"] = merged.changes["last_connection"] = result.as_json()
-
-    def _run_probe(self, candidate: EmailServer, password: str | None) -> ProbeResult:
-        """Connection tests wait on the network; a bounded number run at once, so that slow
-        mail servers cannot occupy every request thread of the API."""
-        if not self.probe_slots.acquire(timeout=30):
-            raise ApiError(
-                503, {"detail": "too many connection tests are running; try again shortly"}
+        if saw_starttls(candidate, result):
+            merged.columns["starttls_seen_at"] = merged.changes["starttls_seen_at"] = (
+                candidate.place
             )
+
+    def _run_probe(
+        self, candidate: EmailServer, password: str | None, wait_seconds: float = 0.0
+    ) -> ProbeResult:
+        """Connection tests wait on the network, so few run at once, and one tenant may run
+        only some of them: slow mail servers named by one tenant cannot occupy the request
+        threads that another tenant's saves need (429 with ``Retry-After`` when none is free)."""
+        try:
+            slot = self.probe_slots.take(candidate.tenant_id, wait_seconds)
+        except NoSlot as refusal:
+            raise TooBusy(refusal, self.probe_seconds) from None
         try:
             return self.probe(candidate, password)
         finally:
-            self.probe_slots.release()
+            slot.release()
 
     # --- writes ----------------------------------------------------------------------------
 
@@ -218,7 +236,14 @@ class EmailServerService:
         consent, server, outcome = self.consents.finish(state, code, error, error_description)
         if not outcome.ok or consent is None or server is None:
             return outcome
-        result = self._run_probe(server, self.consents.access_token_for_test(server))
+        try:
+            # The consent is used up: rather wait for a slot than turn the admin away.
+            result = self._run_probe(
+                server, self.consents.access_token_for_test(server), self.probe_seconds
+            )
+        except TooBusy as busy:
+            reason = f"the connection test could not run now ({busy.payload['detail']})"
+            result = ProbeResult(False, reason)
         admin = Principal(
             subject=consent.admin, tenant_id=consent.tenant_id, permissions=frozenset()
         )
@@ -226,7 +251,10 @@ class EmailServerService:
             locked = repo.get(conn, server.id, tenant_id=consent.tenant_id, for_update=True)
             if locked is None:
                 return ConsentOutcome(False, "The mail server was deleted meanwhile.", server.id)
-            saved = repo.update(conn, server.id, {"last_connection": result.as_json()})
+            tested: dict[str, Any] = {"last_connection": result.as_json()}
+            if saw_starttls(server, result) and locked.place == server.place:
+                tested["starttls_seen_at"] = server.place
+            saved = repo.update(conn, server.id, tested)
             self._record(conn, admin, "oauth_consent", saved, "updated", {CONSENT_FIELD})
         if result.ok:
             message = "Access granted, and the connection test passed."
@@ -270,7 +298,9 @@ class EmailServerService:
                 "reload it and save again"
             )
         if tested:
-            merged.changes["last_connection"] = tested_merge.changes["last_connection"]
+            for result in ("last_connection", "starttls_seen_at"):
+                if result in tested_merge.changes:
+                    merged.columns[result] = merged.changes[result] = tested_merge.changes[result]
         return merged
 
     def delete(self, principal: Principal, server_id: str) -> None:
@@ -288,11 +318,12 @@ class EmailServerService:
             source = repo.get(conn, server_id, tenant_id=principal.tenant_id)
             if source is None:
                 raise NotFound()
+            # The same place, so the same secrets, and the same STARTTLS pin (columns_of).
             columns = columns_of(source)
             columns.update(name=copy_name(source.name), enabled=False, is_template_server=False)
             copy = repo.insert(conn, principal.tenant_id, columns)
             fields = {name for name, value in columns.items() if value not in (None, [], "")}
-            fields = (fields - {"password_encrypted"}) | (
+            fields = (fields - {"password_encrypted", *TEST_RESULTS}) | (
                 {"password"} if copy.has_password else set()
             )
             self._record(conn, principal, "duplicate", copy, "created", fields)
@@ -382,7 +413,7 @@ class EmailServerService:
         change: EmailServerChange,
         fields: Iterable[str],
     ) -> None:
-        fields = sorted(set(fields) - {"last_connection"})
+        fields = sorted(set(fields) - TEST_RESULTS)
         audit.record(
             conn,
             tenant_id=principal.tenant_id,

@@ -1,7 +1,7 @@
 """The OAuth2 consent: from an admin's save to tokens stored and the connection tested.
 
 1. A save of an OAuth2 server that needs consent (no tokens yet, tokens the provider refused,
-   another mailbox or provider, or ``reauthenticate_on_save``) starts one: a random ``state``
+   another mailbox, provider or host, or ``reauthenticate_on_save``) starts one: a random ``state``
    and a PKCE verifier are stored, bound to the admin, the tenant and the server, and the
    answer carries the provider's authorization URL.
 2. The admin's browser signs in at the provider, which redirects to the callback with
@@ -17,6 +17,7 @@ provider.
 
 from __future__ import annotations
 
+import re
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -33,14 +34,20 @@ from shared.probe import Probe, ProbeResult
 from shared.secrets import SecretBox, SecretDecryptError
 
 CONSENT_FIELD = "oauth_consent"  # named in the audit trail and the config event
+# What a state this module hands out looks like (token_urlsafe); anything else names no
+# consent and is never looked up.
+_STATE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
 def same_account(before: EmailServer, after: EmailServer) -> bool:
-    """Tokens belong to one mailbox at one provider; another user or provider needs new ones."""
-    return (before.auth_type, before.username, before.oauth_provider) == (
+    """Tokens belong to one mailbox at one provider, and are sent to the host they were given
+    for: another user, provider or host needs a new consent (an access token is a password
+    for as long as it lives; a host of someone else's choosing would read it)."""
+    return (before.auth_type, before.username, before.oauth_provider, before.host) == (
         after.auth_type,
         after.username,
         after.oauth_provider,
+        after.host,
     )
 
 
@@ -131,7 +138,7 @@ class OAuthConsents:
         the connection and records the change.
         """
         with self._pool.connection() as conn:
-            consent = repo.take_consent(conn, state) if state else None
+            consent = repo.take_consent(conn, state) if _STATE.fullmatch(state) else None
             server = (
                 servers_repo.get(conn, consent.server_id, tenant_id=consent.tenant_id)
                 if consent

@@ -10,7 +10,16 @@ import unicodedata
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, StrictBool, StrictInt
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    StrictBool,
+    StrictInt,
+)
 
 from services.config_api import field_rules
 from shared.email_servers import AuthType, EmailServer, Role, ServerType
@@ -41,30 +50,86 @@ def _password_length(value: SecretStr) -> SecretStr:
     return value
 
 
+def _documented(pattern: str, description: str) -> Any:
+    """What a field's validators check, told in its JSON Schema as a pattern (the validators
+    stay the rule: their messages name the problem in words)."""
+    return Field(json_schema_extra={"pattern": pattern}, description=description)
+
+
+# No control character (Unicode category Cc: line breaks, tabs, NUL...).
+_ONE_LINE = r"^[^\u0000-\u001f\u007f-\u009f]*$"
+_ONE_LINE_NOT_BLANK = (
+    r"^[^\u0000-\u001f\u007f-\u009f]*[^\s\u0000-\u001f\u007f-\u009f][^\u0000-\u001f\u007f-\u009f]*$"
+)
+
 Name = Annotated[
     str,
     _chars(NAME_MAX_LENGTH),
     AfterValidator(field_rules.single_line),
     AfterValidator(field_rules.not_blank),
+    _documented(_ONE_LINE_NOT_BLANK, "One line, not blank, at most 200 characters (NFC)."),
 ]
-Description = Annotated[str, _chars(250), AfterValidator(field_rules.no_nul)]
-Host = Annotated[str, _chars(70), AfterValidator(field_rules.host)]
-Port = Annotated[StrictInt, Field(ge=1, le=65535)]
-Username = Annotated[str, _chars(255), AfterValidator(field_rules.single_line)]
-Password = Annotated[SecretStr, AfterValidator(_password_length)]
+Description = Annotated[
+    str,
+    _chars(250),
+    AfterValidator(field_rules.no_nul),
+    _documented(r"^[^\u0000]*$", "No NUL, at most 250 characters (NFC)."),
+]
+Host = Annotated[
+    str,
+    _chars(70),
+    AfterValidator(field_rules.host),
+    _documented(
+        _ONE_LINE_NOT_BLANK,
+        "A host name (internationalised names allowed, checked by IDNA) or an IP address; at "
+        "most 70 characters.",
+    ),
+]
+
+
+def _whole_number(value: Any) -> Any:
+    """JSON Schema's ``integer`` includes ``993.0``; a string or a fraction stays refused."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+Port = Annotated[StrictInt, Field(ge=1, le=65535), BeforeValidator(_whole_number)]
+Username = Annotated[
+    str,
+    _chars(255),
+    AfterValidator(field_rules.single_line),
+    _documented(_ONE_LINE, "One line, at most 255 characters (NFC)."),
+]
+Password = Annotated[
+    SecretStr,
+    AfterValidator(_password_length),
+    _documented(r"^[^\r\n\u0000]*$", "No line break or NUL, at most 255 characters (NFC)."),
+]
 InboxFolder = Annotated[
     str,
     _chars(255),
     AfterValidator(field_rules.single_line),
     AfterValidator(field_rules.not_blank),
+    _documented(_ONE_LINE_NOT_BLANK, "One line, not blank, at most 255 characters (NFC)."),
 ]
-SniHostname = Annotated[str, _chars(255), AfterValidator(field_rules.sni_hostname)]
+SniHostname = Annotated[
+    str,
+    _chars(255),
+    AfterValidator(field_rules.sni_hostname),
+    _documented(_ONE_LINE_NOT_BLANK, "A host name, not an IP address; at most 255 characters."),
+]
 SenderAddresses = Annotated[
     list[Annotated[str, _chars(255)]],
     Field(max_length=100),
     AfterValidator(field_rules.sender_addresses),
 ]
-RoutingPlanId = Annotated[str, Field(min_length=1, max_length=100)]
+RoutingPlanId = Annotated[
+    str,
+    Field(min_length=1, max_length=100),
+    AfterValidator(field_rules.single_line),
+    _documented(_ONE_LINE, "The id of one of the tenant's routing plans."),
+]
 ProviderName = Annotated[str, Field(min_length=1, max_length=100)]
 
 
@@ -180,6 +245,12 @@ class ServerOut(BaseModel):
     is_template_server: bool
     oauth_provider: str | None
     version: int
+    starttls_seen: bool = Field(
+        default=False,
+        description="A connection test saw this host and port offer STARTTLS: credentials go "
+        "there only over TLS from now on, and a server that stops offering it fails with "
+        "that reason instead of getting them in plain text.",
+    )
     connection: ConnectionResult | None = None
     oauth: OAuthStatus | None = None
     authorization_url: str | None = Field(
@@ -222,6 +293,7 @@ class ServerOut(BaseModel):
             is_template_server=server.is_template_server,
             oauth_provider=server.oauth_provider,
             version=server.version,
+            starttls_seen=server.requires_tls and not server.tls,
             connection=(
                 ConnectionResult.model_validate(server.last_connection)
                 if server.last_connection

@@ -21,6 +21,7 @@ from shared.email_servers import (
     EmailServer,
     Role,
     ServerType,
+    effective_port,
 )
 from shared.hostnames import is_ip_literal
 from shared.secrets import SecretBox
@@ -41,6 +42,9 @@ _TYPE_LABEL = {
     frozenset({ServerType.SMTP}): "SMTP servers",
 }
 _NOT_NULLABLE = ("name", "host", "tls", "auth_type")
+# Where a stored password was typed for: it is sent to that host and port, with that TLS
+# setting, as that user, and nowhere else.
+PASSWORD_PLACE = ("host", "port", "tls", "username")
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,7 @@ def defaults_for(server_type: ServerType) -> dict[str, Any]:
         "role": Role.AGENT if smtp else None,
         "is_template_server": False,
         "oauth_provider": None,
+        "starttls_seen_at": None,
     }
 
 
@@ -109,6 +114,7 @@ def columns_of(server: EmailServer) -> dict[str, Any]:
         "role": server.role,
         "is_template_server": server.is_template_server,
         "oauth_provider": server.oauth_provider,
+        "starttls_seen_at": server.starttls_seen_at,
     }
 
 
@@ -149,6 +155,8 @@ def merge(
             columns["password_encrypted"] = (
                 secret_box.encrypt(new_password) if new_password is not None else None
             )
+        else:
+            _check_password_place(before, columns, errors)
     _check_whole_server(columns, server_type, errors)
     if errors:
         raise ServerRulesError(errors)
@@ -215,6 +223,43 @@ def _check_basic(given: dict[str, Any], columns: dict[str, Any], errors: list[Fi
         errors.append(FieldError("oauth_provider", "applies to OAuth2 only"))
     columns["reauthenticate_on_save"] = False
     columns["oauth_provider"] = None
+
+
+def _place_of_password(columns: dict[str, Any]) -> dict[str, Any]:
+    place = {name: columns[name] for name in PASSWORD_PLACE}
+    place["port"] = effective_port(columns["type"], columns["tls"], columns["port"])
+    return place
+
+
+def _check_password_place(
+    before: dict[str, Any], columns: dict[str, Any], errors: list[FieldError]
+) -> None:
+    """A stored password follows only the settings it was typed for.
+
+    Changing the host, port, TLS or user without typing the password again would send the
+    stored password to a place its owner never typed it for: whoever may edit the server could
+    point it at a host of their own and read the password there. Such a change is refused and
+    the stored password stays as it is; the admin types it again (or removes it) to save.
+    """
+    if before["password_encrypted"] is None or before["auth_type"] is not AuthType.BASIC:
+        return
+    old, new = _place_of_password(before), _place_of_password(columns)
+    moved = [name for name in PASSWORD_PLACE if old[name] != new[name]]
+    if moved:
+        errors.append(
+            FieldError(
+                "password",
+                f"is needed again: the {_words(moved)} changed, and a stored password is sent "
+                "only to the host, port, TLS setting and user it was entered for; enter the "
+                "password again (or remove it) to save this change",
+            )
+        )
+
+
+def _words(names: list[str]) -> str:
+    labels = {"host": "host", "port": "port", "tls": "TLS setting", "username": "user"}
+    words = [labels[name] for name in names]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
 
 
 def _check_whole_server(

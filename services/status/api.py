@@ -7,32 +7,34 @@ The stream (``/status/email-servers/stream``) is server-sent events: first one `
 event (the list, as the GET answers it), then a ``state`` event per state change of one of the
 tenant's servers (``{"tenant_id", "server_id", "state", "previous_state", "reason", "at"}``,
 the alert's JSON) and a ``removed`` event when a server is deleted; a comment line every 15 s
-keeps proxies from closing an idle stream.
+keeps proxies from closing an idle stream. All streams of a process share one Redis
+subscription (``live_stream.py``); a tenant may hold ``status_streams_per_tenant`` of them open
+and the process ``status_streams``; beyond that the answer is 429 with ``Retry-After``, so one
+tenant cannot take the streams (or the Redis connections) of another.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
-from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-import redis.asyncio
 from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.encoders import jsonable_encoder
-from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict
 
+from services.status.live_stream import STREAM_RESPONSES, LeasedStream, LiveStreams
 from services.status.state import configure, now
-from services.status.store import CHANGES_CHANNEL, StatusStore
-from shared.http_auth import require
+from services.status.store import StatusStore
+from shared.http_auth import AUTH_RESPONSES, Problem, require
 from shared.oauth.health import OAuthHealth
 from shared.server_directory import ServerDirectory
 from shared.settings import Settings
 from shared.tokens import READ, Principal
 
 Reader = Annotated[Principal, Depends(require(READ))]
-KEEPALIVE_SECONDS = 15.0
+_RETRY_AFTER = {
+    "description": "Seconds to wait before trying again.",
+    "schema": {"type": "integer"},
+}
 
 
 class ServerState(BaseModel):
@@ -71,6 +73,7 @@ def status_router(
     oauth_health: OAuthHealth | None = None,
 ) -> APIRouter:
     router = APIRouter(prefix="/api/v1/status", tags=["status"])
+    live = LiveStreams.from_settings(settings)
 
     def items_for(tenant_id: str) -> list[dict[str, Any]]:
         servers = [s for s in directory.all() if s.tenant_id == tenant_id]
@@ -92,44 +95,27 @@ def status_router(
             items.append(item)
         return items
 
-    @router.get("/email-servers", response_model=ServerStates)
+    @router.get("/email-servers", response_model=ServerStates, responses=AUTH_RESPONSES)
     def list_states(principal: Reader) -> dict[str, Any]:
         return {"items": items_for(principal.tenant_id)}
 
-    @router.get("/email-servers/stream", response_class=StreamingResponse)
-    async def stream(principal: Reader, request: Request) -> StreamingResponse:
-        client = redis.asyncio.Redis.from_url(settings.redis_url)
-        pubsub = client.pubsub()
-        await pubsub.subscribe(CHANGES_CHANNEL)  # before the snapshot: no change falls between
-        tenant = principal.tenant_id
+    @router.get(
+        "/email-servers/stream",
+        response_class=LeasedStream,
+        status_code=status.HTTP_200_OK,
+        responses=STREAM_RESPONSES,
+    )
+    async def stream(principal: Reader, request: Request) -> LeasedStream:
+        return await live.open(principal.tenant_id, request, items_for)
 
-        async def events() -> AsyncIterator[str]:
-            try:
-                snapshot = await asyncio.to_thread(items_for, tenant)
-                yield _event("snapshot", {"items": snapshot})
-                while not await request.is_disconnected():
-                    message = await pubsub.get_message(
-                        ignore_subscribe_messages=True, timeout=KEEPALIVE_SECONDS
-                    )
-                    if message is None:
-                        yield ": keep-alive\n\n"
-                        continue
-                    change = json.loads(message["data"])
-                    if change.get("tenant_id") != tenant:
-                        continue
-                    kind = "removed" if change.pop("removed", False) else "state"
-                    yield _event(kind, change)
-            finally:
-                await pubsub.aclose()  # stubs predate aclose
-                await client.aclose()
-
-        return StreamingResponse(
-            events(),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
-
-    @router.get("/email-servers/{server_id}", response_model=ServerState)
+    @router.get(
+        "/email-servers/{server_id}",
+        response_model=ServerState,
+        responses={
+            **AUTH_RESPONSES,
+            404: {"model": Problem, "description": "No such server of this tenant."},
+        },
+    )
     def one_state(server_id: str, principal: Reader) -> dict[str, Any]:
         for item in items_for(principal.tenant_id):
             if item["server_id"] == server_id:
@@ -137,7 +123,3 @@ def status_router(
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail="no such server")
 
     return router
-
-
-def _event(kind: str, data: dict[str, Any]) -> str:
-    return f"event: {kind}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"

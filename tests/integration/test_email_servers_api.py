@@ -57,6 +57,17 @@ def test_effective_port_follows_type_and_tls(api: ApiClient) -> None:
     assert explicit["port"] == explicit["effective_port"] == 2525
 
 
+def test_a_port_written_as_a_whole_number_with_a_fraction_is_that_integer(api: ApiClient) -> None:
+    """JSON Schema's integer includes 1176.0, so the OpenAPI document promises to accept it."""
+    server = api.create(type="smtp", name="out", host="smtp.example.com", port=1176.0)
+    assert server["port"] == server["effective_port"] == 1176
+    for refused in (1176.5, "1176", True):
+        answer = api.post(
+            "/email-servers", {"type": "smtp", "name": "o", "host": "h.de", "port": refused}
+        )
+        assert answer.status_code == 422 and answer.json()["detail"][0]["field"] == "port"
+
+
 def test_list_holds_the_tenants_servers_and_filters_by_type(api: ApiClient) -> None:
     imap = api.create(type="imap", name="in", host="imap.example.com")
     smtp = api.create(type="smtp", name="out", host="smtp.example.com")

@@ -23,6 +23,7 @@ import pytest
 from fastapi.testclient import TestClient
 from psycopg_pool import ConnectionPool
 
+from shared.db import oauth as oauth_repo
 from shared.db.pool import DictConnection
 from shared.settings import Settings
 from tests.lab.certs import LabCertificates
@@ -38,6 +39,7 @@ from tests.support.fetching import (
     wait_for_queue,
 )
 from tests.support.oauth import PROVIDER, give_consent, imap_server, oauth_env, stored_tokens
+from tests.support.recording_server import RecordingServer
 from tests.support.sender import (
     command,
     publish,
@@ -290,6 +292,38 @@ def test_tokens_belong_to_one_mailbox_a_new_user_needs_a_new_consent(
     assert give_consent(oauth_client, moved["authorization_url"])["ok"] is True
     again = oauth_admin.patch(f"/email-servers/{server['id']}", {"username": lab_user.name})
     assert again.json()["oauth"]["state"] == "consent_needed"
+
+
+def test_a_new_host_needs_a_new_consent_and_gets_no_token(
+    oauth_admin: ApiClient,
+    oauth_client: TestClient,
+    dovecot: DovecotLab,
+    lab_user: LabUser,
+    pool: ConnectionPool[DictConnection],
+    settings_with_lab: Settings,
+) -> None:
+    """Tokens are a password for as long as they live: another host gets none of them, and
+    the answer asks for the consent again, as for a new user."""
+    server = imap_server(oauth_admin, dovecot, lab_user)
+    assert give_consent(oauth_client, server["authorization_url"])["ok"] is True
+    tokens = [t for t in stored_tokens(pool, settings_with_lab, server["id"]) if t]
+    with RecordingServer("imap") as elsewhere:
+        moved = oauth_admin.patch(
+            f"/email-servers/{server['id']}",
+            {
+                "host": "127.0.0.1",
+                "sni_hostname": "localhost",
+                "port": elsewhere.port,
+                "tls": False,
+            },
+        )
+        assert moved.status_code == 200, moved.text
+        assert moved.json()["oauth"]["state"] == "consent_needed"
+        assert moved.json()["authorization_url"]
+        assert elsewhere.connections == 0
+        assert not any(elsewhere.saw(token) for token in tokens)
+    with pool.connection() as conn:
+        assert oauth_repo.get(conn, server["id"]) is None  # dropped with the move
 
 
 def test_reauthenticate_on_save_still_tests_a_change_with_the_current_tokens(

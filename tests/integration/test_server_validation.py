@@ -260,7 +260,7 @@ def test_every_error_in_one_answer(api: ApiClient) -> None:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("port", True), ("port", 993.0), ("port", "993"), ("tls", "yes"), ("enabled", 1)],
+    [("port", True), ("port", 993.5), ("port", "993"), ("tls", "yes"), ("enabled", 1)],
 )
 def test_types_are_not_guessed(api: ApiClient, field: str, value: Any) -> None:
     body = {"type": "imap", "name": "n", "host": "imap.example.com", field: value}

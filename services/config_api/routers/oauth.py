@@ -11,21 +11,51 @@ import html
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel
 
 from services.config_api.dependencies import EmailServers, Reader
-from services.config_api.schemas import ProviderList
+from services.config_api.errors import documented
+from services.config_api.schemas import ConnectionResult, ProviderList
 
 router = APIRouter(prefix="/oauth", tags=["oauth2"])
 
 
-@router.get("/providers", response_model=ProviderList)
+@router.get("/providers", response_model=ProviderList, responses=documented())
 def list_providers(principal: Reader, svc: EmailServers) -> ProviderList:
     """The providers an admin may pick for ``oauth_provider`` (names, never client secrets);
     ``configured: false`` means the operator has not registered a client there yet."""
     return ProviderList.from_providers(svc.consents.tokens.providers)
 
 
-@router.get("/callback", response_model=None)
+_PAGE = {"text/html": {"schema": {"type": "string"}}}
+
+
+class ConsentAnswer(BaseModel):
+    """The callback's answer to a client that asks for JSON."""
+
+    ok: bool
+    message: str
+    server_id: str | None
+    connection: ConnectionResult | None
+
+
+@router.get(
+    "/callback",
+    response_model=None,
+    responses={
+        200: {
+            "model": ConsentAnswer,
+            "content": _PAGE,
+            "description": "Access granted: a page for the browser, or JSON when asked for.",
+        },
+        400: {
+            "model": ConsentAnswer,
+            "content": _PAGE,
+            "description": "No access: the link expired or was used, the provider refused, or "
+            "the admin signed in as another account; the message says which.",
+        },
+    },
+)
 def consent_callback(
     request: Request,
     svc: EmailServers,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import poplib
 import socket
 import ssl
 from collections.abc import Callable
@@ -218,21 +217,14 @@ class _ProbingImapMailbox(ImapMailbox):
 
 
 class _ProbingPop3Mailbox(Pop3Mailbox):
-    """Adds STAT, and remembers whether STLS was offered (the list after STLS omits it)."""
+    """Remembers whether STLS was offered (the list after STLS omits it)."""
 
     before_tls: frozenset[str] = frozenset()
 
     def _open(self) -> None:
         super()._open()
-        if not self.server.tls and getattr(self._require(), "_tls_established", False):
+        if self.started_tls:
             self.before_tls = frozenset({"STLS"})
-
-    def stat(self) -> tuple[int, int]:
-        try:
-            count, size = self._require().stat()
-        except (poplib.error_proto, OSError, EOFError) as exc:
-            raise self._describe(exc) from exc
-        return int(count), int(size)
 
 
 def _not_this_protocol(server: EmailServer) -> MailServerError:

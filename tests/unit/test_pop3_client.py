@@ -9,6 +9,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import pytest
 
@@ -63,7 +64,7 @@ class ScriptedPop3:
                 with contextlib.suppress(OSError):
                     self._session(conn, lines)
 
-    def _session(self, conn: socket.socket, lines: socket.SocketIO) -> None:
+    def _session(self, conn: socket.socket, lines: BinaryIO) -> None:
         conn.sendall(self.greeting)
         while line := lines.readline():
             self.received.append(line)

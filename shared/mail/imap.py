@@ -151,8 +151,9 @@ class ImapMailbox:
             return
         try:
             client.logout()
-        except (IMAPClientError, OSError, EOFError):
-            with contextlib.suppress(IMAPClientError, OSError):  # already gone
+        except (IMAPClientError, MailServerError, OSError, EOFError):
+            # Already gone, or an answer was cut off and LOGOUT's meets the rest of it.
+            with contextlib.suppress(IMAPClientError, OSError):
                 client.shutdown()
 
     def __enter__(self) -> ImapMailbox:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import poplib
 import ssl
 import time
+from typing import Any
 
 import pytest
 from psycopg_pool import ConnectionPool
@@ -67,14 +68,21 @@ def test_mail_whose_deletion_was_lost_is_deleted_without_a_second_hand_over(
         api, dovecot, lab_user, settings.amqp_url, "pop3", enabled=False
     )
     uidl = dovecot_uidl(dovecot, lab_user)
+    key = state_key(server)
     with pool.connection() as conn:
-        fetch_state.add_delivered_uidls(conn, server["id"], [uidl], [False])
+        fetch_state.add_delivered_uidls(conn, key, [uidl], [False])
     api.patch(f"/email-servers/{server['id']}", {"enabled": True})
     with running_fetcher(fetcher_settings(settings, mail_lab_certs), pool):
         eventually(lambda: dovecot.count(lab_user.name) == 0, 5, "the mailbox emptied")
     assert take(settings.amqp_url, queue, 1, timeout=0.3) == []
     with pool.connection() as conn:
-        assert fetch_state.delivered_uidls(conn, server["id"]) in ({}, {uidl: False})
+        assert fetch_state.delivered_uidls(conn, key) in ({}, {uidl: False})
+
+
+def state_key(server: dict[str, Any]) -> fetch_state.StateKey:
+    """Whose fetch state the fetcher keeps for ``server`` (an API answer)."""
+    identity = fetch_state.mailbox_identity(server["host"], server["username"], None)
+    return fetch_state.StateKey(server["id"], identity)
 
 
 def dovecot_uidl(dovecot: DovecotLab, user: LabUser) -> str:

@@ -95,3 +95,38 @@ def dovecot_uidl(dovecot: DovecotLab, user: LabUser) -> str:
         return client.uidl(1).split()[-1].decode()
     finally:
         client.quit()
+
+
+@pytest.mark.parametrize("kept", [True, False], ids=["quarantined-there", "deletion-lost-there"])
+def test_a_server_pointed_at_another_mailbox_hands_over_a_mail_whose_uidl_it_knew_from_the_old(
+    api: ApiClient,
+    settings: Settings,
+    pool: ConnectionPool[DictConnection],
+    dovecot: DovecotLab,
+    mail_lab_certs: LabCertificates,
+    kept: bool,
+) -> None:
+    """The second mailbox's mail has the UIDL of a mail the first one handed over: for the
+    first mailbox, kept on the server (quarantined) or handed over with its deletion lost. In
+    the second it is new: it must arrive, not be skipped or deleted unread."""
+    first, second = dovecot.new_user("first"), dovecot.new_user("second")
+    dovecot.append(first.name, sample(1))
+    dovecot.set_uidvalidity(second.name, dovecot.uidvalidity(first.name))
+    dovecot.append(second.name, sample(2))
+    uidl = dovecot_uidl(dovecot, first)
+    assert dovecot_uidl(dovecot, second) == uidl
+    server, queue = lab_mailbox_and_queue(
+        api, dovecot, first, settings.amqp_url, "pop3", enabled=False
+    )
+    with pool.connection() as conn:
+        fetch_state.add_delivered_uidls(conn, state_key(server), [uidl], [kept])
+    moved = api.patch(
+        f"/email-servers/{server['id']}",
+        {"username": second.name, "password": second.password, "enabled": True},
+    )
+    assert moved.status_code == 200, moved.text
+    with running_fetcher(fetcher_settings(settings, mail_lab_certs), pool):
+        delivered = take(settings.amqp_url, queue, 1)
+        eventually(lambda: dovecot.count(second.name) == 0, 5, "the mailbox emptied")
+    assert [d.body for d in delivered] == [sample(2)]
+    assert dovecot.count(first.name) == 1  # the first mailbox is left as it was

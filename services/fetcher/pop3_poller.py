@@ -5,8 +5,9 @@ RETR, hand over, DELE, and QUIT makes the deletions real. A session that drops b
 leaves the mails on the server; the next session sees their UIDLs and deletes them without
 handing them over again. A mail above the size limit is quarantined and kept on the server.
 
-A mail whose RETR the client has to cut off (the server sends more than it LISTed) spoils the
-session, since the rest of its answer is still on the wire. The mails read before it are
+A mail whose RETR the client has to cut off (the server sends more than it LISTed, or takes
+longer than the answer's time limit) spoils the session, since the rest of its answer is still
+on the wire. The mails read before it are
 handed over, the mail is remembered as hostile, and a new session starts at once: it
 quarantines that mail with its header block (``TOP n 0``), or with none when that too is cut
 off, and goes on with the mails after it. The memory of such mails is the poller's; a

@@ -185,7 +185,13 @@ class ImapMailbox:
         for start in range(0, len(uids), _UIDS_PER_COMMAND):
             chunk = uids[start : start + _UIDS_PER_COMMAND]
             answer = self._call(lambda c, chunk=chunk: c.fetch(chunk, ["RFC822.SIZE"]))
-            sizes.update({int(uid): int(data[b"RFC822.SIZE"]) for uid, data in answer.items()})
+            sizes.update(
+                {
+                    int(uid): int(data[b"RFC822.SIZE"])
+                    for uid, data in answer.items()
+                    if b"RFC822.SIZE" in data  # not news of the mail's flags alone
+                }
+            )
         return sizes
 
     def bodies(self, sizes: dict[int, int]) -> dict[int, bytes]:
@@ -198,7 +204,9 @@ class ImapMailbox:
         with self.guard.allowing(allowed):
             answer = self._call(lambda c: c.fetch(sorted(sizes), ["BODY.PEEK[]"]))
         return {
-            int(uid): bytes(data[b"BODY[]"]) for uid, data in answer.items() if b"BODY[]" in data
+            int(uid): bytes(data[b"BODY[]"])
+            for uid, data in answer.items()
+            if isinstance(data.get(b"BODY[]"), bytes)  # not NIL, not news of its flags alone
         }
 
     def headers(self, uids: list[int]) -> dict[int, bytes]:
@@ -207,7 +215,7 @@ class ImapMailbox:
         return {
             int(uid): bytes(data[b"BODY[HEADER]"])
             for uid, data in answer.items()
-            if b"BODY[HEADER]" in data
+            if isinstance(data.get(b"BODY[HEADER]"), bytes)
         }
 
     def mark_seen(self, uids: list[int]) -> None:

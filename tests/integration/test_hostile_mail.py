@@ -208,7 +208,7 @@ class FakeMail:
     body: bytes
     stated_size: int | None = None  # what the server claims (LIST, RFC822.SIZE)
     left_out_of_batches: bool = False  # IMAP: missing from a FETCH of several mails
-    never_a_body: bool = False  # IMAP: FETCH answers it without BODY[]
+    never_a_body: bool = False  # IMAP: FETCH answers it with BODY[] NIL
     flags: set[str] = field(default_factory=set)
     deleted: bool = False
 
@@ -303,7 +303,7 @@ class FakePop3(socketserver.StreamRequestHandler):
 
 class FakeImap(socketserver.StreamRequestHandler):
     """Just the IMAP the fetcher and the probe use, with the mails' claimed sizes and their
-    ways of leaving a mail out."""
+    ways of leaving a mail out; every FETCH answer also brings news of another mail's flags."""
 
     server: FakeServer
 
@@ -344,6 +344,9 @@ class FakeImap(socketserver.StreamRequestHandler):
                 if len(picked) > 1 and mail.left_out_of_batches:
                     continue
                 self._send(b"* %d FETCH (UID %d %s)\r\n" % (number, mail.uid, _items(mail, items)))
+            # As servers do when another session changed flags: news of the second mail (by
+            # its sequence number, without its UID).
+            self._send(b"* 2 FETCH (FLAGS (\\Seen))\r\n")
         elif verb == b"STORE":
             uid_set, _, change = arguments.partition(b" ")
             for mail in _pick(mails, uid_set):
@@ -368,7 +371,7 @@ def _items(mail: FakeMail, items: bytes) -> bytes:
     if b"RFC822.SIZE" in items:
         return b"RFC822.SIZE %d" % mail.size
     if mail.never_a_body:
-        return b"FLAGS ()"
+        return b"BODY[HEADER] NIL" if b"HEADER" in items else b"BODY[] NIL"
     if b"HEADER" in items:
         head = mail.body.split(b"\r\n\r\n")[0] + b"\r\n\r\n"
         return b"BODY[HEADER] {%d}\r\n%s" % (len(head), head)

@@ -6,10 +6,28 @@ Adapters raise :class:`MailServerError`; :func:`describe` turns any exception me
 
 from __future__ import annotations
 
+import re
 import socket
 import ssl
 
 from shared.contracts.status_reports import FailureCategory
+
+# What a reason may quote of a foreign server's words: enough to recognise a message, too
+# little to turn the connection test into a tool that reads other services' banners.
+EXCERPT_CHARACTERS = 200
+_UNPRINTABLE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e]")
+
+
+def excerpt(words: bytes | str, limit: int = EXCERPT_CHARACTERS) -> str:
+    """A server's words as one printable line of at most ``limit`` characters (cut with …).
+
+    Control characters become U+FFFD (PostgreSQL's ``text`` refuses NUL, and a reply that
+    could not be recorded would leave an accepted mail uncertain); whitespace runs become one
+    space, so a reply of many lines reads as one.
+    """
+    text = words.decode("utf-8", "replace") if isinstance(words, bytes) else words
+    text = " ".join(_UNPRINTABLE.sub("\ufffd", text[: limit * 4]).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class MailServerError(Exception):
@@ -49,4 +67,6 @@ def describe(
         return MailServerError(
             FailureCategory.NETWORK, f"cannot reach {where}: {exc.strerror or exc}"
         )
-    return MailServerError(FailureCategory.PROTOCOL, f"unexpected answer from {where}: {exc}")
+    return MailServerError(
+        FailureCategory.PROTOCOL, f"unexpected answer from {where}: {excerpt(str(exc))}"
+    )

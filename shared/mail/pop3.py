@@ -30,7 +30,7 @@ from shared.contracts.status_reports import FailureCategory
 from shared.email_servers import AuthType, EmailServer
 from shared.mail import sasl
 from shared.mail.connector import Connector
-from shared.mail.errors import MailServerError, describe
+from shared.mail.errors import MailServerError, describe, excerpt
 from shared.mail.guarded_socket import AnswerTooLarge, GuardedReader, mebibytes
 from shared.mail.tls import connect_address, tls_server_name
 
@@ -44,7 +44,6 @@ _LISTED_MAILS = 500_000
 # Bytes taken from the reader at a time: a line of any length arrives in pieces of this size.
 _PIECE_BYTES = 64 * 1024
 _SASL_ROUNDS = 3
-_EXCERPT_CHARS = 200
 # A UIDL is 1-70 characters 0x21-0x7E (RFC 1939); anything else is kept as its digest.
 _UIDL = re.compile(rb"[\x21-\x7e]{1,70}")
 
@@ -168,15 +167,16 @@ class Pop3Mailbox:
 
         A refused token comes back as a ``+ <challenge>`` carrying the error; the client
         answers it and the server then sends ``-ERR``. A server that keeps challenging gets
-        no more than three answers.
+        three answers, then the client's cancel (``*``, RFC 4422 3.5), then is given up.
         """
         mechanism = sasl.choose_mechanism(self._capa.get("SASL", []))
         respond = sasl.TokenResponder(mechanism, user, access_token)
         self._send(f"AUTH {mechanism}")
-        for _ in range(_SASL_ROUNDS):
+        for answered in range(_SASL_ROUNDS + 1):
             if self._status(continuation=True).startswith(b"+OK"):
                 return
-            self._send(base64.b64encode(respond()).decode("ascii"))
+            response = respond() if answered < _SASL_ROUNDS else None
+            self._send("*" if response is None else base64.b64encode(response).decode("ascii"))
         if self._status(continuation=True).startswith(b"+OK"):
             return
         raise MailServerError(
@@ -406,14 +406,6 @@ class Pop3Mailbox:
 
 class _Refused(Exception):
     """The server answered ``-ERR``; the argument is its text (an excerpt)."""
-
-
-def excerpt(text: bytes, limit: int = _EXCERPT_CHARS) -> str:
-    """A server's words as they may appear in a reason: printable, one line, short."""
-    decoded = text.decode("utf-8", "replace")
-    printable = "".join(c if c.isprintable() else " " for c in decoded)
-    cleaned = " ".join(printable.split())
-    return cleaned if len(cleaned) <= limit else cleaned[: limit - 1] + "…"
 
 
 def _uidl(raw: bytes) -> str:

@@ -289,3 +289,17 @@ def test_stat_counts_the_maildrop(connector: Connector) -> None:
     fake = ScriptedPop3(mails=[b"a\r\n", b"bb\r\n"])
     with session(fake, connector) as mailbox:
         assert mailbox.stat() == (2, 7)
+
+
+def test_a_server_that_sends_data_behind_its_stls_go_ahead_gets_no_credentials(
+    connector: Connector,
+) -> None:
+    """Lines a man in the middle put behind STLS's +OK would pass for lines sent over TLS."""
+    fake = ScriptedPop3(
+        capa=[b"STLS", b"UIDL"], answers={"STLS": lambda _: b"+OK begin TLS\r\n+OK injected\r\n"}
+    )
+    with fake.running() as port:
+        mailbox = Pop3Mailbox(server_at(port), "secret", connector)
+        with pytest.raises(MailServerError, match="sent data behind its STLS"):
+            mailbox.open()
+    assert fake.received == [b"CAPA\r\n", b"STLS\r\n"]

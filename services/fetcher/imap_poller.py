@@ -59,7 +59,7 @@ class ImapPoller(MailboxPoller):
         self._headless: dict[MailRef, str] = {}  # its header block was cut off too: why
 
     def serve(self) -> None:
-        while self.keep_going():
+        while not self.stopping:
             try:
                 self._session()
                 return

@@ -58,7 +58,7 @@ class Pop3Poller(MailboxPoller):
         while True:
             fetched, spoilt = self._session()
             handed_over += fetched
-            if not spoilt or not self.keep_going():
+            if not spoilt or self.stopping:
                 return handed_over
 
     def _session(self) -> tuple[int, bool]:

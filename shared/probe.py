@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import poplib
 import socket
 import ssl
 from collections.abc import Callable
@@ -35,6 +34,7 @@ from shared.contracts.status_reports import FailureCategory
 from shared.email_servers import AuthType, EmailServer, ServerType
 from shared.mail.connector import Connector
 from shared.mail.errors import MailServerError, describe
+from shared.mail.guarded_socket import AnswerTooLarge
 from shared.mail.imap import ImapMailbox
 from shared.mail.pop3 import Pop3Mailbox
 from shared.mail.smtp import smtp_probe
@@ -155,7 +155,11 @@ class ConnectionProbe:
         try:
             mailbox.open()  # connect, TLS/STARTTLS, login, CAPABILITY, SELECT
         except MailServerError as error:
-            if error.category is FailureCategory.PROTOCOL and not mailbox.before_login:
+            if (
+                not _over_a_limit(error)
+                and error.category is FailureCategory.PROTOCOL
+                and not mailbox.before_login
+            ):
                 raise _not_this_protocol(server) from error
             raise
         mailbox.close()
@@ -185,6 +189,8 @@ class ConnectionProbe:
                 FailureCategory.TLS,
                 f"{host}:{port} does not speak TLS on this port: check the port and the TLS box",
             )
+        if _over_a_limit(error):
+            return error  # the limit's reason says it all
         if error.category is FailureCategory.PROTOCOL and "port" not in error.reason:
             return MailServerError(
                 FailureCategory.PROTOCOL,
@@ -218,21 +224,19 @@ class _ProbingImapMailbox(ImapMailbox):
 
 
 class _ProbingPop3Mailbox(Pop3Mailbox):
-    """Adds STAT, and remembers whether STLS was offered (the list after STLS omits it)."""
+    """Remembers whether STLS was offered (the list after STLS omits it)."""
 
     before_tls: frozenset[str] = frozenset()
 
     def _open(self) -> None:
         super()._open()
-        if not self.server.tls and getattr(self._require(), "_tls_established", False):
+        if self.started_tls:
             self.before_tls = frozenset({"STLS"})
 
-    def stat(self) -> tuple[int, int]:
-        try:
-            count, size = self._require().stat()
-        except (poplib.error_proto, OSError, EOFError) as exc:
-            raise self._describe(exc) from exc
-        return int(count), int(size)
+
+def _over_a_limit(error: MailServerError) -> bool:
+    """An answer cut off at a read limit (also as the SMTP error made of it)."""
+    return isinstance(error, AnswerTooLarge) or isinstance(error.__cause__, AnswerTooLarge)
 
 
 def _not_this_protocol(server: EmailServer) -> MailServerError:

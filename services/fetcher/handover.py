@@ -33,7 +33,7 @@ from services.fetcher.inbound_mail import FetchedMail, to_message
 from services.fetcher.publisher import BatchOutcome, InboundPublisher
 from shared.contracts.status_reports import FailureCategory
 from shared.db import fetch_state, inbound_messages
-from shared.db.fetch_state import Batch, Checkpoint
+from shared.db.fetch_state import Batch, Checkpoint, StateKey
 from shared.db.pool import DictConnection
 from shared.email_servers import DEFAULT_INBOX_FOLDER, EmailServer, ServerType
 from shared.mail.errors import MailServerError
@@ -68,6 +68,7 @@ class Handover:
         self._pool = pool
         self._publisher = publisher
         self.server = server
+        self.state_key = StateKey.of(server)  # the mailbox this session's mail comes from
 
     def recover(self) -> list[Batch]:
         """Settle the batches an earlier session left open; returns those still to flag."""
@@ -181,12 +182,14 @@ class Handover:
         items = [
             {
                 "key": m.key,
-                "message_id": m.message_id,
+                "message_id": (
+                    inbound_messages.stored_message_id(m.message_id) if m.message_id else None
+                ),
                 "quarantined": m.quarantine_reason is not None,
             }
             for m in mails
         ]
-        return fetch_state.open_batch(conn, self.server.id, folder, uidvalidity, items)
+        return fetch_state.open_batch(conn, self.state_key, folder, uidvalidity, items)
 
     def _publish(self, batch: Batch, mails: list[FetchedMail], uidvalidity: int | None) -> InFlight:
         """Step 2, under way when this returns."""
@@ -218,7 +221,8 @@ class Handover:
             self._record_committed(conn, batch)
 
     def _record_committed(self, conn: DictConnection, batch: Batch) -> None:
-        """Step 3's statements, in the caller's transaction (sent in one pipeline)."""
+        """Step 3's statements, in the caller's transaction (sent in one pipeline). The state
+        advanced is that of the mailbox the batch came from (it may be an earlier one)."""
         server = self.server
         fetch_state.mark_committed(conn, batch.id)
         if server.routing_plan_id:
@@ -241,12 +245,12 @@ class Handover:
             folder = batch.folder or server.inbox_folder or DEFAULT_INBOX_FOLDER
             last = max([uid_of(i) for i in batch.items], default=0)
             fetch_state.advance_checkpoint(
-                conn, server.id, Checkpoint(folder, batch.uidvalidity, last)
+                conn, batch.key, Checkpoint(folder, batch.uidvalidity, last)
             )
         else:
             fetch_state.add_delivered_uidls(
                 conn,
-                server.id,
+                batch.key,
                 [uidl_of(i) for i in batch.items],
                 [bool(i.get("quarantined")) for i in batch.items],
             )

@@ -4,6 +4,11 @@ The body is the raw RFC 5322 message exactly as the server returned it; Mailroom
 or re-encodes it, so broken MIME, 8-bit headers or a missing Message-ID cannot stop a mailbox.
 Only the header block is scanned, for the Message-ID. A mail above the size limit goes to the
 quarantine queue as its header block plus the reason, and stays on the mail server.
+
+The AMQP headers of a message must fit one frame (RabbitMQ's ``frame_max``, 128 KiB), or the
+publish fails and the mailbox with it. So a header value taken from the mail or a server
+(``x-message-id``, ``x-quarantine-reason``) is cut at :data:`HEADER_VALUE_CHARS` characters,
+ending in "…"; the mail's full Message-ID is in its body.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ _MESSAGE_ID = re.compile(
     rb"^message-id:[ \t]*((?:.*)(?:\r?\n[ \t].*)*)", re.IGNORECASE | re.MULTILINE
 )
 _HEADER_SCAN_LIMIT = 256 * 1024
+HEADER_VALUE_CHARS = 998  # RFC 5322's longest line
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,13 @@ def message_id_of(raw: bytes) -> str | None:
     return text or None
 
 
+def cut(value: str) -> str:
+    """``value`` as an AMQP header value: at most :data:`HEADER_VALUE_CHARS` characters."""
+    if len(value) <= HEADER_VALUE_CHARS:
+        return value
+    return value[: HEADER_VALUE_CHARS - 1] + "…"
+
+
 def to_message(server: EmailServer, mail: FetchedMail, message_id: str) -> OutgoingMail:
     """The AMQP message for ``mail``; ``message_id`` is stable for this mail on this server."""
     headers: dict[str, object] = {
@@ -68,9 +81,9 @@ def to_message(server: EmailServer, mail: FetchedMail, message_id: str) -> Outgo
         "x-size": mail.size,
     }
     if (found := mail.message_id) is not None:
-        headers["x-message-id"] = found
+        headers["x-message-id"] = cut(found)
     if mail.quarantine_reason is not None:
-        headers["x-quarantine-reason"] = mail.quarantine_reason
+        headers["x-quarantine-reason"] = cut(mail.quarantine_reason)
     properties = pika.BasicProperties(
         content_type="message/rfc822",
         delivery_mode=2,

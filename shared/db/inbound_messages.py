@@ -1,7 +1,13 @@
-"""Which address each fetched mail was sent to, by Message-ID (for replies without From)."""
+"""Which address each fetched mail was sent to, by Message-ID (for replies without From).
+
+A Message-ID is whatever the mail's author wrote, of any length; a PostgreSQL index entry
+holds at most about 2.7 KB. A Message-ID longer than :data:`STORED_MESSAGE_ID_BYTES` is
+therefore stored, and looked up, as its digest (:func:`stored_message_id`).
+"""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from shared.db.pool import DictConnection
@@ -16,9 +22,21 @@ class InboundMessage:
     routing_plan_id: str
 
 
+STORED_MESSAGE_ID_BYTES = 1000
+
+
 def normalise_message_id(value: str) -> str:
     """``<abc@example.org>`` and ``abc@example.org`` name the same mail."""
     return value.strip().strip("<>").strip()
+
+
+def stored_message_id(value: str) -> str:
+    """The key a Message-ID is stored and found under: normalised, and a long one hashed."""
+    normal = normalise_message_id(value)
+    encoded = normal.encode("utf-8", "surrogatepass")
+    if len(encoded) <= STORED_MESSAGE_ID_BYTES:
+        return normal
+    return "sha256:" + hashlib.sha256(encoded).hexdigest()
 
 
 def record(conn: DictConnection, messages: list[InboundMessage]) -> None:
@@ -31,7 +49,7 @@ def record(conn: DictConnection, messages: list[InboundMessage]) -> None:
         " ON CONFLICT (tenant_id, message_id) DO NOTHING",
         (
             [m.tenant_id for m in messages],
-            [normalise_message_id(m.message_id) for m in messages],
+            [stored_message_id(m.message_id) for m in messages],
             [m.server_id for m in messages],
             [m.mailbox for m in messages],
             [m.routing_plan_id for m in messages],
@@ -43,6 +61,6 @@ def find(conn: DictConnection, tenant_id: str, message_id: str) -> InboundMessag
     row = conn.execute(
         "SELECT tenant_id, message_id, server_id::text AS server_id, mailbox, routing_plan_id"
         " FROM inbound_messages WHERE tenant_id = %s AND message_id = %s",
-        (tenant_id, normalise_message_id(message_id)),
+        (tenant_id, stored_message_id(message_id)),
     ).fetchone()
     return InboundMessage(**row) if row else None

@@ -166,6 +166,11 @@ class ReadGuard:
         self.broken = reason
         raise AnswerTooLarge(reason)
 
+    def abandon(self, reason: str) -> None:
+        """The client gave up in the middle of an exchange (a SASL login that went on too
+        long): the connection is out of step, as after a cut."""
+        self.broken = reason
+
     def writable(self) -> None:
         """Refuses to write on a connection whose answer was cut off: its next reply would be
         the rest of the flood (a goodbye like LOGOUT or QUIT included)."""

@@ -114,9 +114,10 @@ class ImapMailbox:
             mechanism = sasl.choose_mechanism(
                 name.removeprefix("AUTH=") for name in offered if name.startswith("AUTH=")
             )
-            client.sasl_login(mechanism, sasl.TokenResponder(mechanism, username, password))
+            self._sasl(client, mechanism, sasl.TokenResponder(mechanism, username, password))
         elif client.has_capability("AUTH=PLAIN"):
-            client.plain_login(username, password)
+            # Not imapclient's plain_login: it answers every challenge, for ever.
+            self._sasl(client, "PLAIN", sasl.PlainResponder(username, password))
         elif (username + password).isascii():
             client.login(username, password)
         else:
@@ -125,6 +126,13 @@ class ImapMailbox:
                 "the user name or password has non-ASCII characters and the server offers no "
                 "login method that carries them (AUTH=PLAIN)",
             )
+
+    def _sasl(self, client: IMAPClient, mechanism: str, respond: sasl.Responder) -> None:
+        try:
+            client.sasl_login(mechanism, respond)
+        except MailServerError as error:  # the responder gave up in mid-AUTHENTICATE
+            self.guard.abandon(error.reason)
+            raise
 
     def select(self) -> FolderState:
         client = self._require()
@@ -151,8 +159,9 @@ class ImapMailbox:
             return
         try:
             client.logout()
-        except (IMAPClientError, OSError, EOFError):
-            with contextlib.suppress(IMAPClientError, OSError):  # already gone
+        except (IMAPClientError, MailServerError, OSError, EOFError):
+            # Already gone, or an answer was cut off and LOGOUT's meets the rest of it.
+            with contextlib.suppress(IMAPClientError, OSError):
                 client.shutdown()
 
     def __enter__(self) -> ImapMailbox:
@@ -184,7 +193,13 @@ class ImapMailbox:
         for start in range(0, len(uids), _UIDS_PER_COMMAND):
             chunk = uids[start : start + _UIDS_PER_COMMAND]
             answer = self._call(lambda c, chunk=chunk: c.fetch(chunk, ["RFC822.SIZE"]))
-            sizes.update({int(uid): int(data[b"RFC822.SIZE"]) for uid, data in answer.items()})
+            sizes.update(
+                {
+                    int(uid): int(data[b"RFC822.SIZE"])
+                    for uid, data in answer.items()
+                    if b"RFC822.SIZE" in data  # not news of the mail's flags alone
+                }
+            )
         return sizes
 
     def bodies(self, sizes: dict[int, int]) -> dict[int, bytes]:
@@ -197,7 +212,9 @@ class ImapMailbox:
         with self.guard.allowing(allowed):
             answer = self._call(lambda c: c.fetch(sorted(sizes), ["BODY.PEEK[]"]))
         return {
-            int(uid): bytes(data[b"BODY[]"]) for uid, data in answer.items() if b"BODY[]" in data
+            int(uid): bytes(data[b"BODY[]"])
+            for uid, data in answer.items()
+            if isinstance(data.get(b"BODY[]"), bytes)  # not NIL, not news of its flags alone
         }
 
     def headers(self, uids: list[int]) -> dict[int, bytes]:
@@ -206,7 +223,7 @@ class ImapMailbox:
         return {
             int(uid): bytes(data[b"BODY[HEADER]"])
             for uid, data in answer.items()
-            if b"BODY[HEADER]" in data
+            if isinstance(data.get(b"BODY[HEADER]"), bytes)
         }
 
     def mark_seen(self, uids: list[int]) -> None:
@@ -231,7 +248,8 @@ class ImapMailbox:
         try:
             yield IdleWatch(self, missed)
         finally:
-            self._call(lambda c: c.idle_done())
+            if self.guard.broken is None:  # else the connection is out of step: no DONE
+                self._call(lambda c: c.idle_done())
 
     def _take_announcements(self) -> bool:
         untagged = self._require()._imap.untagged_responses
@@ -336,6 +354,9 @@ class _ConnectedClient(IMAPClient):  # type: ignore[misc] # imapclient is untype
     ) -> None:
         self._connect_socket = connect
         super().__init__(host, port=port, ssl=tls, timeout=SocketTimeout(timeout, timeout))
+        # imapclient turns on imaplib's debug output, a log line for every protocol line:
+        # customers' mail in the logs at DEBUG, and a cost for every line of a flood.
+        self._imap.debug = 0
 
     def _create_IMAP4(self) -> imaplib.IMAP4:
         return _ConnectedIMAP4(self._connect_socket, self.host, self.port)

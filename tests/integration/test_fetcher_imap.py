@@ -7,6 +7,7 @@ import time
 import pytest
 from psycopg_pool import ConnectionPool
 
+from shared.db import fetch_state
 from shared.db.pool import DictConnection
 from shared.settings import Settings
 from tests.lab.certs import LabCertificates
@@ -110,3 +111,55 @@ def test_mail_read_by_a_person_before_the_fetch_is_still_handed_over(
             "flags", "add", "-u", lab_user.name, "\\Seen", "mailbox", "INBOX", "uid", str(uid)
         )
         assert [d.body for d in take(settings.amqp_url, queue, 1)] == [sample(2)]
+
+
+def test_a_server_pointed_at_another_mailbox_starts_afresh_and_skips_nothing(
+    api: ApiClient,
+    settings: Settings,
+    pool: ConnectionPool[DictConnection],
+    dovecot: DovecotLab,
+    mail_lab_certs: LabCertificates,
+) -> None:
+    """The second mailbox looks like the first (same UIDVALIDITY, same UIDs): the first's
+    checkpoint (UID 3) would skip all of its mail."""
+    first, second = dovecot.new_user("first"), dovecot.new_user("second")
+    for n in (1, 2, 3):
+        dovecot.append(first.name, sample(n))
+    server, queue = lab_mailbox_and_queue(api, dovecot, first, settings.amqp_url)
+    with running_fetcher(fetcher_settings(settings, mail_lab_certs), pool):
+        assert len(take(settings.amqp_url, queue, 3)) == 3
+    dovecot.set_uidvalidity(second.name, dovecot.uidvalidity(first.name))
+    for n in (4, 5, 6):
+        dovecot.append(second.name, sample(n))
+    moved = api.patch(
+        f"/email-servers/{server['id']}", {"username": second.name, "password": second.password}
+    )
+    assert moved.status_code == 200, moved.text
+    with running_fetcher(fetcher_settings(settings, mail_lab_certs), pool):
+        delivered = take(settings.amqp_url, queue, 3)
+        eventually(lambda: dovecot.unseen(second.name) == 0, 5, "all read")
+    assert [d.body for d in delivered] == [sample(4), sample(5), sample(6)]
+
+
+def test_a_quarantined_mail_of_a_batch_committed_before_a_crash_is_flagged_on_recovery(
+    api: ApiClient,
+    settings: Settings,
+    pool: ConnectionPool[DictConnection],
+    dovecot: DovecotLab,
+    lab_user: LabUser,
+    mail_lab_certs: LabCertificates,
+) -> None:
+    """The fetcher died after the broker took the batch, before the mail was flagged."""
+    uid = dovecot.append(lab_user.name, sample(1))
+    server, queue = lab_mailbox_and_queue(api, dovecot, lab_user, settings.amqp_url, enabled=False)
+    identity = fetch_state.mailbox_identity(server["host"], lab_user.name, "INBOX")
+    items = [{"key": f"uid:{uid}", "message_id": None, "quarantined": True}]
+    with pool.connection() as conn:
+        key = fetch_state.StateKey(server["id"], identity)
+        uidvalidity = dovecot.uidvalidity(lab_user.name)
+        batch = fetch_state.open_batch(conn, key, "INBOX", uidvalidity, items)
+        fetch_state.mark_committed(conn, batch.id)
+    api.patch(f"/email-servers/{server['id']}", {"enabled": True})
+    with running_fetcher(fetcher_settings(settings, mail_lab_certs), pool):
+        eventually(lambda: dovecot.flags(lab_user.name)[uid] == {"\\Seen", "\\Flagged"}, 5)
+    assert take(settings.amqp_url, queue, 1, timeout=0.5) == []  # not handed over again

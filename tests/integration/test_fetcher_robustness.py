@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import time
+import uuid
+from typing import Any
 
 import pika
+import psycopg
+from alembic import command
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from shared.db.pool import DictConnection
+from shared.db import fetch_state
+from shared.db.fetch_state import Checkpoint, StateKey
+from shared.db.migrate import alembic_config
+from shared.db.pool import DictConnection, ensure_database
+from shared.email_servers import AuthType, EmailServer, ServerType
 from shared.settings import Settings
 from shared.topology import INBOUND_QUARANTINE_QUEUE_NAME
 from tests.lab.certs import LabCertificates
@@ -229,3 +240,78 @@ def test_a_poller_waits_out_redis_being_away_and_fetches_again_once_it_is_back(
             assert fetcher.pollers[server["id"]].is_alive()
     finally:
         redis.stop()
+
+
+def test_fetch_state_written_before_migration_0010_stays_with_the_mailbox_it_belongs_to(
+    settings: Settings,
+) -> None:
+    """After the upgrade the fetcher finds the checkpoint, UIDLs and open batches it wrote
+    before (in a database of its own, migrated to 0009 first)."""
+    name = f"{_database_name(settings)}_m0010"
+    url = f"{settings.database_url.rsplit('/', 1)[0]}/{name}"
+    ensure_database(url)
+    try:
+        config = alembic_config(url)
+        command.upgrade(config, "0009")
+        imap = EmailServer(**_stored_server("imap", "Bücher.example", "jörg", "Eingang Ü"))
+        pop3 = EmailServer(**_stored_server("pop3", "pop.example.org", "anna@example.org", None))
+        with psycopg.connect(url) as conn:
+            for server in (imap, pop3):
+                conn.execute(
+                    "INSERT INTO email_servers (id, tenant_id, type, name, host, tls, auth_type,"
+                    " username, inbox_folder, enabled) VALUES (%s, 'acme', %s, 'x', %s, true,"
+                    " 'basic', %s, %s, true)",
+                    (
+                        server.id,
+                        server.type.value,
+                        server.host,
+                        server.username,
+                        server.inbox_folder,
+                    ),
+                )
+            conn.execute(
+                "INSERT INTO imap_checkpoints (server_id, folder, uidvalidity, last_uid)"
+                " VALUES (%s, 'Eingang Ü', 7, 42)",
+                (imap.id,),
+            )
+            conn.execute(
+                "INSERT INTO pop3_delivered (server_id, uidl, kept) VALUES (%s, 'u1', true)",
+                (pop3.id,),
+            )
+            for server in (imap, pop3):
+                conn.execute(
+                    "INSERT INTO fetch_batches (id, server_id, items, state)"
+                    " VALUES (gen_random_uuid(), %s, '[]', 'committed')",
+                    (server.id,),
+                )
+        command.upgrade(config, "head")
+        with psycopg.connect(url, row_factory=dict_row) as conn:
+            assert fetch_state.checkpoint(conn, StateKey.of(imap)) == Checkpoint("Eingang Ü", 7, 42)
+            assert fetch_state.delivered_uidls(conn, StateKey.of(pop3)) == {"u1": True}
+            for server in (imap, pop3):
+                (batch,) = fetch_state.open_batches(conn, server.id)
+                assert batch.key == StateKey.of(server)
+    finally:
+        admin = make_conninfo(settings.database_url, dbname="postgres")
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+
+
+def _database_name(settings: Settings) -> str:
+    return str(conninfo_to_dict(settings.database_url)["dbname"])
+
+
+def _stored_server(kind: str, host: str, user: str, folder: str | None) -> dict[str, Any]:
+    return {
+        "id": str(uuid.uuid4()),
+        "tenant_id": "acme",
+        "type": ServerType(kind),
+        "name": "x",
+        "host": host,
+        "tls": True,
+        "auth_type": AuthType.BASIC,
+        "enabled": True,
+        "version": 1,
+        "username": user,
+        "inbox_folder": folder,
+    }

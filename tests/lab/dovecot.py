@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import grp
+import imaplib
 import os
 import pwd
 import resource
@@ -426,6 +427,56 @@ class DovecotLab:
         """UIDs flagged ``\\Seen``."""
         return {uid for uid, flags in self.flags(user, folder).items() if "\\Seen" in flags}
 
+    def set_uidvalidity(self, user: str, value: int, folder: str = "INBOX") -> None:
+        """Give ``folder`` this UIDVALIDITY (another mailbox's, for a test that needs two
+        mailboxes whose UIDs and UIDLs look alike)."""
+        self.doveadm("mailbox", "update", "-u", user, "--uid-validity", str(value), folder)
+
+    def served_by_imap(self, user: LabUser, folder: str = "INBOX") -> dict[int, bytes]:
+        """UID → each mail as IMAP serves it (``BODY.PEEK[]``, plain imaplib, unbounded):
+        what a fetched mail must be byte for byte."""
+        client = imaplib.IMAP4(HOST, self.imap_port)
+        try:
+            client.login(user.name, user.password)
+            client.select(_imap_quoted(folder), readonly=True)
+            served: dict[int, bytes] = {}
+            for uid in self.uids(user.name, folder):
+                typ, data = client.uid("FETCH", str(uid), "(BODY.PEEK[])")
+                literals = [part[1] for part in data if isinstance(part, tuple)]
+                if typ != "OK" or len(literals) != 1:
+                    raise LabError(f"UID FETCH {uid} answered {typ} {data!r:.200}")
+                served[uid] = literals[0]
+            return served
+        finally:
+            client.logout()
+
+    def served_by_pop3(self, user: LabUser) -> list[bytes]:
+        """Each mail as POP3 serves it (RETR read off a plain socket, dot-stuffing undone):
+        what a fetched mail must be byte for byte. Nothing is deleted."""
+        with socket.create_connection((HOST, self.pop3_port), timeout=30) as sock:
+            lines = sock.makefile("rb")
+
+            def command(line: str) -> bytes:
+                sock.sendall(line.encode() + b"\r\n")
+                answer = lines.readline()
+                if not answer.startswith(b"+OK"):
+                    raise LabError(f"POP3 {line.split(maxsplit=1)[0]} answered {answer!r:.200}")
+                return answer
+
+            lines.readline()  # greeting
+            command(f"USER {user.name}")
+            command(f"PASS {user.password}")
+            count = int(command("STAT").split()[1])
+            served = []
+            for number in range(1, count + 1):
+                command(f"RETR {number}")
+                body = bytearray()
+                while (line := lines.readline()) not in (b".\r\n", b""):
+                    body += line[1:] if line.startswith(b".") else line
+                served.append(bytes(body))
+            command("QUIT")
+            return served
+
     def expunge_all(self, user: str, folder: str = "INBOX") -> None:
         self.doveadm("expunge", "-u", user, "mailbox", folder, "all")
 
@@ -587,6 +638,12 @@ service pop3-login {{
   }}
 }}
 """
+
+
+def _imap_quoted(folder: str) -> str:
+    """A folder name as an IMAP quoted string (modified UTF-7 for the lab's folders)."""
+    wire = NON_ASCII_FOLDER_WIRE if folder == NON_ASCII_FOLDER else folder
+    return '"' + wire.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _escape_kid(kid: str) -> str:

@@ -103,9 +103,9 @@ class OutboxRelay:
             **session_options(self._database_url),
         ) as conn:
             conn.execute(f"LISTEN {outbox.NOTIFY_CHANNEL}")
+            self._declare_topology()
             if not self._become_leader(conn):
                 return
-            self._declare_topology()
             log.info("outbox relay: publishing config events")
             while not self._stopping.is_set():
                 if self.publish_pending(conn) == 0:
@@ -177,11 +177,15 @@ class OutboxRelay:
         return self._producer
 
     def _declare_topology(self) -> None:
-        """What the config API owns exists from its start, not from its first event."""
+        """What the config API owns exists from its start, not from its first event, whether
+        or not this replica leads (the leader declares again on every connect)."""
         try:
-            self._ensure_producer()
-        except BROKER_ERRORS as exc:  # the broker may be away: publishing retries
-            self._broker_failed(exc, 0)
+            with broker_connection(self._amqp_url, connect_timeout=5) as broker:
+                declare_owned("config-api", broker.default_channel)
+        except BROKER_ERRORS as exc:
+            log.warning("outbox relay: RabbitMQ unavailable (%s); declared once it is back", exc)
+            return
+        log.info("outbox relay: declared the config API's exchanges")
 
     def _broker_failed(self, exc: Exception, waiting: int) -> None:
         self._close_broker()

@@ -292,6 +292,9 @@ def config_api(fuzz_settings: Settings) -> Iterator[FastAPI]:
 def status_app(fuzz_settings: Settings, pool: ConnectionPool[DictConnection]) -> Iterator[FastAPI]:
     worker = StatusWorker(fuzz_settings, pool)
     thread = worker.start_in_thread()
+    # Ready before the fuzzing starts: a /healthz answered 503 while it connects is right,
+    # and schemathesis counts every 5xx as a server error.
+    assert worker.connected.wait(20), "the status worker did not connect to RabbitMQ"
     try:
         yield create_status_app(fuzz_settings, worker)
     finally:

@@ -24,7 +24,7 @@ from tests.support.sender import command
 USERS_SCRIPT = Path(__file__).resolve().parents[2] / "deploy" / "rabbitmq" / "users.sh"
 SERVICES = ("config-api", "fetcher", "sender", "status")
 READY = {
-    "config-api": "outbox relay: publishing config events",
+    "config-api": "outbox relay: declared the config API's exchanges",
     "fetcher": "fetcher: connected to RabbitMQ, consuming",
     "sender": "sender: connected to RabbitMQ, consuming",
     "status": "status: connected to RabbitMQ, consuming",

@@ -19,7 +19,7 @@ from tests.support.environment import TEST_AMQP_URL
 from tests.support.processes import ServiceProcess
 
 READY = {
-    "config-api": "outbox relay: publishing config events",
+    "config-api": "outbox relay: declared the config API's exchanges",
     "fetcher": "fetcher: connected to RabbitMQ, consuming",
     "sender": "sender: connected to RabbitMQ, consuming",
     "status": "status: connected to RabbitMQ, consuming",

@@ -42,6 +42,7 @@ bench: $(STAMP) services
 	$(BIN)/python -m tests.perf.fetcher_throughput
 	$(BIN)/python -m tests.perf.sender_throughput
 	$(BIN)/python -m tests.perf.sender_far_server
+	$(BIN)/python -m tests.perf.sender_fairness
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache var

@@ -2,8 +2,8 @@
 
 redis-py's default pool (``Redis.from_url``) holds at most 100 connections and *fails* a call
 with ``MaxConnectionsError`` when all are in use. The fetcher runs one thread per mailbox, and
-they all take their leases at start and give them back at stop: with 500 mailboxes the
-benchmark's fetcher lost threads that way at its stop. A blocking pool makes such a burst
+they all take their leases at start and give them back at stop: with hundreds of mailboxes
+such a burst would fail calls. A blocking pool makes such a burst
 queue for a few connections instead (a lease call takes well under a millisecond). The
 timeouts keep a Redis that hangs from holding a thread for long: a lease renewal that waits
 for both still comes well before the lease runs out (``MAILROOM_MAILBOX_LEASE_SECONDS``,

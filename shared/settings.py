@@ -163,7 +163,29 @@ class Settings(BaseSettings):
 
     # --- sender (issue 4) ------------------------------------------------------------------
     sender_threads: int = Field(
-        default=8, description="Delivery threads per sender process (first attempts)."
+        default=32,
+        description="Most threads per sender process for first attempts, all servers' lanes "
+        "together; a server's lane has at most sender_connections_per_server of them.",
+    )
+    sender_lane_queue_limit: int = Field(
+        default=50,
+        description="Commands waiting in one server's lane; more wait as retries (acked), so "
+        "one server's backlog never fills the broker's prefetch.",
+    )
+    sender_slot_wait_seconds: float = Field(
+        default=10.0,
+        description="Longest wait for a free connection to a server; then the mail is retried "
+        "later.",
+    )
+    sender_rate_limit_wait_seconds: float = Field(
+        default=10.0,
+        description="Longest wait for the rate limit; then the mail is retried later.",
+    )
+    send_publishers: str = Field(
+        default="",
+        description='JSON {"<rabbitmq user>": ["<tenant>", ...] or ["*"]}: who may publish send '
+        "commands for which tenants, by the message's user_id (CONTRACT). Empty: everyone "
+        "RabbitMQ lets write to mailroom.send.",
     )
     sender_retry_deadline_seconds: float = Field(
         default=2 * 24 * 3600.0,
@@ -180,7 +202,7 @@ class Settings(BaseSettings):
     sender_rate_per_minute: float = Field(
         default=0.0,
         description="Mails per minute per SMTP server, shared by every sender process "
-        "(a token bucket in Redis); over the limit a send waits. 0 = no limit.",
+        "(a token bucket in Redis); over the limit a send waits (then is retried). 0 = none.",
     )
     sender_rate_burst: int = Field(
         default=1, description="Mails a server may take at once before the rate limit applies."
@@ -303,7 +325,7 @@ class Settings(BaseSettings):
     sender_retry_threads: int = Field(
         default=2,
         description="Threads per sender process that make retries (dramatiq worker threads); "
-        "first attempts run in the MAILROOM_SENDER_THREADS delivery threads.",
+        "first attempts run in the servers' lanes (MAILROOM_SENDER_THREADS).",
     )
 
     @cached_property

@@ -118,8 +118,7 @@ class InboundPublisher:
             tx.queue_declare(marker_queue(server_id), durable=True, arguments=_MARKER_ARGS)
             # BlockingChannel.basic_publish runs the I/O loop after every message; in a
             # transaction nothing is decided before the commit, so the frames are queued on
-            # the channel underneath and Tx.Commit sends them all (in a profile of the
-            # benchmark those flushes were a sixth of the fetcher's busy time).
+            # the channel underneath and Tx.Commit sends them all.
             channel = tx._impl
             for mail in mails:
                 exchange, key = (

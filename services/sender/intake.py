@@ -1,247 +1,174 @@
-"""The sender's intake: first attempts in delivery threads, acks in the consumer's thread.
+"""The sender's intake: each command from ``mailroom.send`` is checked, then queued in its
+server's lane.
 
-The kombu consumer (:mod:`services.sender.supervisor`) reads up to ``COMMAND_PREFETCH``
-commands ahead and :meth:`Intake.submit` queues each validated one for
-``MAILROOM_SENDER_THREADS`` delivery threads. A thread takes what is waiting, up to
-``BATCH_LIMIT`` commands of distinct requests, and makes their first attempts in order
-(:meth:`Sender.deliver_batch <services.sender.delivery.Sender.deliver_batch>`: one
-statement records the batch, one more per mail). A channel belongs to the thread that
-consumes from it, so a thread that is done does not ack: it puts the command on the
-``settled`` list, and the consumer's thread acks (or requeues) it in :meth:`Intake.settle`,
-which it calls on every turn of its loop. While commands are in the threads' hands the
-consumer waits for the broker at most ``SETTLE_SECONDS`` at a time, so an ack is late by a
-few milliseconds at most.
+In the consumer's thread, each command is:
 
-A command is acked only after its attempt was recorded and its result confirmed by the
-broker: the threads hand results to one publishing thread (:mod:`services.sender.results`),
-which confirms them in batches and then settles their commands. One that
-could not be handled (the database or the broker failed, or another thread still holds a
-redelivered command) is requeued after ``REQUEUE_PAUSE_SECONDS``, never dropped. When the
-consumer stops or loses its channel, commands not started yet are let go (the broker
-delivers them again); on a stop the ones in the threads' hands are finished and acked first.
+1. checked: its size and shape (``shared.contracts.send``), its publisher (RabbitMQ's
+   validated ``user_id`` against ``MAILROOM_SEND_PUBLISHERS``, when set) and its tenant. A
+   command that fails a check is answered ``failed`` (final) and kept in ``mailroom.send.dead``;
+2. routed: the SMTP server that would send it names its lane (``services.sender.lanes``); a
+   command without a route goes to its tenant's lane, where its attempt fails it with the
+   reason;
+3. handed to the lane, which makes its first attempt (``services.sender.first_attempts``).
 
-Acks go out many at a time: when every command up to one delivery tag is settled, one
-``basic.ack`` with ``multiple`` covers them all (one frame for the broker to handle instead of
-one per mail: the broker shares the machine's CPU with the sender and the SMTP server). A
-command settled behind one still in a thread's hands waits for it, but at most
-``HELD_ACKS_LIMIT`` do: beyond that they are acked one by one, so a slow command (a rate
-limit, a slow server) never holds the prefetch window shut. Such an ack also covers every
-other message of the channel up to its tag; the config events that share it are acked in their
-own callbacks in this same thread, before any settle, so it never covers one still in hand.
+A command is acked only once its attempt is recorded and its results are confirmed by the
+broker (``services.sender.results``: one publishing thread, many results per confirm), in the
+consumer's thread (``services.sender.acks``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import queue
-import threading
-import time
-from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from kombu import Message
 
-from services.sender.delivery import Done, FirstAttempt, Outcome
+from services.sender.acks import Acks
+from services.sender.first_attempts import Job
+from services.sender.lanes import Lanes
+from services.sender.publisher import Publisher
+from services.sender.resolver import NoRoute, Resolver, UnreadablePassword
 from services.sender.results import ResultStream
-from shared.contracts.send import SendCommand, SendResult
+from shared.contracts.send import InvalidCommand, SendCommand, SendResult, parse_command
+from shared.contracts.send_limits import SendLimits
 
 log = logging.getLogger(__name__)
 
-SETTLE_SECONDS = 0.005
-REQUEUE_PAUSE_SECONDS = 0.5
-HELD_ACKS_LIMIT = 50
-BATCH_LIMIT = 32
 
-Deliver = Callable[[list[FirstAttempt], Done], None]
-
-
-@dataclass(frozen=True)
-class _Job:
-    message: Message
-    attempt: FirstAttempt
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return self.attempt.command.tenant_id, self.attempt.command.request_id
+def parse_publishers(text: str) -> dict[str, frozenset[str]] | None:
+    """``MAILROOM_SEND_PUBLISHERS``: ``{"<rabbitmq user>": ["<tenant>", …] or ["*"]}``; None
+    when unset (every publisher RabbitMQ lets write to ``mailroom.send`` is trusted)."""
+    if not text.strip():
+        return None
+    parsed = json.loads(text)
+    if not isinstance(parsed, dict) or not all(
+        isinstance(user, str)
+        and isinstance(tenants, list)
+        and all(isinstance(t, str) for t in tenants)
+        for user, tenants in parsed.items()
+    ):
+        raise ValueError('MAILROOM_SEND_PUBLISHERS must be {"<user>": ["<tenant>", …], …}')
+    return {user: frozenset(tenants) for user, tenants in parsed.items()}
 
 
 class Intake:
-    def __init__(self, deliver: Deliver, threads: int, amqp_url: str) -> None:
-        self._deliver = deliver
-        self._threads_wanted = max(1, threads)
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._settled: deque[tuple[Message, Outcome]] = deque()
-        self._threads: list[threading.Thread] = []
-        self.results = ResultStream(amqp_url, self._confirmed)
-        self.pending = 0  # submitted and not settled yet (the consumer's thread only)
-        # The consumer's thread only: submitted commands in delivery order, and the ones of
-        # them that are settled but not acked yet (by id), for acks with ``multiple``.
-        self._in_order: deque[Message] = deque()
-        self._tracked: set[int] = set()  # ids of the messages in ``_in_order``
-        self._held: dict[int, Message] = {}
+    def __init__(
+        self,
+        *,
+        limits: SendLimits,
+        publishers: dict[str, frozenset[str]] | None,
+        tenant_known: Any,  # (tenant_id) -> bool
+        resolver: Resolver,
+        publisher: Publisher,
+        lanes: Lanes[Job],
+        results: ResultStream,
+        acks: Acks,
+    ) -> None:
+        self._limits = limits
+        self._publishers = publishers
+        self._tenant_known = tenant_known
+        self._resolver = resolver
+        self._publisher = publisher
+        self._lanes = lanes
+        self._results = results
+        self._acks = acks
+        self.accepted = 0
 
     @property
     def busy(self) -> bool:
-        return self.pending > 0
-
-    def start(self) -> None:
-        if self._threads:
-            return
-        self.results.start()
-        for number in range(self._threads_wanted):
-            thread = threading.Thread(
-                target=self._run, name=f"mailroom-sender-delivery-{number}", daemon=True
-            )
-            thread.start()
-            self._threads.append(thread)
-        log.info("sender: %d delivery threads started", self._threads_wanted)
+        return self._acks.pending > 0
 
     # --- the consumer's thread -------------------------------------------------------------
 
-    def submit(self, message: Message, command: SendCommand, raw: dict[str, Any]) -> None:
+    def take(self, message: Message) -> None:
+        body: bytes = message.body if isinstance(message.body, bytes) else bytes(message.body)
+        try:
+            command, raw = parse_command(body, self._limits)
+            self._check_publisher(message, command)
+            if not self._tenant_known(command.tenant_id):
+                raise InvalidCommand(
+                    f"unknown tenant {command.tenant_id!r}", command.request_id, command.tenant_id
+                )
+        except InvalidCommand as invalid:
+            self._reject(body, message.content_type, invalid)
+            message.ack()
+            return
         redelivered = bool(message.delivery_info.get("redelivered"))
-        self.pending += 1
-        self._in_order.append(message)
-        self._tracked.add(id(message))
-        self._jobs.put(_Job(message, FirstAttempt(command, raw, redelivered)))
+        self._acks.received(message)
+        self._lanes.submit(self._lane_of(command), Job(message, command, raw, redelivered))
+        self.accepted += 1
 
     def settle(self) -> None:
-        """Ack (or requeue) the commands whose first attempt is over."""
-        if not self._settled:
-            return
-        while self._settled:
-            message, outcome = self._settled.popleft()
-            self.pending -= 1
-            if outcome is Outcome.ACK and id(message) in self._tracked:
-                self._held[id(message)] = message
-                continue
-            # A requeue at once; an ack of a command from before ``let_go`` on its own.
-            self._settle_one(message, outcome)
-            self._done(message)
-        self._ack_settled_prefix()
-        if len(self._held) > HELD_ACKS_LIMIT:
-            for message in list(self._held.values()):
-                self._settle_one(message, Outcome.ACK)
-                self._done(message)
-
-    def _done(self, message: Message) -> None:
-        """Settled on its own: it no longer holds back the acks with ``multiple``."""
-        self._held.pop(id(message), None)
-        if id(message) in self._tracked:  # else submitted before a let_go
-            self._tracked.discard(id(message))
-            self._in_order.remove(message)
-
-    def _ack_settled_prefix(self) -> None:
-        """One ``basic.ack`` (``multiple``) for the settled commands at the front."""
-        last: Message | None = None
-        while self._in_order and id(self._in_order[0]) in self._held:
-            last = self._in_order.popleft()
-            del self._held[id(last)]
-            self._tracked.discard(id(last))
-        if last is None:
-            return
-        try:
-            # Every tag up to this one on this channel is acked now or was settled before.
-            last.channel.basic_ack(last.delivery_tag, multiple=True)
-        except Exception as exc:  # noqa: BLE001 - its channel is gone: the broker redelivers
-            log.info("sender: commands not acked (%s); the broker delivers them again", exc)
-
-    @staticmethod
-    def _settle_one(message: Message, outcome: Outcome) -> None:
-        try:
-            if outcome is Outcome.ACK:
-                message.ack()
-            else:
-                message.requeue()
-        except Exception as exc:  # noqa: BLE001 - its channel is gone: the broker redelivers
-            log.info("sender: command not settled (%s); the broker delivers it again", exc)
+        self._acks.settle()
 
     def let_go(self) -> None:
-        """Forget the commands not started yet (they are not acked: the broker redelivers)."""
-        # Settled ones not acked yet go first, while their channel may still be there.
-        self._ack_settled_prefix()
-        for message in list(self._held.values()):
-            self._settle_one(message, Outcome.ACK)
-        self._held.clear()
-        self._tracked.clear()
-        self._in_order.clear()  # those in the threads' hands are acked one by one later
-        while True:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                return
-            if job is not None:
-                self.pending -= 1
+        """The channel is going: jobs not started are forgotten (the broker redelivers them)."""
+        self._acks.let_go()
+        self._acks.pending -= len(self._lanes.let_go())
 
-    def drain(self, timeout: float) -> None:
-        """On a stop: let the waiting commands go, finish and settle those in hand."""
-        self.let_go()
-        deadline = time.monotonic() + timeout
-        while self.pending > 0 and time.monotonic() < deadline:
-            time.sleep(SETTLE_SECONDS)
-            self.settle()
+    # --- any thread ------------------------------------------------------------------------
 
-    def stop(self) -> None:
-        self.let_go()
-        for _ in self._threads:
-            self._jobs.put(None)
-        for thread in self._threads:
-            thread.join(30)
-        self._threads = []
-        self.results.stop()
+    def done(self, job: Job, ack: bool, results: list[SendResult]) -> None:
+        """A job is over: its results published (in order, the last one's confirm covering
+        the ones before), then its command acked, or requeued at once."""
+        if not results or not ack:
+            self._acks.done(job.message, ack)
+            return
+        for result in results[:-1]:
+            self._results.publish(result, None)
+        self._results.publish(results[-1], (job.message, ack))
 
-    # --- the delivery threads --------------------------------------------------------------
+    def confirmed(self, tokens: list[Any]) -> None:
+        for token in tokens:
+            if token is not None:
+                self._acks.done(*token)
 
-    def _run(self) -> None:
-        carry: _Job | None = None  # the first of the next batch
-        while True:
-            first = carry if carry is not None else self._jobs.get()
-            carry = None
-            if first is None:
-                return
-            batch, keys = [first], {first.key}
-            while len(batch) < BATCH_LIMIT:
-                try:
-                    job = self._jobs.get_nowait()
-                except queue.Empty:
-                    break
-                if job is None:
-                    self._jobs.put(None)  # stop after this batch
-                    break
-                if job.key in keys:  # the same request twice: one after the other
-                    carry = job
-                    break
-                batch.append(job)
-                keys.add(job.key)
-            self._deliver_batch(batch)
+    # --- checks ----------------------------------------------------------------------------
 
-    def _deliver_batch(self, batch: list[_Job]) -> None:
-        handled: set[int] = set()
-        requeue: list[Message] = []
+    def _check_publisher(self, message: Message, command: SendCommand) -> None:
+        if self._publishers is None:
+            return
+        user = message.properties.get("user_id")
+        allowed = self._publishers.get(user) if isinstance(user, str) else None
+        if allowed is None or not ("*" in allowed or command.tenant_id in allowed):
+            who = f"publisher {user!r}" if isinstance(user, str) else "a publisher without user_id"
+            raise InvalidCommand(
+                f"{who} may not send for tenant {command.tenant_id!r} (MAILROOM_SEND_PUBLISHERS)",
+                command.request_id,
+                command.tenant_id,
+            )
 
-        def done(index: int, outcome: Outcome, results: list[SendResult]) -> None:
-            handled.add(index)
-            message = batch[index].message
-            if outcome is Outcome.REQUEUE:
-                requeue.append(message)
-            elif not results:
-                self._settled.append((message, outcome))
-            else:
-                # In order: the last result's confirm covers the ones before it.
-                for result in results[:-1]:
-                    self.results.publish(result, None)
-                self.results.publish(results[-1], (message, outcome))
-
+    def _lane_of(self, command: SendCommand) -> str:
+        """The server that would send it now (its attempt resolves again, and follows an
+        admin's edit meanwhile); without one, or for a reply whose sender the database must
+        name (not asked here, in the consumer's thread), its tenant."""
+        if command.kind == "agent" and command.from_ is None and command.in_reply_to:
+            return f"tenant:{command.tenant_id}"
         try:
-            self._deliver([job.attempt for job in batch], done)
-        except Exception:
-            log.exception("sender: could not deliver a batch now; its commands are requeued")
-        requeue += [job.message for n, job in enumerate(batch) if n not in handled]
-        if requeue:
-            time.sleep(REQUEUE_PAUSE_SECONDS)  # what failed now will hardly work at once
-            self._settled.extend((message, Outcome.REQUEUE) for message in requeue)
+            return self._resolver.resolve(command).server.id
+        except UnreadablePassword as exc:
+            return exc.server.id
+        except NoRoute:
+            return f"tenant:{command.tenant_id}"
 
-    def _confirmed(self, tokens: list[Any]) -> None:
-        self._settled.extend(token for token in tokens if token is not None)
+    def _reject(self, body: bytes, content_type: str | None, error: InvalidCommand) -> None:
+        """An invalid command: kept in the dead-letter queue and answered ``failed``."""
+        log.warning("sender: invalid send command (request %s): %s", error.request_id, error.reason)
+        self._publisher.dead_letter(
+            body,
+            reason=error.reason,
+            request_id=error.request_id,
+            tenant_id=error.tenant_id,
+            content_type=content_type,
+        )
+        self._publisher.result(
+            SendResult(
+                request_id=error.request_id,
+                tenant_id=error.tenant_id,
+                status="failed",
+                final=True,
+                reason=error.reason,
+                category="invalid_command",
+            )
+        )

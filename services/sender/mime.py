@@ -1,7 +1,8 @@
 """The mail of a send command, built with ``email.message.EmailMessage`` and a strict policy.
 
 - Serialised with ``email.policy.SMTP`` (CRLF line ends: aiosmtpd and real servers reject bare
-  LF), or ``SMTPUTF8`` when an address needs it and the server offers SMTPUTF8.
+  LF), or ``SMTPUTF8`` when an address needs it and the server offers SMTPUTF8; non-ASCII text
+  as 8-bit for a server that offers 8BITMIME, else quoted-printable or base64.
 - Subjects and display names may be any Unicode (RFC 2047 encoded words on the wire);
   internationalised domains go out in their IDNA (``xn--``) form.
 - ``text`` and ``html`` become a multipart/alternative; attachments are added after them.
@@ -14,10 +15,8 @@
 
 from __future__ import annotations
 
-import email.contentmanager
 import email.policy
 import functools
-import re
 import uuid
 from dataclasses import dataclass
 from email.headerregistry import Address, BaseHeader, HeaderRegistry
@@ -57,6 +56,7 @@ class _HeaderClasses(HeaderRegistry):
 _HEADERS = _HeaderClasses()
 SMTP_POLICY = email.policy.SMTP.clone(header_factory=_HEADERS)
 SMTPUTF8_POLICY = email.policy.SMTPUTF8.clone(header_factory=_HEADERS)
+SEVEN_BIT_POLICY = SMTP_POLICY.clone(cte_type="7bit")
 
 
 @functools.lru_cache(maxsize=4096)
@@ -72,6 +72,11 @@ class BuiltMail:
     recipients: list[str]
     message_id: str
     smtputf8: bool
+
+    @property
+    def eight_bit(self) -> bool:
+        """Whether the data has bytes above 127: sent with BODY=8BITMIME (or SMTPUTF8)."""
+        return not self.data.isascii()
 
 
 def to_address(mailbox: str) -> Address:
@@ -99,82 +104,17 @@ def _date() -> str:
     return format_datetime(parsedate_to_datetime(formatdate(usegmt=True)))
 
 
-# Header values the fast path writes as they are: printable ASCII that no header class would
-# quote, encode or fold differently (checked against EmailMessage in tests/unit).
-_PLAIN_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+( [A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
-_PLAIN_LOCAL = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
-_PLAIN_DOMAIN = re.compile(r"[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)+")
-_PLAIN_TEXT = re.compile(r"[!-~]+( [!-~]+)*")
-_LINE_BREAK = re.compile(r"\r\n|\r|\n")
-_MAX_LINE = 78  # email.policy.SMTP.max_line_length: longer header lines would be folded
+def build(
+    command: SendCommand,
+    from_mailbox: str,
+    *,
+    allow_smtputf8: bool = False,
+    eight_bit: bool = True,
+) -> BuiltMail:
+    """The mail as bytes for DATA, plus the envelope; raises :class:`MimeError`.
 
-
-def _plain_mailbox(address: Address) -> str | None:
-    """``Name <a@b>`` / ``a@b`` as ``AddressHeader`` writes it, or ``None`` if it might differ."""
-    if not (_PLAIN_LOCAL.fullmatch(address.username) and _PLAIN_DOMAIN.fullmatch(address.domain)):
-        return None
-    if not address.display_name:
-        return bare(address)
-    if not _PLAIN_NAME.fullmatch(address.display_name):
-        return None
-    return f"{address.display_name} <{bare(address)}>"
-
-
-def _fast_data(
-    command: SendCommand, sender: Address, to: list[Address], message_id: str
-) -> bytes | None:
-    """The plain-text mail that ``EmailMessage`` would build, byte for byte, without it.
-
-    ``EmailMessage`` parses every header value into a token tree and folds it back, which was
-    most of the sender's CPU time per mail (about 0.4 ms of a mail's 2 ms). Nearly every mail
-    is the simple case: ASCII addresses and subject, short header lines, one text part, no
-    extras. Only that case is written directly; the body is still encoded by the same function
-    ``set_content`` uses, so the transfer encoding is chosen by the same rules. Anything else
-    returns ``None`` and is built the standard way. A unit test compares both ways over many
-    inputs, so the two cannot drift apart silently.
-    """
-    if (
-        command.html is not None
-        or command.attachments
-        or command.headers
-        or command.cc
-        or command.reply_to
-        or command.in_reply_to
-        or not to
-    ):
-        return None
-    subject = command.subject
-    if (subject and not _PLAIN_TEXT.fullmatch(subject)) or "=?" in subject:
-        return None
-    mailboxes = [_plain_mailbox(a) for a in (sender, *to)]
-    if any(m is None for m in mailboxes):
-        return None
-    lines = [
-        f"From: {mailboxes[0]}",
-        f"To: {', '.join(m for m in mailboxes[1:] if m is not None)}",
-        f"Subject: {subject}" if subject else "Subject:",
-        f"Date: {_date()}",
-        f"Message-ID: {message_id}",
-    ]
-    if any(len(line) > _MAX_LINE for line in lines):
-        return None
-    encode_text = email.contentmanager._encode_text  # type: ignore[attr-defined]
-    cte, payload = encode_text(command.text or "", "utf-8", None, SMTP_POLICY)
-    if cte not in ("7bit", "quoted-printable", "base64") or not payload.isascii():
-        return None
-    lines += [
-        'Content-Type: text/plain; charset="utf-8"',
-        f"Content-Transfer-Encoding: {cte}",
-        "MIME-Version: 1.0",
-        "",
-        "",
-    ]
-    # The generator's line-end rule: every line break becomes CRLF, a last partial line stays.
-    return ("\r\n".join(lines) + _LINE_BREAK.sub("\r\n", payload)).encode("ascii")
-
-
-def build(command: SendCommand, from_mailbox: str, *, allow_smtputf8: bool = False) -> BuiltMail:
-    """The mail as bytes for DATA, plus the envelope; raises :class:`MimeError`."""
+    ``eight_bit``: non-ASCII text may go as 8-bit (the server offers 8BITMIME, and the mail is
+    then sent with ``BODY=8BITMIME``); else it is quoted-printable or base64."""
     sender = to_address(from_mailbox)
     to = [to_address(m) for m in command.to]
     cc = [to_address(m) for m in command.cc]
@@ -183,11 +123,8 @@ def build(command: SendCommand, from_mailbox: str, *, allow_smtputf8: bool = Fal
     smtputf8 = any(not bare(a).isascii() for a in every)
     if smtputf8 and not allow_smtputf8:
         raise MimeError("an address has a non-ASCII local part and the server lacks SMTPUTF8")
-    policy = SMTPUTF8_POLICY if smtputf8 else SMTP_POLICY
+    policy = SMTPUTF8_POLICY if smtputf8 else SMTP_POLICY if eight_bit else SEVEN_BIT_POLICY
     message_id = message_id_for(command.tenant_id, command.request_id, sender.domain)
-    fast = None if smtputf8 else _fast_data(command, sender, to, message_id)
-    if fast is not None:
-        return _built(fast, sender, to, cc, bcc, message_id, smtputf8)
     return _built(
         _standard_data(command, policy, sender, to, cc, message_id),
         sender,

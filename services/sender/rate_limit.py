@@ -2,9 +2,11 @@
 
 Providers cap how fast one mailbox may send (Microsoft 365: 30 messages per minute). Each
 server has one bucket (``mailroom:sender:rate:<server id>``) that refills at
-``MAILROOM_SENDER_RATE_PER_MINUTE`` and holds at most ``MAILROOM_SENDER_RATE_BURST`` tokens. A
-send over the limit waits for its token; it is never failed. The bucket uses Redis's clock
-(``TIME`` inside the script), so processes on hosts with skewed clocks share it fairly.
+``MAILROOM_SENDER_RATE_PER_MINUTE`` and holds at most ``MAILROOM_SENDER_RATE_BURST`` tokens.
+A send over the limit waits for its token, at most a bounded time: then it is retried later,
+so a server's backlog never holds its threads for long; it is never failed for it. The bucket
+uses Redis's clock (``TIME`` inside the script), so processes on hosts with skewed clocks
+share it fairly.
 
 If Redis cannot be reached the limit is not applied (logged): holding every mail back because
 the limiter's store is down would turn a small outage into a large one.
@@ -54,11 +56,15 @@ class RateLimiter:
         self._script = self._redis.register_script(_TAKE)
         self._warned = threading.Event()
 
-    def wait(self, server_id: str, stop: threading.Event | None = None) -> float:
-        """Block until ``server_id`` may send one mail; the seconds waited."""
+    def wait(
+        self, server_id: str, stop: threading.Event, max_seconds: float = float("inf")
+    ) -> bool:
+        """Block until ``server_id`` may send one mail (True), or give up after
+        ``max_seconds`` or on ``stop`` (False: the mail is sent later, and holds nothing up
+        meanwhile)."""
         if not self.enabled:
-            return 0.0
-        started = time.monotonic()
+            return True
+        deadline = time.monotonic() + max_seconds
         key = f"mailroom:sender:rate:{server_id}"
         while True:
             try:
@@ -67,11 +73,9 @@ class RateLimiter:
                 if not self._warned.is_set():
                     log.warning("rate limit not applied: Redis unavailable (%s)", exc)
                     self._warned.set()
-                return time.monotonic() - started
+                return True
             self._warned.clear()
             if wait_ms <= 0:
-                return time.monotonic() - started
-            if stop is not None and stop.wait(wait_ms / 1000):
-                return time.monotonic() - started
-            if stop is None:
-                time.sleep(wait_ms / 1000)
+                return True
+            if time.monotonic() + wait_ms / 1000 > deadline or stop.wait(wait_ms / 1000):
+                return False

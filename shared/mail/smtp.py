@@ -15,15 +15,10 @@
   connections) or not (5xx).
 
 :func:`send_transaction` runs MAIL/RCPT/DATA itself (not ``sendmail``) so that the caller can
-record its intent before the mail is handed over (a :class:`Handover`): the record starts once
-MAIL FROM is on its way, and only the end of the mail data (the final ``.``) waits for it. A
-server accepts a mail only at that line (RFC 5321 4.1.1.4; a connection that breaks before it
-delivers nothing), so the record has MAIL, RCPT and DATA's round trips (one, pipelined) and the
-writing of the mail to commit in, and "never twice" costs no database round trip of its own.
-When it is committed by the time the mail is written (the usual case), the mail and its final
-``.`` go out in one write, as ``sendmail`` sends them: on the benchmark's machine, writing the
-``.`` on its own cost each mail 0.36 ms on the wire (the gap before it, and a second TLS record
-for the server to read).
+record its intent before the mail is handed over (a :class:`Handover`): the record is made
+once MAIL FROM is on its way, while the server answers it, and the mail's final ``.`` goes
+out only after it. A server accepts a mail only at that line (RFC 5321 4.1.1.4; a connection
+that breaks before it delivers nothing). An 8-bit mail is announced with ``BODY=8BITMIME``.
 
 With a server that offers PIPELINING (RFC 2920: Postfix, Exchange, Microsoft 365 and Gmail
 do), MAIL, every RCPT and DATA go out in one write and their replies are read in order: a mail
@@ -74,6 +69,8 @@ class SmtpError(MailServerError):
         self.temporary = temporary
         self.code = code
         self.response = response
+        # The mail's final "." may have gone out: the server may have accepted the mail.
+        self.handed_over = False
 
 
 class _ConnectedSMTP(smtplib.SMTP):
@@ -170,6 +167,11 @@ class SmtpSession:
     @property
     def smtputf8(self) -> bool:
         return bool(self.client.has_extn("smtputf8"))
+
+    @property
+    def eight_bit(self) -> bool:
+        """Takes an 8-bit mail (8BITMIME; SMTPUTF8 implies it)."""
+        return bool(self.client.has_extn("8bitmime") or self.smtputf8)
 
     @property
     def pipelining(self) -> bool:
@@ -271,17 +273,8 @@ class Handover(Protocol):
     """What must be committed before a mail is handed over to the server (module doc)."""
 
     def start(self) -> None:
-        """MAIL FROM is on its way: begin it (again on a replaced connection: once is enough)."""
-
-    def ready(self) -> bool:
-        """Whether it is committed already; never waits."""
-
-    def wait(self) -> None:
-        """Until it is committed; raises if it cannot be (then nothing is handed over)."""
-
-    def deciding(self) -> None:
-        """The final ``.`` is written and the server is deciding: the caller's spare time,
-        before the reply is read. It must not raise."""
+        """MAIL FROM is on its way: record it, committed when this returns; raise if it
+        cannot be (then nothing is handed over). Called again on a replaced connection."""
 
 
 def send_transaction(
@@ -294,14 +287,16 @@ def send_transaction(
     smtputf8: bool = False,
 ) -> tuple[int, str]:
     """MAIL, RCPT (all or nothing) and DATA, pipelined where the server offers PIPELINING (the
-    ``handover`` starts once MAIL FROM is written), the mail, and once the ``handover`` allows
-    it the final ``.``; the final reply ``(code, text)``.
+    ``handover`` is made once MAIL FROM is written), then the mail with its final ``.``; the
+    final reply ``(code, text)``.
 
     Any refused recipient ends the transaction before the mail's final ``.``, so a retry can
     never deliver twice to the recipients that were accepted.
     """
     client = session.client
     options = ["SMTPUTF8"] if smtputf8 else []
+    if not data.isascii() and client.has_extn("8bitmime"):
+        options.append("BODY=8BITMIME")
     if client.has_extn("size"):
         options.append(f"SIZE={len(data)}")
     progress = _Progress()
@@ -317,21 +312,15 @@ def send_transaction(
             progress,
             pipelined=session.pipelining,
         )
-        mail = _dot_stuffed(data)
-        if handover is not None:
-            if not handover.ready():
-                client.send(mail)  # the server reads it while the record commits
-                mail = b""
-            handover.wait()
-        client.send(mail + b".\r\n")
-        if handover is not None:
-            handover.deciding()
+        progress.handed_over = True
+        client.send(_dot_stuffed(data) + b".\r\n")
         code, message = client.getreply()
         if code != 250:
             raise smtplib.SMTPDataError(code, message)
         return code, _text(message)
     except _BROKEN as exc:
         error = _fail(exc, session.server, progress.step)
+        error.handed_over = progress.handed_over
         if isinstance(exc, smtplib.SMTPResponseException) and exc.smtp_code >= 0:
             _reset(client)
         elif isinstance(exc, AnswerTooLarge):
@@ -344,6 +333,7 @@ class _Progress:
     """How far a transaction got: the step a failure is reported at."""
 
     step: str = "MAIL FROM"
+    handed_over: bool = False
 
 
 def _envelope(
@@ -474,9 +464,7 @@ def _reset(client: smtplib.SMTP) -> None:
 
 def _dot_stuffed(data: bytes) -> bytes:
     """The mail as DATA carries it (RFC 5321 4.5.2), ending in CRLF, without the final dot."""
-    # Every line starts at the beginning or after a LF: what smtplib's regex (?m)^\. finds,
-    # in a tenth of its time (17 us for the benchmark's mails, on the path between DATA's 354
-    # and the mail).
+    # Every line starts at the beginning or after a LF: what smtplib's regex (?m)^\. finds.
     stuffed = data.replace(b"\n.", b"\n..")
     if stuffed.startswith(b"."):
         stuffed = b"." + stuffed
@@ -485,11 +473,9 @@ def _dot_stuffed(data: bytes) -> bytes:
 
 def _envelope_line(field: str, address: str, options: list[str]) -> str:
     """``MAIL FROM:<address>`` or ``RCPT TO:<address>`` without its CRLF, for an address the
-    sender built itself (a bare ``local@domain``): nothing to quote. smtplib's ``mail()`` and
-    ``rcpt()`` would parse each address again (``email.utils.parseaddr``), which cost a tenth of
-    the sender's CPU per mail, between two round trips of the SMTP connection. A line break is
-    refused as smtplib's ``putcmd`` does (the addresses were validated long before: this is the
-    last guard against injection)."""
+    sender built itself (a bare ``local@domain``): nothing to quote, and written in one write
+    with the others when pipelined. A line break is refused as smtplib's ``putcmd`` does (the
+    addresses were validated long before: this is the last guard against injection)."""
     verb = "mail" if field == "FROM" else "rcpt"
     line = f"{verb} {field}:<{address}>" + "".join(f" {option}" for option in options)
     if "\r" in line or "\n" in line:

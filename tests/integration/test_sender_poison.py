@@ -2,11 +2,10 @@
 
 Nothing a client can publish is known to make an attempt fail unexpectedly any more (what did,
 a string PostgreSQL's ``jsonb`` refuses, is an invalid command now: test_sender_delivery). So
-the fault is put into the attempt of one command here, and the sender's delivery runs in this
-process (:class:`~services.sender.delivery.Sender`, on the real PostgreSQL, RabbitMQ and SMTP
-lab). What the intake does with the outcomes (a requeue comes again, ``redelivered``) is done
-by :func:`deliver` the same way. A retry is made by the sender's own dramatiq worker, started
-here (:func:`retrying`) on the real RabbitMQ.
+the fault is put into the attempt of one command here, and the sender's parts run in this
+process (``services.sender.service``, on the real PostgreSQL, RabbitMQ and SMTP lab): first
+attempts one after another, as a lane makes them (:func:`deliver`; a requeued command comes
+again ``redelivered``), retries in the sender's own dramatiq worker (:func:`retrying`).
 """
 
 from __future__ import annotations
@@ -16,6 +15,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pika.exceptions
@@ -25,13 +25,13 @@ from dramatiq.common import dq_name
 from fastapi.testclient import TestClient
 from psycopg_pool import ConnectionPool
 
-from services.sender import delivery
-from services.sender.delivery import POISON_STRIKES, FirstAttempt, Outcome, Sender
+from services.sender import attempt, first_attempts, mime, strikes
+from services.sender.first_attempts import FirstAttempts, Job
+from services.sender.service import SenderService
+from services.sender.strikes import POISON_STRIKES, Strikes
 from shared.contracts.send import SendCommand, SendResult, parse_command
 from shared.db import send_requests
 from shared.db.pool import DictConnection
-from shared.email_servers import ServerType
-from shared.server_directory import ServerDirectory
 from shared.settings import Settings
 from shared.topology import SENDER_DELIVERY_QUEUE_NAME
 from tests.lab.certs import LabCertificates
@@ -48,7 +48,8 @@ from tests.support.sender import (
 )
 from tests.support.waiting import eventually
 
-Outcomes = dict[str, tuple[Outcome, list[SendResult]]]
+Outcomes = dict[str, tuple[bool, list[SendResult]]]  # per request: acked?, its results
+BUILD = mime.build
 
 
 @pytest.fixture
@@ -66,6 +67,16 @@ def tenant(client: TestClient, settings: Settings, smtp_lab: SmtpLab) -> str:
     return tenant
 
 
+@dataclass
+class Sender:
+    service: SenderService
+    first: FirstAttempts
+    outcomes: list[tuple[Job, bool, list[SendResult]]]
+
+    def start_retries(self) -> None:
+        self.service.retries.start(self.service.attempts)
+
+
 @pytest.fixture
 def sender(
     settings: Settings,
@@ -74,13 +85,11 @@ def sender(
     tenant: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[Sender]:
-    """The sender's delivery, knowing the company's server; a command's strikes need not be
-    ten seconds apart here."""
-    monkeypatch.setattr(delivery, "POISON_MIN_SECONDS", 0.0)
-    directory = ServerDirectory(pool, (ServerType.SMTP,))
-    directory.resync_soon()
-    directory.tick()
-    sender = Sender(
+    """The sender's parts, knowing the company's server; a command's strikes need not be ten
+    seconds apart here, nor a requeued one wait."""
+    monkeypatch.setattr(strikes, "POISON_MIN_SECONDS", 0.0)
+    monkeypatch.setattr(first_attempts, "REQUEUE_PAUSE_SECONDS", 0.0)
+    service = SenderService(
         settings.model_copy(
             update={
                 "ca_bundle": mail_lab_certs.ca,
@@ -88,12 +97,22 @@ def sender(
                 "sender_retry_max_backoff_seconds": 0.2,
             }
         ),
-        directory,
+        pool,
+    )
+    service.directory.resync_soon()
+    service.directory.tick()
+    outcomes: list[tuple[Job, bool, list[SendResult]]] = []
+    first = FirstAttempts(
+        service.db,
+        service.attempts,
+        Strikes(),
+        service.settings.sender_retry_deadline_seconds,
+        lambda job, ack, results: outcomes.append((job, ack, results)),
     )
     try:
-        yield sender
+        yield Sender(service, first, outcomes)
     finally:
-        sender.close()
+        service.close()
 
 
 def purge_retries(amqp_url: str) -> None:
@@ -111,7 +130,7 @@ def purge_retries(amqp_url: str) -> None:
 def retrying(sender: Sender, settings: Settings) -> Sender:
     """The sender with its dramatiq worker, which makes every attempt after the first."""
     purge_retries(settings.amqp_url)
-    sender.start_worker()
+    sender.start_retries()
     return sender
 
 
@@ -126,28 +145,22 @@ def commands(tenant: str, count: int) -> list[dict[str, Any]]:
 
 
 def deliver(sender: Sender, bodies: list[dict[str, Any]], *, redelivered: bool) -> Outcomes:
-    """One batch of first attempts, as the intake hands it over; each command's outcome."""
-    attempts = [
-        FirstAttempt(*parse_command(json.dumps(body).encode()), redelivered=redelivered)
-        for body in bodies
-    ]
-    seen: list[tuple[int, Outcome, list[SendResult]]] = []
-    sender.deliver_batch(attempts, lambda *outcome: seen.append(outcome))
-    assert [index for index, _, _ in seen] == list(range(len(bodies)))  # each once, in order
-    return {bodies[index]["request_id"]: (outcome, results) for index, outcome, results in seen}
+    """First attempts of the commands, one after another, as their lane makes them."""
+    sender.outcomes.clear()
+    for body in bodies:
+        parsed, raw = parse_command(json.dumps(body).encode())
+        sender.first.deliver(Job(body["request_id"], parsed, raw, redelivered))
+    assert [job.message for job, _, _ in sender.outcomes] == [b["request_id"] for b in bodies]
+    return {job.message: (ack, results) for job, ack, results in sender.outcomes}
 
 
 def until_settled(sender: Sender, bodies: list[dict[str, Any]]) -> list[Outcomes]:
-    """Batches as the broker would bring them: the first as published, then what was
-    requeued, until nothing is."""
+    """Rounds as the broker would bring them: first as published, then what was requeued,
+    until nothing is."""
     rounds = [deliver(sender, bodies, redelivered=False)]
     while True:
         last = rounds[-1]
-        requeued = [
-            b
-            for b in bodies
-            if b["request_id"] in last and last[b["request_id"]][0] is Outcome.REQUEUE
-        ]
+        requeued = [b for b in bodies if b["request_id"] in last and not last[b["request_id"]][0]]
         if not requeued:
             return rounds
         assert len(rounds) < 10, rounds
@@ -169,20 +182,19 @@ def test_a_command_whose_attempt_keeps_failing_is_quarantined_after_three_tries(
 ) -> None:
     bodies = commands(tenant, 4)
     poison = bodies[1]["request_id"]
-    build = Sender._build
 
-    def failing_build(command: SendCommand, route: Any) -> Any:
+    def failing_build(command: SendCommand, *args: Any, **kwargs: Any) -> Any:
         if command.request_id == poison:
             raise RuntimeError("a bug met by this command only")
-        return build(command, route)
+        return BUILD(command, *args, **kwargs)
 
-    monkeypatch.setattr(Sender, "_build", staticmethod(failing_build))
+    monkeypatch.setattr(attempt, "build", failing_build)
     rounds = until_settled(sender, bodies)
 
-    assert [r[poison][0] for r in rounds] == [Outcome.REQUEUE] * 2 + [Outcome.ACK]
+    assert [r[poison][0] for r in rounds] == [False] * 2 + [True]
     for neighbour in (bodies[0], bodies[2], bodies[3]):  # sent at once, not behind it
         outcome, [sent] = rounds[0][neighbour["request_id"]]
-        assert (outcome, sent.status) == (Outcome.ACK, "sent")
+        assert (outcome, sent.status) == (True, "sent")
     [result] = rounds[-1][poison][1]
     assert (result.status, result.final, result.category) == ("failed", True, "internal_error")
     assert "3 times (RuntimeError: a bug met by this command only)" in (result.reason or "")
@@ -208,23 +220,22 @@ def test_when_the_sender_fails_on_many_commands_none_is_quarantined(
     """A fault of the sender's own (a bug every mail meets) must not fail every mail for
     good: the commands wait, and go out once it is fixed."""
     bodies = commands(tenant, 4)
-    build = Sender._build
 
-    def broken_build(command: SendCommand, route: Any) -> Any:
+    def broken_build(command: SendCommand, *args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("a bug every mail meets")
 
-    monkeypatch.setattr(Sender, "_build", staticmethod(broken_build))
+    monkeypatch.setattr(attempt, "build", broken_build)
     for round_number in range(POISON_STRIKES * 2):  # the batch as it comes back, in order
         outcomes = deliver(sender, bodies, redelivered=round_number > 0)
-        assert [o for o, _ in outcomes.values()] == [Outcome.REQUEUE] * 4
-    monkeypatch.setattr(Sender, "_build", staticmethod(build))  # fixed
+        assert [o for o, _ in outcomes.values()] == [False] * 4
+    monkeypatch.setattr(attempt, "build", BUILD)  # fixed
     finals = deliver(sender, bodies, redelivered=True)
-    assert [(o, r[0].status) for o, r in finals.values()] == [(Outcome.ACK, "sent")] * 4
+    assert [(o, r[0].status) for o, r in finals.values()] == [(True, "sent")] * 4
     assert smtp_lab.count() == 4
 
 
 @pytest.mark.parametrize("recorded", [False, True], ids=["refused", "failed-after-commit"])
-def test_a_command_that_fails_the_statement_of_its_batch_does_not_hold_back_the_others(
+def test_a_command_whose_record_fails_does_not_hold_back_the_others(
     recorded: bool,
     sender: Sender,
     tenant: str,
@@ -233,33 +244,31 @@ def test_a_command_that_fails_the_statement_of_its_batch_does_not_hold_back_the_
     pool: ConnectionPool[DictConnection],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """As a ``jsonb``-refused string did: the batch's one statement fails for one command,
-    after it took the requests' locks, and (``recorded``) even after its rows were committed.
-    Tried on its own, a command must take neither its own lock nor its own row for another
-    copy's (and be dropped as one)."""
+    """As a ``jsonb``-refused string did: the statement recording one command fails, after it
+    took the request's lock, and (``recorded``) even after its row was committed. The command
+    must take neither its own lock nor its own row for another copy's (and be dropped as one)."""
     bodies = commands(tenant, 3)
     poison = bodies[1]["request_id"]
-    start = send_requests.start_first_attempts
+    start = send_requests.start
 
-    def refusing(conn: DictConnection, requests: list[send_requests.NewRequest]) -> Any:
-        if all(r.request_id != poison for r in requests):
-            return start(conn, requests)
+    def refusing(conn: DictConnection, tenant_id: str, request_id: str, deadline: float) -> Any:
+        if request_id != poison:
+            return start(conn, tenant_id, request_id, deadline)
         if recorded:
-            start(conn, requests)
+            start(conn, tenant_id, request_id, deadline)
         else:
-            for r in requests:
-                key = send_requests.lock_key(r.tenant_id, r.request_id)
-                conn.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (key,))
+            key = send_requests.lock_key(tenant_id, request_id)
+            conn.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (key,))
         raise psycopg.errors.UntranslatableCharacter("unsupported Unicode escape sequence")
 
-    monkeypatch.setattr(send_requests, "start_first_attempts", refusing)
+    monkeypatch.setattr(send_requests, "start", refusing)
     rounds = until_settled(sender, bodies)
 
     first = rounds[0]
-    for neighbour in (bodies[0], bodies[2]):  # tried on its own at once, and sent
-        outcome, [result] = first[neighbour["request_id"]]
-        assert (outcome, result.status) == (Outcome.ACK, "sent")
-    assert [r[poison][0] for r in rounds] == [Outcome.REQUEUE] * 2 + [Outcome.ACK]
+    for neighbour in (bodies[0], bodies[2]):  # sent at once
+        ack, [result] = first[neighbour["request_id"]]
+        assert (ack, result.status) == (True, "sent")
+    assert [r[poison][0] for r in rounds] == [False] * 2 + [True]
     [result] = rounds[-1][poison][1]
     assert (result.status, result.category) == ("failed", "internal_error")
     assert "UntranslatableCharacter" in (result.reason or "")
@@ -277,24 +286,22 @@ def test_the_database_going_away_never_counts_against_a_command(
     smtp_lab: SmtpLab,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Nor is a batch tried command by command then: every one would fail the same way."""
     bodies = commands(tenant, 2)
-    start = send_requests.start_first_attempts
-    calls: list[int] = []
+    start = send_requests.start
+    calls: list[str] = []
 
-    def away(conn: DictConnection, requests: list[send_requests.NewRequest]) -> Any:
-        calls.append(len(requests))
-        if len(calls) <= POISON_STRIKES * 2:
+    def away(conn: DictConnection, tenant_id: str, request_id: str, deadline: float) -> Any:
+        calls.append(request_id)
+        if len(calls) <= POISON_STRIKES * 2 * len(bodies):
             raise psycopg.OperationalError("server closed the connection unexpectedly")
-        return start(conn, requests)
+        return start(conn, tenant_id, request_id, deadline)
 
-    monkeypatch.setattr(send_requests, "start_first_attempts", away)
+    monkeypatch.setattr(send_requests, "start", away)
     rounds = until_settled(sender, bodies)
 
-    assert calls == [2] * (POISON_STRIKES * 2 + 1)  # the batch as it came, every time
     for body in bodies:
         outcomes = [r[body["request_id"]] for r in rounds]
-        assert [o for o, _ in outcomes] == [Outcome.REQUEUE] * (POISON_STRIKES * 2) + [Outcome.ACK]
+        assert [ack for ack, _ in outcomes] == [False] * (POISON_STRIKES * 2) + [True]
         assert outcomes[-1][1][0].status == "sent"
     assert smtp_lab.count() == 2
 
@@ -315,7 +322,7 @@ def first_attempt_fails_for_now(
     [recipient] = body["to"]
     smtp_lab.script({recipient: ["451 4.3.0 try later", *(later or ["250"])]})
     [(outcome, [result])] = deliver(sender, [body], redelivered=False).values()
-    assert (outcome, result.status, result.final) == (Outcome.ACK, "failed", False)
+    assert (outcome, result.status, result.final) == (True, "failed", False)
     return result
 
 
@@ -397,17 +404,16 @@ def test_a_retry_that_keeps_failing_unexpectedly_is_closed_as_failed_and_dead_le
     attempt. Its strikes travel with its message: any process may make its next retry."""
     body = command(tenant, to=["slow@example.org"])
     request_id = body["request_id"]
-    build = Sender._build
     failures: list[str] = []
 
-    def failing_build(command: SendCommand, route: Any) -> Any:
+    def failing_build(command: SendCommand, *args: Any, **kwargs: Any) -> Any:
         if in_a_retry():
             failures.append(command.request_id)
-            retrying._strikes.clear()  # as if each retry were made by another process
+            retrying.service.retries.strikes.forget_all()  # as if made by another process
             raise RuntimeError("a bug met by this retry")
-        return build(command, route)
+        return BUILD(command, *args, **kwargs)
 
-    monkeypatch.setattr(Sender, "_build", staticmethod(failing_build))
+    monkeypatch.setattr(attempt, "build", failing_build)
     first_attempt_fails_for_now(retrying, smtp_lab, body)
 
     *_, final = results_for(results, request_id, timeout=20)
@@ -431,18 +437,17 @@ def test_only_strikes_in_a_row_close_a_retry_an_attempt_that_reaches_the_server_
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     body = command(tenant, to=["slow@example.org"])
-    build = Sender._build
     retries: list[str] = []
     let_through = {3, 6}  # the others fail: twice, the server's 451, twice, the server's 250
 
-    def sometimes_failing_build(command: SendCommand, route: Any) -> Any:
+    def sometimes_failing_build(command: SendCommand, *args: Any, **kwargs: Any) -> Any:
         if in_a_retry():
             retries.append(command.request_id)
             if len(retries) not in let_through:
                 raise RuntimeError("a bug met now and then")
-        return build(command, route)
+        return BUILD(command, *args, **kwargs)
 
-    monkeypatch.setattr(Sender, "_build", staticmethod(sometimes_failing_build))
+    monkeypatch.setattr(attempt, "build", sometimes_failing_build)
     first_attempt_fails_for_now(retrying, smtp_lab, body, "451 4.3.0 try later", "250")
 
     # The retries' results (the first attempt's goes with its command's ack, here to the test).
@@ -461,19 +466,18 @@ def test_when_many_retries_fail_unexpectedly_none_is_closed_and_all_go_out_once_
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     bodies = [command(tenant, to=[f"slow{n}@example.org"]) for n in range(2)]
-    build = Sender._build
     failures: dict[str, int] = {b["request_id"]: 0 for b in bodies}
 
-    def broken_build(command: SendCommand, route: Any) -> Any:
+    def broken_build(command: SendCommand, *args: Any, **kwargs: Any) -> Any:
         if in_a_retry():
             failures[command.request_id] += 1
             raise RuntimeError("a bug every retry meets")
-        return build(command, route)
+        return BUILD(command, *args, **kwargs)
 
-    monkeypatch.setattr(Sender, "_build", staticmethod(broken_build))
+    monkeypatch.setattr(attempt, "build", broken_build)
     smtp_lab.script({b["to"][0]: ["451 4.3.0 try later", "250"] for b in bodies})
     outcomes = deliver(retrying, bodies, redelivered=False)
-    assert [(o, r[0].final) for o, r in outcomes.values()] == [(Outcome.ACK, False)] * 2
+    assert [(o, r[0].final) for o, r in outcomes.values()] == [(True, False)] * 2
 
     eventually(
         lambda: min(failures.values()) > POISON_STRIKES * 2,
@@ -482,7 +486,7 @@ def test_when_many_retries_fail_unexpectedly_none_is_closed_and_all_go_out_once_
     )
     for body in bodies:
         assert row(pool, tenant, body["request_id"]).state in ("retry_wait", "sending")
-    monkeypatch.setattr(Sender, "_build", staticmethod(build))  # fixed
+    monkeypatch.setattr(attempt, "build", BUILD)  # fixed
     for body in bodies:
         *_, final = results_for(results, body["request_id"], timeout=20)
         assert (final["status"], final["final"]) == ("sent", True)
@@ -522,12 +526,13 @@ def test_a_request_whose_retry_does_not_come_is_taken_over_and_sent_once(
     assert retries_due(pool, tenant) == [body["request_id"]]
     if message == "lost":
         purge_retries(settings.amqp_url)
-    eventually(lambda: sender.sweep_overdue_retries(overdue_seconds=0) == 1, 5, "taken over")
-    sender.start_worker()
+    sweep = sender.service.retries.sweep
+    sender.service.retries.start(sender.service.attempts)  # its sweep needs the attempts
+    eventually(lambda: sweep(overdue_seconds=0) == 1, 5, "taken over")
 
     *_, final = results_for(results, body["request_id"], timeout=20)
     assert final["status"] == "sent"
     time.sleep(2)  # a late message, had it run, would have come by now
     assert smtp_lab.count() == 1
-    eventually(lambda: sender.sweep_overdue_retries(overdue_seconds=0) == 0, 5, "swept")
+    eventually(lambda: sweep(overdue_seconds=0) == 0, 5, "swept")
     eventually(lambda: retries_due(pool, tenant) == [], 5, "a sent request is forgotten")

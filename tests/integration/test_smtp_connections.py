@@ -1,121 +1,98 @@
 """The sender's pooled SMTP connections against the real lab server (aiosmtpd, STARTTLS, AUTH):
-a thread keeps its connection from one mail to the next (a turn) without ever holding two."""
+reused, bounded in what a send waits for, replaced at once when the server closes them."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from dataclasses import replace
 
 import pytest
 
-from services.sender.connections import SmtpConnections, Turn
+from services.sender.connections import SmtpConnections
 from shared.email_servers import EmailServer
-from tests.lab.fixtures import SMTP_DEFAULT_USER, SMTP_LAB_USER
+from shared.mail.connector import Connector
+from shared.mail.smtp import SmtpError
+from shared.settings import Settings
+from tests.lab.certs import LabCertificates
+from tests.lab.fixtures import SMTP_LAB_USER
 from tests.lab.smtp_server import SmtpLab
 from tests.support.mail_servers import RecordedHandover, smtp_lab_server
 
 
 def _mail(recipient: str) -> bytes:
-    return (f"From: agent@acme.com\r\nTo: {recipient}\r\nSubject: turn\r\n\r\nHello.\r\n").encode()
+    return (f"From: agent@acme.com\r\nTo: {recipient}\r\nSubject: pool\r\n\r\nHello.\r\n").encode()
 
 
 def _send(
-    smtp_connections: SmtpConnections,
-    lab: SmtpLab,
-    server: EmailServer,
-    recipient: str,
-    *,
-    user: str = SMTP_LAB_USER,
-    turn: Turn | None = None,
-    waited: list[str] | None = None,
+    connections: SmtpConnections, lab: SmtpLab, server: EmailServer, recipient: str
 ) -> tuple[int, str]:
-    return smtp_connections.send(
-        server,
-        lab.users[user],
-        "agent@acme.com",
-        [recipient],
-        _mail(recipient),
-        before_wait=(lambda: waited.append(recipient)) if waited is not None else None,
-        turn=turn,
+    return connections.send(
+        server, lab.users[SMTP_LAB_USER], "agent@acme.com", [recipient], _mail(recipient)
     )
 
 
-def _in_thread(target: Callable[[], object]) -> tuple[threading.Thread, threading.Event]:
-    done = threading.Event()
-
-    def run() -> None:
-        target()
-        done.set()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, done
-
-
-def test_a_turn_keeps_one_connection_for_its_mails_and_another_thread_waits_for_it(
+def test_a_connection_is_reused_for_the_next_mail(
     smtp_connections: SmtpConnections, smtp_lab: SmtpLab
 ) -> None:
     smtp_lab.clear()
     server = smtp_lab_server(smtp_lab)
-    turn = smtp_connections.turn()
     for n in range(3):
-        assert (
-            _send(smtp_connections, smtp_lab, server, f"turn{n}@example.org", turn=turn)[0] == 250
-        )
-    waited: list[str] = []
-    thread, done = _in_thread(
-        lambda: _send(smtp_connections, smtp_lab, server, "other@example.org", waited=waited)
-    )
-    assert not done.wait(0.5), "the turn holds the server's only connection"
-    assert waited == ["other@example.org"]  # it was told before it waited
-    turn.release()
-    assert done.wait(10)
-    thread.join()
-    assert smtp_connections.opened == 1  # the same connection, handed over
-    arrived = sorted(m.recipients[0] for m in smtp_lab.wait_for(4))
-    assert arrived == ["other@example.org"] + [f"turn{n}@example.org" for n in range(3)]
+        assert _send(smtp_connections, smtp_lab, server, f"n{n}@example.org")[0] == 250
+    assert smtp_connections.opened == 1
+    assert len(smtp_lab.wait_for(3)) == 3
 
 
-def test_a_turn_gives_a_connection_back_before_it_takes_another_servers(
-    smtp_connections: SmtpConnections, smtp_lab: SmtpLab, smtp_default_lab: SmtpLab
+def test_a_send_waits_for_a_busy_servers_connection_only_a_bounded_time(
+    smtp_lab: SmtpLab, mail_lab_certs: LabCertificates
 ) -> None:
+    """The server's one connection is held by a slow transaction: another send gives up after
+    the slot wait, as a temporary failure (retried later), instead of waiting behind it."""
     smtp_lab.clear()
-    smtp_default_lab.clear()
-    first = smtp_lab_server(smtp_lab, id="first")
-    second = smtp_lab_server(smtp_default_lab, id="second", username=SMTP_DEFAULT_USER)
-    turn = smtp_connections.turn()
-    _send(smtp_connections, smtp_lab, first, "a@example.org", turn=turn)
-    _send(
-        smtp_connections,
-        smtp_default_lab,
-        second,
-        "b@example.org",
-        user=SMTP_DEFAULT_USER,
-        turn=turn,
+    smtp_lab.script({"slow@example.org": ["250 slow"]})
+    connector = replace(Connector.from_settings(Settings(), 10), ca_bundle=mail_lab_certs.ca)
+    connections = SmtpConnections(
+        per_server=1, idle_seconds=60, connector=connector, slot_wait_seconds=0.3
     )
-    waited: list[str] = []
-    # The first server's connection is free again: another thread sends without waiting.
-    _send(smtp_connections, smtp_lab, first, "c@example.org", waited=waited)
-    assert waited == []
-    assert smtp_connections.opened == 2
-    turn.release()
-    assert sorted(m.recipients[0] for m in smtp_lab.wait_for(2)) == [
-        "a@example.org",
-        "c@example.org",
-    ]
-    assert [m.recipients[0] for m in smtp_default_lab.wait_for(1)] == ["b@example.org"]
+    server = smtp_lab_server(smtp_lab)
+    holding = threading.Event()
+
+    class Slow(RecordedHandover):
+        def start(self) -> None:
+            holding.set()
+            time.sleep(1.5)  # the transaction holds the connection meanwhile
+
+    try:
+        slow = threading.Thread(
+            target=lambda: connections.send(
+                server,
+                smtp_lab.users[SMTP_LAB_USER],
+                "agent@acme.com",
+                ["slow@example.org"],
+                _mail("slow@example.org"),
+                handover=Slow([]),
+            )
+        )
+        slow.start()
+        assert holding.wait(10)
+        started = time.monotonic()
+        with pytest.raises(SmtpError) as busy:
+            _send(connections, smtp_lab, server, "other@example.org")
+        assert time.monotonic() - started < 1.0
+        assert busy.value.temporary and "busy" in busy.value.reason
+        slow.join(10)
+    finally:
+        connections.close()
 
 
 def test_a_mark_that_cannot_start_stops_the_mail_before_handover_and_drops_the_connection(
     smtp_connections: SmtpConnections, smtp_lab: SmtpLab
 ) -> None:
-    """The handover starts the caller's record while MAIL FROM is answered; if it fails,
+    """The handover records the caller's intent while MAIL FROM is answered; if it fails,
     nothing may be handed over, and the connection (mid-transaction) is not used again."""
     smtp_lab.clear()
     server = smtp_lab_server(smtp_lab)
     steps: list[str] = []
-    turn = smtp_connections.turn()
     with pytest.raises(RuntimeError):
         smtp_connections.send(
             server,
@@ -124,9 +101,7 @@ def test_a_mark_that_cannot_start_stops_the_mail_before_handover_and_drops_the_c
             ["lost@example.org"],
             _mail("lost@example.org"),
             handover=RecordedHandover(steps, fail_at="start"),
-            turn=turn,
         )
-    assert steps == ["start"]
     code, _ = smtp_connections.send(
         server,
         smtp_lab.users[SMTP_LAB_USER],
@@ -134,36 +109,26 @@ def test_a_mark_that_cannot_start_stops_the_mail_before_handover_and_drops_the_c
         ["next@example.org"],
         _mail("next@example.org"),
         handover=RecordedHandover(steps),
-        turn=turn,
     )
     assert code == 250
-    assert steps == ["start", "start", "wait", "deciding"]
+    assert steps == ["start", "start"]
     assert smtp_connections.opened == 2  # the broken transaction's connection was closed
-    turn.release()
-    assert [m.recipients[0] for m in smtp_lab.wait_for(1)] == ["next@example.org"]
+    time.sleep(0.5)  # a mail accepted without its final dot would be stored by now
+    assert [m.recipients[0] for m in smtp_lab.mails()] == ["next@example.org"]
 
 
-@pytest.mark.parametrize("ready", [False, True], ids=["record-late", "record-ready"])
-def test_a_sender_that_stops_before_the_final_dot_hands_nothing_over(
-    smtp_connections: SmtpConnections, smtp_lab: SmtpLab, ready: bool
+def test_a_421_on_a_reused_connection_means_reconnect_now(
+    smtp_connections: SmtpConnections, smtp_lab: SmtpLab
 ) -> None:
-    """The mark is awaited only before the mail's final ``.``: MAIL, RCPT, DATA and the mail
-    itself went out already. A sender that stops there (its record failed, or it died) hands
-    over nothing: the server accepts a mail only at that line. A record that looks committed
-    early (the mail and its dot would go in one write) is still confirmed first."""
+    """Postfix says 421 when it closes an idle session: the mail goes on a new connection at
+    once, not after a retry's backoff."""
     smtp_lab.clear()
     server = smtp_lab_server(smtp_lab)
-    steps: list[str] = []
-    with pytest.raises(RuntimeError):
-        smtp_connections.send(
-            server,
-            smtp_lab.users[SMTP_LAB_USER],
-            "agent@acme.com",
-            ["half@example.org"],
-            _mail("half@example.org"),
-            handover=RecordedHandover(steps, fail_at="wait", ready=ready),
-        )
-    assert steps == ["start", "wait"]
-    _send(smtp_connections, smtp_lab, server, "whole@example.org")
-    time.sleep(0.5)  # a mail accepted without its final dot would be stored by now
-    assert [m.recipients[0] for m in smtp_lab.mails()] == ["whole@example.org"]
+    assert _send(smtp_connections, smtp_lab, server, "first@example.org")[0] == 250
+    smtp_lab.script({}, mail={"agent@acme.com": {"reply": "421 4.4.2 closing", "hang_up": True}})
+    with pytest.raises(SmtpError) as closing:  # the new connection is closed too, here
+        _send(smtp_connections, smtp_lab, server, "second@example.org")
+    assert closing.value.temporary and not closing.value.handed_over
+    assert smtp_connections.opened == 2  # replaced at once
+    smtp_lab.script({})
+    assert _send(smtp_connections, smtp_lab, server, "third@example.org")[0] == 250

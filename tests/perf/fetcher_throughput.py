@@ -43,7 +43,7 @@ from shared.topology import STATUS_REPORTS_QUEUE_NAME
 from tests.lab.certs import LabCertificates, issue
 from tests.lab.clients import LabIMAP4_SSL, LabPOP3_SSL, tls_context
 from tests.lab.dovecot import LAB_USER, DovecotLab, LabUser, ensure_installed
-from tests.support.environment import TEST_AMQP_URL
+from tests.support.environment import LAB_ALLOWED_NETWORKS, TEST_AMQP_URL
 from tests.support.rabbit import ensure_vhost
 
 MAILS = int(os.environ.get("BENCH_MAILS", "5000"))
@@ -246,10 +246,12 @@ class Bench:
             "MAILROOM_TOKEN_SIGNING_KEY": secrets.token_urlsafe(32),
             "MAILROOM_CA_BUNDLE": str(certs.ca),
             "MAILROOM_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
+            "MAILROOM_ALLOWED_NETWORKS": LAB_ALLOWED_NETWORKS,
         }
         self.settings = Settings(
             database_url=DATABASE_URL,
             amqp_url=TEST_AMQP_URL,
+            allowed_networks=LAB_ALLOWED_NETWORKS,
             secret_keys=self.keys,
             token_signing_key="x" * 32,
         )

@@ -90,7 +90,7 @@ TENANT = "bench"
 
 
 def _environment() -> dict[str, str]:
-    from tests.support.environment import TEST_AMQP_URL, TEST_DATABASE_URL
+    from tests.support.environment import LAB_ALLOWED_NETWORKS, TEST_AMQP_URL, TEST_DATABASE_URL
 
     return {
         "MAILROOM_AMQP_URL": TEST_AMQP_URL,
@@ -99,6 +99,7 @@ def _environment() -> dict[str, str]:
         "MAILROOM_SECRET_KEYS": Fernet.generate_key().decode(),
         "MAILROOM_TOKEN_SIGNING_KEY": secrets.token_urlsafe(48),
         "MAILROOM_LOG_LEVEL": "WARNING",
+        "MAILROOM_ALLOWED_NETWORKS": LAB_ALLOWED_NETWORKS,
         "MAILROOM_SENDER_THREADS": os.environ.get("BENCH_SENDER_THREADS", "8"),
     }
 

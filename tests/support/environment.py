@@ -21,6 +21,8 @@ TEST_DATABASE = f"mailroom_test{_SUFFIX}"
 TEST_REDIS_DB = 15 - (sum(map(ord, _INSTANCE)) % 8 if _INSTANCE else 0)
 TEST_AMQP_URL = f"amqp://guest:guest@127.0.0.1:5672/{TEST_VHOST}"
 TEST_DATABASE_URL = f"postgresql://postgres@127.0.0.1:5432/{TEST_DATABASE}"
+# The mail lab and the fake servers listen on loopback, which production denies.
+LAB_ALLOWED_NETWORKS = "127.0.0.0/8,::1/128"
 
 
 def install() -> None:
@@ -35,7 +37,6 @@ def install() -> None:
             "MAILROOM_OUTBOX_POLL_SECONDS": "0.5",
             "MAILROOM_PROBE_TIMEOUT_SECONDS": "2",
             "MAILROOM_LOG_LEVEL": "DEBUG",
-            # The mail lab and the fake servers listen on loopback, which production denies.
-            "MAILROOM_ALLOWED_NETWORKS": "127.0.0.0/8,::1/128",
+            "MAILROOM_ALLOWED_NETWORKS": LAB_ALLOWED_NETWORKS,
         }
     )

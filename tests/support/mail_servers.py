@@ -73,27 +73,13 @@ def smtp_lab_server(lab: SmtpLab, **changes: Any) -> EmailServer:
 
 
 class RecordedHandover:
-    """A :class:`~shared.mail.smtp.Handover` that notes its steps; ``start`` or ``wait``
-    fail when told to (the caller's record could not be made)."""
+    """A :class:`~shared.mail.smtp.Handover` that notes each start; it fails when told to
+    (the caller's record could not be made)."""
 
-    def __init__(
-        self, steps: list[str], *, fail_at: str | None = None, ready: bool = False
-    ) -> None:
-        self.steps, self.fail_at, self._ready = steps, fail_at, ready
+    def __init__(self, steps: list[str], *, fail_at: str | None = None) -> None:
+        self.steps, self.fail_at = steps, fail_at
 
     def start(self) -> None:
-        self._step("start")
-
-    def ready(self) -> bool:
-        return self._ready  # if so, the mail and its final dot go out in one write
-
-    def wait(self) -> None:
-        self._step("wait")
-
-    def deciding(self) -> None:
-        self._step("deciding")
-
-    def _step(self, name: str) -> None:
-        self.steps.append(name)
-        if name == self.fail_at:
-            raise RuntimeError(f"the record of the handover failed at {name}")
+        self.steps.append("start")
+        if self.fail_at == "start":
+            raise RuntimeError("the record of the handover failed")

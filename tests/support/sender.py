@@ -82,7 +82,11 @@ def sender_env(certs: LabCertificates, default_lab: SmtpLab, **overrides: str) -
 
 def start_sender(env: dict[str, str]) -> ServiceProcess:
     process = ServiceProcess("run", "sender", env=env)
-    process.wait_for_log("delivery threads started", timeout=20)
+    try:
+        process.wait_for_log("taking send commands", timeout=20)
+    except BaseException:
+        process.kill()  # never left behind, consuming the next run's commands
+        raise
     return process
 
 

@@ -17,12 +17,10 @@ from typing import Any, cast
 import pytest
 
 from services.sender import mime
-from services.sender.delivery import Outcome, _Lane
 from services.sender.mime import MimeError, build
 from services.sender.resolver import NoRoute, Resolver
 from services.sender.results import ResultStream
 from shared.contracts.send import InvalidCommand, SendCommand, SendResult, parse_command
-from shared.db import send_requests
 from shared.email_servers import AuthType, EmailServer, Role, ServerType
 from shared.mail.smtp import PIPELINING_GROUP_BYTES
 from shared.mail.smtp import _dot_stuffed as dot_stuffed
@@ -222,53 +220,14 @@ def test_remembered_header_classes_build_the_same_mail_as_the_standard_policy() 
     )
 
 
-_FAST_CASES: list[tuple[str, dict[str, Any]]] = [
-    ("Bench <bench@acme.com>", {"subject": "Your ticket #1", "text": "Lorem ipsum. " * 140}),
-    ("bench@acme.com", {"to": ["a@example.org", "B C <b.c@example.org>"], "text": "hi\n"}),
-    ("A <a@acme.com>", {"subject": "", "text": ""}),
-    ("A <a@acme.com>", {"subject": "double  space", "text": "a\r\nb\rc\n\nd"}),
-    ("A <a@acme.com>", {"subject": "x" * 69, "text": "x" * 78}),
-    ("A <a@acme.com>", {"subject": "x" * 70, "text": "x" * 79}),
-    ("A <a@acme.com>", {"subject": "ends with space ", "text": " lead\n\n"}),
-    ("A <a@acme.com>", {"subject": " leading", "text": "trail  \n"}),
-    ("A <a@acme.com>", {"subject": "tab\there", "text": "tab\there"}),
-    ("A <a@acme.com>", {"subject": "=?utf-8?q?x?=", "text": "From the start\n.dot"}),
-    ("A <a@acme.com>", {"subject": "Ünïcödé", "text": "Ünïcödé " * 30}),
-    ("A <a@acme.com>", {"subject": "s", "text": "Ünïcödé"}),
-    ("A <a@acme.com>", {"subject": "s", "text": "\u2713" * 200}),
-    ("A <a@acme.com>", {"subject": "s", "text": "=" * 100 + "\n" * 12 + "a" * 90}),
-    ("A. B <a@acme.com>", {"subject": "s", "text": "t"}),
-    ('"Quoted, Name" <a@acme.com>', {"subject": "s", "text": "t"}),
-    ("Zoë <a@acme.com>", {"subject": "s", "text": "t"}),
-    ("A <a@bücher.example>", {"subject": "s", "text": "t"}),
-    ("A <a@acme.com>", {"to": [f"long.recipient.{n}@example.org" for n in range(4)]}),
-    ("A <a@acme.com>", {"to": ["x@example.org"], "cc": ["c@example.org"], "text": "t"}),
-    ("A <a@acme.com>", {"to": ["x@example.org"], "bcc": ["b@example.org"], "text": "t"}),
-    ("A <a@acme.com>", {"html": "<b>h</b>"}),
-    ("A <a@acme.com>", {"text": "t", "headers": {"X-Tag": "1"}}),
-    ("A <a@acme.com>", {"text": "t", "in_reply_to": "<p@example.org>"}),
-]
-
-
-@pytest.mark.parametrize(("from_mailbox", "fields"), _FAST_CASES)
-def test_fast_path_builds_the_same_bytes_as_email_message(
-    from_mailbox: str, fields: dict[str, Any]
-) -> None:
-    """The direct writer of simple mails must match ``EmailMessage`` byte for byte."""
-    command = cmd(**fields)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(mime, "_date", lambda: "Thu, 26 Nov 2026 23:39:56 +0000")
-        fast = build(command, from_mailbox, allow_smtputf8=True)
-        patch.setattr(mime, "_fast_data", lambda *args: None)
-        standard = build(command, from_mailbox, allow_smtputf8=True)
-    assert fast == standard
-
-
-def test_fast_path_is_taken_for_the_common_mail() -> None:
-    command = cmd(subject="Your ticket #1", text="Lorem ipsum. " * 140)
-    sender = mime.to_address("Bench <bench@acme.com>")
-    to = [mime.to_address(m) for m in command.to]
-    assert mime._fast_data(command, sender, to, "<m@acme.com>") is not None
+def test_a_server_without_8bitmime_gets_the_text_as_quoted_printable() -> None:
+    command = cmd(subject="Grüße", text="Grüße aus München\n")
+    eight_bit = build(command, "a@acme.com")
+    seven_bit = build(command, "a@acme.com", eight_bit=False)
+    assert eight_bit.eight_bit and not seven_bit.eight_bit
+    assert b"Content-Transfer-Encoding: quoted-printable" in seven_bit.data
+    parsed = email.message_from_bytes(seven_bit.data, policy=email.policy.default)
+    assert parsed.get_content() == "Grüße aus München\r\n"
 
 
 @pytest.mark.parametrize(
@@ -471,38 +430,6 @@ def test_template_uses_the_designated_server_or_the_default() -> None:
     assert route.from_mailbox == "noreply@example.net"
 
 
-# --- an accepted mail's completion ----------------------------------------------------------
-
-
-def _lane_with_accepted_mail(report: Any) -> tuple[_Lane, list[Any], list[SendResult]]:
-    completions: list[Any] = []
-    lane = _Lane(cast(Any, None), done=lambda *completion: completions.append(completion))
-    results: list[SendResult] = []
-    lane.defer(send_requests.Sent("acme", "r-1", "smtp-1", 250, "queued"))
-    lane.report_later(lambda: report(results))
-    lane.complete_when_recorded((0, Outcome.ACK, results))
-    assert lane.take() is not None  # the next mark, carrying this sent, goes out
-    lane.report_now()  # as the mark does once it is sent
-    return lane, completions, results
-
-
-def test_an_accepted_mail_completes_with_its_result_once_its_sent_is_recorded() -> None:
-    result = SendResult(request_id="r-1", tenant_id="acme", status="sent", attempts=1)
-    lane, completions, results = _lane_with_accepted_mail(lambda results: results.append(result))
-    assert completions == [] and results == [result]
-    lane.recorded()
-    assert completions == [(0, Outcome.ACK, [result])]
-
-
-def test_an_accepted_mail_whose_result_fails_comes_again_instead_of_an_ack() -> None:
-    def broken(results: list[SendResult]) -> None:
-        raise ValueError("a bug")
-
-    lane, completions, _ = _lane_with_accepted_mail(broken)  # the exchange under way goes on
-    lane.recorded()
-    assert completions == [(0, Outcome.REQUEUE, [])]
-
-
 # --- acks -----------------------------------------------------------------------------------
 
 
@@ -528,39 +455,38 @@ class _FakeMessage:
         self.requeued = True
 
 
-def test_intake_acks_a_settled_prefix_at_once_and_never_past_an_unsettled_command() -> None:
-    """One ``multiple`` ack for commands settled in a row; none over one still at work."""
-    from services.sender.delivery import Outcome
-    from services.sender.intake import HELD_ACKS_LIMIT, Intake
+def test_commands_done_in_a_row_are_acked_at_once_and_never_past_one_still_at_work() -> None:
+    """One ``multiple`` ack for commands done in a row; none over one still at work."""
+    from services.sender.acks import HELD_LIMIT, Acks
 
     channel = _FakeChannel()
-    intake = Intake(lambda *args: None, 1, "amqp://unused")
+    acks = Acks()
     messages = [_FakeMessage(channel, tag) for tag in range(1, 6)]
     for message in messages:
-        intake.submit(cast(Any, message), cmd(), {})
-    settled = intake._settled
-    settled.extend([(messages[1], Outcome.ACK), (messages[0], Outcome.ACK)])
-    settled.append((messages[2], Outcome.REQUEUE))
-    settled.append((messages[4], Outcome.ACK))
-    intake.settle()
+        acks.received(cast(Any, message))
+    acks.done(cast(Any, messages[1]), True)
+    acks.done(cast(Any, messages[0]), True)
+    acks.done(cast(Any, messages[2]), False)
+    acks.done(cast(Any, messages[4]), True)
+    acks.settle()
     # 1 and 2 in one frame; 3 requeued; 5 waits behind 4, which is still at work.
     assert channel.acked == [(2, True)]
     assert messages[2].requeued
-    settled.append((messages[3], Outcome.ACK))
-    intake.settle()
+    acks.done(cast(Any, messages[3]), True)
+    acks.settle()
     assert channel.acked == [(2, True), (5, True)]
-    assert intake.pending == 0
+    assert acks.pending == 0
 
-    # Behind a slow command, at most HELD_ACKS_LIMIT wait; then they are acked one by one.
+    # Behind a slow command, at most HELD_LIMIT wait; then they are acked one by one.
     channel.acked.clear()
     slow = _FakeMessage(channel, 100)
-    intake.submit(cast(Any, slow), cmd(), {})
-    others = [_FakeMessage(channel, 101 + n) for n in range(HELD_ACKS_LIMIT + 1)]
+    acks.received(cast(Any, slow))
+    others = [_FakeMessage(channel, 101 + n) for n in range(HELD_LIMIT + 1)]
     for message in others:
-        intake.submit(cast(Any, message), cmd(), {})
-        settled.append((message, Outcome.ACK))
-    intake.settle()
+        acks.received(cast(Any, message))
+        acks.done(cast(Any, message), True)
+    acks.settle()
     assert sorted(channel.acked) == [(m.delivery_tag, False) for m in others]
-    settled.append((slow, Outcome.ACK))
-    intake.settle()
+    acks.done(cast(Any, slow), True)
+    acks.settle()
     assert channel.acked[-1] == (100, True)

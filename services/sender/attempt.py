@@ -31,7 +31,7 @@ from services.sender.outcomes import Outcomes
 from services.sender.publisher import StatusReporter
 from services.sender.rate_limit import RateLimiter
 from services.sender.resolver import NoRoute, Resolver, Route, UnreadablePassword
-from services.sender.work import Work
+from services.sender.work import Work, release_locks
 from shared import metrics
 from shared.contracts.send import SendCommand, SendResult
 from shared.contracts.status_reports import FailureCategory
@@ -192,6 +192,7 @@ class Attempts:
             )
         except psycopg.Error:
             log.warning("sender: request %s was accepted; recording it again", work.request_id)
+            release_locks(work.conn)  # its lock must not stay with a pooled session
             self._record_elsewhere(work, fields)
         work.locked = False
 

@@ -24,13 +24,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import psycopg
-from psycopg import pq
 from psycopg_pool import ConnectionPool
 
 from services.sender.attempt import Attempts
 from services.sender.strikes import Strikes, blameable
-from services.sender.work import Work
+from services.sender.work import Work, release_locks
 from shared.contracts.send import SendCommand, SendResult
 from shared.db import send_requests as repo
 from shared.db.pool import DictConnection
@@ -58,19 +56,6 @@ class Job:
 # Told when a job is over: whether to ack its command (else requeue it), and the results to
 # publish before the ack.
 Done = Callable[[Job, bool, list[SendResult]], None]
-
-
-def release_locks(conn: DictConnection) -> None:
-    """After a failure: every request lock of the session released now, then the connection
-    closed (closing alone releases them too, but only once PostgreSQL noticed, while the same
-    request may be asked for again at once)."""
-    try:
-        if not conn.closed and conn.pgconn.transaction_status == pq.TransactionStatus.IDLE:
-            conn.execute("SELECT pg_advisory_unlock_all()")
-    except psycopg.Error:
-        pass  # broken or busy: closing it is all there is
-    finally:
-        conn.close()
 
 
 class FirstAttempts:

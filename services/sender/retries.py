@@ -36,8 +36,9 @@ from dramatiq.middleware import Retries as RetriesMiddleware
 from psycopg_pool import ConnectionPool
 
 from services.sender.attempt import Attempts
-from services.sender.first_attempts import POISON_REASON, release_locks
+from services.sender.first_attempts import POISON_REASON
 from services.sender.strikes import Strikes, blameable
+from services.sender.work import release_locks
 from shared.contracts.send import SendCommand
 from shared.db import send_requests as repo
 from shared.db.pool import DictConnection

@@ -1,9 +1,13 @@
-"""A request in the hands of one thread, which holds the request's lock."""
+"""A request in the hands of one thread, which holds the request's lock (a PostgreSQL
+session advisory lock, ``shared.db.send_requests``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
+
+import psycopg
+from psycopg import pq
 
 from shared.contracts.send import SendResult
 from shared.db import send_requests as repo
@@ -28,3 +32,16 @@ class Work:
     def request(self) -> repo.SendRequest:
         assert self.row is not None
         return self.row
+
+
+def release_locks(conn: DictConnection) -> None:
+    """After a failure: every request lock of the session released now, then the connection
+    closed (closing alone releases them too, but only once PostgreSQL noticed, while the same
+    request may be asked for again at once)."""
+    try:
+        if not conn.closed and conn.pgconn.transaction_status == pq.TransactionStatus.IDLE:
+            conn.execute("SELECT pg_advisory_unlock_all()")
+    except psycopg.Error:
+        pass  # broken or busy: closing it is all there is
+    finally:
+        conn.close()
